@@ -1,0 +1,124 @@
+"""Every error hubmerge raises on purpose.
+
+Each class inherits the builtin it resembles, so callers may catch either::
+
+    HubmergeError(Exception)
+     +-- RecipeError(ValueError)         the recipe is wrong: names the YAML path (``models.1.weight``)
+     +-- SourceError(OSError)            a model cannot be read: missing, pickle, not a checkpoint
+     |    +-- HeaderError                a safetensors header is corrupt or the file is truncated
+     |    +-- HubError                   a Hub source failed: carries ``repo_id`` and ``revision``
+     |         +-- RepoNotFoundError     repository missing or private without a valid token
+     |         +-- RevisionNotFoundError
+     |         +-- EntryNotFoundError    a file is missing in the repository
+     |         +-- GatedRepoError        access must be requested on the Hub first
+     |         +-- HubConnectionError    connection lost after retries
+     +-- PlanError(ValueError)           the models do not fit together: missing tensor, shape, dtype
+     +-- OutputError(OSError)            the output directory exists, or lies inside an input
+     +-- MergeError(RuntimeError)        a merge failed while running (integer tensors disagree, ...)
+     +-- PublishError(OSError)           the push to the Hub failed
+
+Every message says what failed, where, what was expected and what was found; ``hint`` says what to do.
+The CLI prints ``error: <message> (hint: <hint>)`` on one line.
+"""
+
+from __future__ import annotations
+
+
+class HubmergeError(Exception):
+    """Base class. ``hint`` tells the user what to do next."""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class RecipeError(HubmergeError, ValueError):
+    """The recipe is invalid. ``path`` is the YAML path of the offending field, e.g. ``models.1.weight``."""
+
+    def __init__(self, message: str, *, path: str | None = None, hint: str | None = None) -> None:
+        super().__init__(f"recipe field '{path}': {message}" if path else message, hint=hint)
+        self.path = path
+
+
+class SourceError(HubmergeError, OSError):
+    """A model source cannot be read. ``location`` is the file, directory or repository."""
+
+    def __init__(self, message: str, *, location: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.location = location
+
+
+class HeaderError(SourceError):
+    """A safetensors file is truncated or its header is corrupt."""
+
+
+class HubError(SourceError):
+    """A Hub request failed. Carries ``repo_id`` and ``revision``."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        repo_id: str | None = None,
+        revision: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, location=repo_id, hint=hint)
+        self.repo_id = repo_id
+        self.revision = revision
+
+
+class RepoNotFoundError(HubError):
+    """The repository does not exist, or it is private and no valid token was sent."""
+
+
+class RevisionNotFoundError(HubError):
+    """The branch, tag or commit does not exist in the repository."""
+
+
+class EntryNotFoundError(HubError):
+    """A file is missing from the repository at the pinned revision."""
+
+
+class GatedRepoError(HubError):
+    """The repository is gated: access must be requested on the Hub."""
+
+
+class HubConnectionError(HubError):
+    """The Hub could not be reached, after retries."""
+
+
+class PlanError(HubmergeError, ValueError):
+    """The models do not fit together. ``tensor`` names the tensor when one is to blame."""
+
+    def __init__(self, message: str, *, tensor: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.tensor = tensor
+
+
+class OutputError(HubmergeError, OSError):
+    """The output location cannot be used."""
+
+    def __init__(self, message: str, *, path: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.path = path
+
+
+class MergeError(HubmergeError, RuntimeError):
+    """A merge failed while running."""
+
+    def __init__(self, message: str, *, tensor: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.tensor = tensor
+
+
+class PublishError(HubmergeError, OSError):
+    """Publishing to the Hub failed."""
+
+    def __init__(self, message: str, *, repo_id: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.repo_id = repo_id
