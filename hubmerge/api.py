@@ -1,0 +1,196 @@
+"""The Python API: ``load_recipe``, ``plan`` and ``merge``. The CLI is a thin layer over these."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import RecipeError
+from .plan import DEFAULT_MEMORY_BUDGET, MergePlan, build_plan
+from .recipe import Dtype, Recipe, load_recipe
+from .sources import TensorSource, open_source
+from .writer import ShardWriter, check_output, write_json
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "hubmerge.json"
+RecipeLike = Recipe | str | Path | dict[str, Any]
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What a merge produced."""
+
+    out: Path
+    plan: MergePlan
+    seconds: float
+    files: tuple[str, ...]
+    resumed_tensors: int
+
+    @property
+    def bytes_read(self) -> int:
+        return self.plan.bytes_read
+
+    @property
+    def gb_per_s(self) -> float:
+        """Input gigabytes merged per second."""
+        return self.plan.bytes_read / 1e9 / max(self.seconds, 1e-9)
+
+
+@contextlib.contextmanager
+def open_sources(recipe: Recipe) -> Iterator[list[TensorSource]]:
+    """Open every model of the recipe (headers only), then the base; the same reference is opened once."""
+    refs = [(f"models.{i}", ref) for i, ref in enumerate(recipe.model_refs())]
+    base = recipe.base_ref()
+    if base is not None:
+        refs.append(("base", base))
+    opened: dict[str, TensorSource] = {}
+    sources: list[TensorSource] = []
+    try:
+        for label, ref in refs:
+            key = str(ref)
+            if key not in opened:
+                opened[key] = open_source(ref, label=label)
+            sources.append(opened[key])
+        yield sources
+    finally:
+        for src in opened.values():
+            src.close()
+
+
+def _with_dtype(recipe: Recipe, dtype: Dtype | None) -> Recipe:
+    if dtype is None:
+        return recipe
+    return recipe.model_copy(update={"dtype": dtype})
+
+
+def plan(recipe: RecipeLike, *, dtype: Dtype | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> MergePlan:
+    """Load the recipe, read the models' headers, and plan the merge without reading any weight.
+
+    Raises:
+        RecipeError, SourceError, PlanError: the recipe, a model, or their combination is wrong.
+    """
+    loaded = _with_dtype(load_recipe(recipe), dtype)
+    with open_sources(loaded) as sources:
+        return build_plan(loaded, sources, memory_budget=memory_budget)
+
+
+def output_dir(recipe: Recipe, out: str | Path | None) -> Path:
+    """The output directory: ``out`` if given (relative to the working directory), else ``output.dir``.
+
+    Raises:
+        RecipeError: neither is set.
+    """
+    if out is not None:
+        return Path(out).expanduser().resolve()
+    if recipe.output.dir is None:
+        raise RecipeError("no output directory", path="output.dir", hint="set `output: {dir: ...}` or pass --out DIR")
+    path = Path(recipe.output.dir).expanduser()
+    return (path if path.is_absolute() else recipe.base_dir / path).resolve()
+
+
+def merge(
+    recipe: RecipeLike,
+    out: str | Path | None = None,
+    *,
+    dtype: Dtype | None = None,
+    device: str = "cpu",
+    resume: bool = False,
+    force: bool = False,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    progress: Callable[[int], None] | None = None,
+    on_plan: Callable[[MergePlan], None] | None = None,
+) -> MergeResult:
+    """Merge the recipe's models into ``out`` (default: the recipe's ``output.dir``).
+
+    Args:
+        recipe: a Recipe, a path to a YAML recipe, YAML text, or a dict.
+        out: output directory; must not exist unless ``force``.
+        dtype: output dtype, overriding the recipe's.
+        device: ``cpu`` or ``cuda``.
+        resume: continue an interrupted run into the same ``out``.
+        force: replace an existing ``out`` (never an input).
+        memory_budget: compute-buffer bytes per tensor before merging in row chunks.
+        progress: called with input bytes consumed, for progress bars.
+        on_plan: called with the plan before any weight is read.
+
+    Returns:
+        A :class:`MergeResult`.
+
+    Raises:
+        HubmergeError: any failure, with what to do about it; a partial output is kept for ``resume``.
+    """
+    from .run import execute
+
+    loaded = _with_dtype(load_recipe(recipe), dtype)
+    target = output_dir(loaded, out)
+    local_inputs = [r.path for r in [*loaded.model_refs(), loaded.base_ref()] if r is not None and r.path]
+    check_output(target, local_inputs, force=force, resume=resume)
+    start = time.perf_counter()
+    with open_sources(loaded) as sources:
+        merge_plan = build_plan(loaded, sources, memory_budget=memory_budget)
+        if on_plan is not None:
+            on_plan(merge_plan)
+        writer = ShardWriter(target, resume=resume)
+        try:
+            done = writer.begin(merge_plan)
+            execute(merge_plan, sources, [writer], done=frozenset(done), device=device, progress=progress)
+            files = finish_output(merge_plan, sources, writer.tmp, out_name=target.name)
+        finally:
+            writer.close()
+        writer.commit(force=force)
+    return MergeResult(target, merge_plan, time.perf_counter() - start, tuple(files), len(done))
+
+
+def finish_output(plan: MergePlan, sources: list[TensorSource], dest: Path, *, out_name: str,
+                  repo_id: str | None = None) -> list[str]:  # fmt: skip
+    """Write the index, companion files, model card and manifest next to the shards.
+
+    Returns:
+        Every file of the output, relative to ``dest``.
+    """
+    from .card import common_license, front_matter, render_card
+    from .companions import companion_source, copy_companions, read_config
+
+    recipe = plan.recipe
+    files = [s.filename for s in plan.shards]
+    if len(plan.shards) > 1:
+        weight_map = {plan.jobs[j].name: s.filename for s in plan.shards for j in s.jobs}
+        write_json(dest / "model.safetensors.index.json",
+                   {"metadata": {"total_size": plan.total_size, "hubmerge_version": __version__,
+                                 "recipe_sha256": plan.recipe_sha256}, "weight_map": weight_map})  # fmt: skip
+        files.append("model.safetensors.index.json")
+    origin = companion_source(sources, len(recipe.models), recipe.base is not None)
+    files += copy_companions(origin, dest, model_dtype=plan.model_dtype)
+    config = read_config(dest / "config.json") if (dest / "config.json").exists() else None
+    unique = list({id(s): s for s in sources}.values())
+    meta = front_matter(
+        plan, license_=common_license(plan, unique), config=config,
+        sentence_transformers=(dest / "modules.json").exists(),
+    )  # fmt: skip
+    (dest / "README.md").write_text(render_card(plan, meta, out_name=out_name, repo_id=repo_id), encoding="utf-8")
+    files.append("README.md")
+    write_json(dest / MANIFEST, manifest(plan))
+    files.append(MANIFEST)
+    return files
+
+
+def manifest(plan: MergePlan) -> dict[str, Any]:
+    """What was merged, pinned: recipe, sources with commits, output files. No timestamps (deterministic)."""
+    return {
+        "hubmerge_version": __version__,
+        "recipe": plan.recipe.model_dump(mode="json", exclude_defaults=True),
+        "recipe_sha256": plan.recipe_sha256,
+        "plan_fingerprint": plan.fingerprint(),
+        "method": plan.method,
+        "sources": [{"label": s.label, "ref": str(s.ref), "commit": s.commit} for s in plan.sources],
+        "shards": {s.filename: s.size for s in plan.shards},
+        "tensors": len(plan.jobs),
+        "skipped": list(plan.skipped),
+    }

@@ -1,0 +1,153 @@
+"""The model card of a merge: YAML front matter the Hub understands, and a body that says what was merged.
+
+The license is the sources' common license (read from their cards); when they disagree the user must choose.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+from string import Template
+from typing import Any
+
+import yaml
+
+from . import __version__
+from .errors import RecipeError
+from .methods import get_method
+from .params import resolve_params
+from .plan import MergePlan
+from .sources import TensorSource
+
+PIPELINES = (
+    ("ForCausalLM", "text-generation"),
+    ("ForSequenceClassification", "text-classification"),
+    ("ForTokenClassification", "token-classification"),
+    ("ForQuestionAnswering", "question-answering"),
+    ("ForMaskedLM", "fill-mask"),
+    ("ForConditionalGeneration", "text2text-generation"),
+    ("ForImageClassification", "image-classification"),
+)
+_FRONT = re.compile(r"\A---\s*\n(.*?)\n---\s*(\n|\Z)", re.DOTALL)
+
+
+def card_metadata(card_text: str) -> dict[str, Any]:
+    """The YAML front matter of a model card, or {} if it has none or it does not parse."""
+    match = _FRONT.match(card_text)
+    if not match:
+        return {}
+    try:
+        meta = yaml.safe_load(match.group(1))
+    except yaml.YAMLError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def common_license(plan: MergePlan, sources: list[TensorSource]) -> str | None:
+    """The license every source's card declares; None if no source declares one.
+
+    Raises:
+        RecipeError: the sources declare different licenses and the recipe does not set ``card.license``.
+    """
+    if plan.recipe.card.license:
+        return plan.recipe.card.license
+    found: dict[str, str] = {}
+    for src in sources:
+        path = src.fetch("README.md")
+        if path is None:
+            continue
+        license_ = card_metadata(path.read_text(encoding="utf-8", errors="replace")).get("license")
+        if isinstance(license_, str):
+            found[src.label] = license_
+    if len(set(found.values())) > 1:
+        listed = ", ".join(f"{label}: {lic}" for label, lic in found.items())
+        raise RecipeError(
+            f"the sources have different licenses ({listed})",
+            path="card.license",
+            hint="check that the licenses allow merging, then set `card: {license: ...}` in the recipe",
+        )
+    return next(iter(found.values()), None)
+
+
+def pipeline_tag(config: dict[str, Any] | None) -> str | None:
+    """The Hub pipeline tag that matches the config's first architecture."""
+    for arch in (config or {}).get("architectures") or []:
+        for suffix, tag in PIPELINES:
+            if str(arch).endswith(suffix):
+                return tag
+    return None
+
+
+def front_matter(
+    plan: MergePlan, *, license_: str | None, config: dict[str, Any] | None, sentence_transformers: bool
+) -> dict[str, Any]:
+    """The card's metadata: base_model (Hub ids of the sources), relation, tags, library, license."""
+    hub_ids = list(dict.fromkeys(s.ref.repo_id for s in plan.sources if s.ref.repo_id))
+    tags = ["merge", "hubmerge", plan.method, *(["sentence-transformers"] if sentence_transformers else [])]
+    meta: dict[str, Any] = {}
+    if hub_ids:
+        meta["base_model"] = hub_ids
+        meta["base_model_relation"] = "merge"
+    meta["tags"] = list(dict.fromkeys([*tags, *plan.recipe.card.tags]))
+    meta["library_name"] = "transformers" if config is not None else None
+    tag = pipeline_tag(config)
+    if tag:
+        meta["pipeline_tag"] = tag
+    meta["license"] = license_ or "unknown"
+    if plan.recipe.card.language:
+        meta["language"] = plan.recipe.card.language
+    return {k: v for k, v in meta.items() if v is not None}
+
+
+def render_card(plan: MergePlan, meta: dict[str, Any], *, out_name: str, repo_id: str | None = None) -> str:
+    """The whole README.md of the merge."""
+    recipe = plan.recipe
+    spec = get_method(plan.method)
+    params = resolve_params(recipe, spec, {})
+    per_model = [p for p in spec.params if p.per_model]
+    header = "| # | source | revision | " + "".join(f"{p.name} | " for p in per_model)
+    rows = [header.rstrip(), "|" + " --- |" * (3 + len(per_model))]
+    for i, src in enumerate(plan.sources):
+        ref = f"[{src.ref.repo_id}](https://huggingface.co/{src.ref.repo_id})" if src.ref.repo_id else f"`{Path(str(src.ref)).name}` (local)"
+        commit = f"`{src.commit}`" if src.commit else "local files"
+        values = "".join(
+            f" {params[p.kwarg][i]:g} |" if i < len(recipe.models) else " |"  # type: ignore[index]
+            for p in per_model
+        )
+        rows.append(f"| {src.label} | {ref} | {commit} |{values}")
+    global_params = {p.name: params[p.kwarg] for p in spec.params if not p.per_model}
+    parameters_section = ""
+    if global_params or recipe.rules:
+        lines = ["## Parameters", ""]
+        lines += [f"- `{k}` = {v}" for k, v in global_params.items()]
+        lines += [f"- rule: tensors `{r.globs}` -> " + ("skipped" if r.skip else f"taken from {r.take}" if r.take is not None else f"parameters {r.parameters}") for r in recipe.rules]  # fmt: skip
+        if plan.skipped:
+            lines.append(f"- {len(plan.skipped)} tensors left out by rules")
+        parameters_section = "\n".join(lines) + "\n"
+    target = repo_id or f"./{out_name}"
+    auto = "AutoModelForCausalLM" if meta.get("pipeline_tag") == "text-generation" else "AutoModel"
+    if meta.get("pipeline_tag") == "text-classification":
+        auto = "AutoModelForSequenceClassification"
+    usage = (
+        f"from transformers import AutoTokenizer, {auto}\n\n"
+        f'tokenizer = AutoTokenizer.from_pretrained("{target}")\n'
+        f'model = {auto}.from_pretrained("{target}")'
+    )
+    template = Template(resources.files("hubmerge").joinpath("templates/card.md").read_text(encoding="utf-8"))
+    return template.substitute(
+        front_matter=yaml.safe_dump(meta, sort_keys=False),
+        title=repo_id.split("/")[-1] if repo_id else out_name,
+        description=recipe.card.description or f"A {plan.method} merge of {len(recipe.models)} fine-tuned models.",
+        n_models=len(recipe.models),
+        version=__version__,
+        method=plan.method,
+        method_summary=spec.summary.rstrip("."),
+        paper=spec.paper,
+        sources_table="\n".join(rows),
+        parameters_section=parameters_section,
+        recipe_yaml=recipe.to_yaml(),
+        out_name=out_name,
+        recipe_sha256=plan.recipe_sha256,
+        usage=usage,
+    )

@@ -1,0 +1,184 @@
+"""The ``hubmerge`` command: ``hubmerge RECIPE``, ``hubmerge plan``, ``hubmerge methods``, ``hubmerge hub serve``.
+
+Errors print one line and exit 2; ``--verbose`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import HubmergeError
+
+DTYPES = click.Choice(["float32", "float16", "bfloat16", "float64"])
+
+
+class _DefaultToMerge(click.Group):
+    """``hubmerge RECIPE ...`` means ``hubmerge merge RECIPE ...``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["merge", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_DefaultToMerge, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="hubmerge")
+def cli() -> None:
+    """Merge fine-tuned models tensor by tensor: `hubmerge RECIPE.yaml`."""
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@cli.command("merge")
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output directory (overrides output.dir).")
+@click.option("--dtype", type=DTYPES, help="Output dtype (overrides the recipe).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue an interrupted merge into the same output.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory (never an input).")
+@click.option("--dry-run", is_flag=True, help="Plan and check, read no weights, write nothing.")
+@click.option("--verbose", "-v", is_flag=True, help="Debug logging; tracebacks on errors.")
+@click.option("--quiet", "-q", is_flag=True, help="Errors only.")
+def merge_command(recipe: Path, out: Path | None, dtype: Any, device: str, resume: bool, force: bool,
+                  dry_run: bool, verbose: bool, quiet: bool) -> None:  # fmt: skip
+    """Merge the models of RECIPE."""
+    from .api import merge, plan
+    from .report import human_bytes, plan_summary
+
+    _setup_logging(verbose, quiet)
+    if dry_run:
+        click.echo(plan_summary(plan(recipe, dtype=dtype)))
+        click.echo("dry run: nothing read, nothing written")
+        return
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise HubmergeError("--device cuda but torch sees no CUDA device", hint="use --device cpu")
+    bar: Any = None
+
+    def on_plan(p: Any) -> None:
+        nonlocal bar
+        if not quiet:
+            click.echo(plan_summary(p), err=True)
+            from tqdm import tqdm
+
+            bar = tqdm(total=p.bytes_read, unit="B", unit_scale=True, unit_divisor=1024, desc="merging",
+                       file=sys.stderr, dynamic_ncols=True, smoothing=0.1)  # fmt: skip
+
+    try:
+        result = merge(recipe, out, dtype=dtype, device=device, resume=resume, force=force,
+                       progress=(lambda n: bar.update(n)) if not quiet else None, on_plan=on_plan)  # fmt: skip
+    finally:
+        if bar is not None:
+            bar.close()
+    if not quiet:
+        resumed = f", {result.resumed_tensors} tensors resumed" if result.resumed_tensors else ""
+        click.echo(
+            f"merged {len(result.plan.jobs)} tensors: read {human_bytes(result.bytes_read)} in "
+            f"{result.seconds:.2f} s ({result.gb_per_s:.2f} GB/s){resumed}\n"
+            f"wrote {len(result.files)} files to {result.out}"
+        )
+
+
+@cli.command("plan")
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--dtype", type=DTYPES, help="Output dtype (overrides the recipe).")
+@click.option("--verbose", "-v", is_flag=True, help="Tracebacks on errors.")
+def plan_command(recipe: Path, as_json: bool, dtype: Any, verbose: bool) -> None:
+    """Check RECIPE and show the output layout, reading headers only."""
+    from .api import plan
+    from .report import plan_table
+
+    _setup_logging(verbose, quiet=True)
+    merge_plan = plan(recipe, dtype=dtype)
+    click.echo(json.dumps(merge_plan.to_json(), indent=2) if as_json else plan_table(merge_plan))
+
+
+@cli.command("methods")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def methods_command(as_json: bool) -> None:
+    """List merge methods and their parameters."""
+    from .methods import METHODS
+    from .report import methods_table
+
+    if as_json:
+        doc = {
+            name: {
+                "summary": s.summary, "paper": s.paper, "min_models": s.min_models, "max_models": s.max_models,
+                "needs_base": s.needs_base,
+                "parameters": {p.name: {"type": p.type.__name__, "default": p.default, "per_model": p.per_model,
+                                        "doc": p.doc} for p in s.params},
+            }
+            for name, s in METHODS.items()
+        }  # fmt: skip
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        click.echo(methods_table(), nl=False)
+
+
+@cli.group("hub")
+def hub_group() -> None:
+    """A local Hub-compatible server."""
+
+
+@hub_group.command("serve")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), required=True, help="Storage directory.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8765, show_default=True)
+@click.option("--token", "tokens", multiple=True, metavar="TOKEN=USER", help="Accept TOKEN as USER (repeatable).")
+def hub_serve(root: Path, host: str, port: int, tokens: tuple[str, ...]) -> None:
+    """Serve model repositories from ROOT over the Hub's HTTP API."""
+    from .hubserver import serve_forever
+
+    users = {}
+    for item in tokens:
+        token, sep, user = item.partition("=")
+        if not sep or not token or not user:
+            raise HubmergeError(f"--token {item!r} is not TOKEN=USER", hint="write --token mysecret=alice")
+        users[token] = user
+    serve_forever(root, host, port, users)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI, turn errors into one line and an exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    verbose = "--verbose" in args or "-v" in args
+    try:
+        cli.main(args=args, prog_name="hubmerge", standalone_mode=False)
+    except HubmergeError as exc:
+        if verbose:
+            traceback.print_exc()
+        click.echo(f"error: {exc.message}" + (f" (hint: {exc.hint})" if exc.hint else ""), err=True)
+        return 2
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        return 130
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()}", err=True)
+        return 2
+    except KeyboardInterrupt:
+        click.echo("interrupted; rerun with --resume to continue", err=True)
+        return 130
+    except Exception as exc:  # anything unexpected still gets one line, unless --verbose
+        if verbose:
+            traceback.print_exc()
+        click.echo(f"error: {type(exc).__name__}: {exc} (rerun with --verbose for the traceback)", err=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

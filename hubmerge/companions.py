@@ -1,0 +1,101 @@
+"""Config, generation and tokenizer files: copied from the base model (else the first model) into the output.
+
+``config.json`` gets the output dtype; sentence-transformers module configs come along so the merge loads with
+sentence-transformers too. Weight files are never copied: every weight in the output is planned and merged.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .sources import TensorSource
+
+log = logging.getLogger(__name__)
+
+COMPANION_GLOBS = (
+    "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
+    "vocab.*", "merges.txt", "*.model", "*.tiktoken", "chat_template.*", "preprocessor_config.json",
+    "processor_config.json", "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+)  # fmt: skip
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".ot")
+
+
+def companion_source(sources: Sequence[TensorSource], n_models: int, has_base: bool) -> TensorSource:
+    """The source companions come from: the base model if the recipe has one, else the first model."""
+    return sources[n_models] if has_base else sources[0]
+
+
+def companion_files(source: TensorSource) -> list[str]:
+    """Relative paths of the companion files ``source`` has, in a stable order."""
+    files = source.files()
+    chosen = [f for f in files if "/" not in f and any(fnmatch.fnmatchcase(f, g) for g in COMPANION_GLOBS)]
+    if "modules.json" in files:
+        for module_dir in _module_dirs(source):
+            for f in files:
+                if f.startswith(module_dir + "/"):
+                    if f.endswith(WEIGHT_SUFFIXES):
+                        log.warning("%s: %s holds weights that are not merged; left out", source.label, f)
+                    else:
+                        chosen.append(f)
+    return sorted(f for f in set(chosen) if not f.endswith(WEIGHT_SUFFIXES))
+
+
+def _module_dirs(source: TensorSource) -> list[str]:
+    path = source.fetch("modules.json")
+    try:
+        modules = json.loads(path.read_text(encoding="utf-8")) if path else []
+    except (OSError, json.JSONDecodeError):
+        return []
+    return [m["path"] for m in modules if isinstance(m, dict) and m.get("path")]
+
+
+def copy_companions(source: TensorSource, dest: Path, *, model_dtype: str) -> list[str]:
+    """Copy companion files into ``dest``; ``config.json`` gets ``model_dtype``.
+
+    Returns:
+        The relative paths written.
+    """
+    written = []
+    for name in companion_files(source):
+        path = source.fetch(name)
+        if path is None:
+            continue
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if name == "config.json":
+            config = read_config(path)
+            if config is not None:
+                set_dtype(config, model_dtype)
+                target.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+                written.append(name)
+                continue
+        shutil.copyfile(path, target)
+        written.append(name)
+    return written
+
+
+def read_config(path: Path) -> dict[str, Any] | None:
+    """``config.json`` as a dict, or None when it is not a JSON object."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        log.warning("%s is not valid JSON; copied as is", path)
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def set_dtype(config: dict[str, Any], dtype: str) -> None:
+    """Record the output dtype under the keys transformers reads (``dtype`` in v5, ``torch_dtype`` before)."""
+    keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
+    for key in keys:
+        config[key] = dtype
+    text_config = config.get("text_config")
+    if isinstance(text_config, dict):
+        for key in [k for k in ("torch_dtype", "dtype") if k in text_config]:
+            text_config[key] = dtype

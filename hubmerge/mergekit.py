@@ -1,0 +1,121 @@
+"""Translate a mergekit config (``merge_method:``, ``models:``, ``base_model:``, ...) into a v1 recipe dict.
+
+What mergekit calls ``linear`` is a normalized weighted average, our ``weighted``; its ``slerp`` takes the
+base model as the t=0 end. Features we do not support are refused by name rather than silently dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import RecipeError
+
+METHOD_NAMES = {
+    "linear": "weighted",
+    "slerp": "slerp",
+    "task_arithmetic": "task_arithmetic",
+    "ties": "ties",
+    "dare_ties": "dare_ties",
+    "dare_linear": "dare_linear",
+    "model_stock": "model_stock",
+}
+UNSUPPORTED_KEYS = {
+    "slices": "layer slicing (`slices`)",
+    "modules": "per-module configs (`modules`)",
+    "tokenizer": "tokenizer merging (`tokenizer`)",
+    "chat_template": "chat template selection (`chat_template`)",
+}
+IGNORED_PARAMS = {"int8_mask"}  # a mergekit memory option with no effect on the result
+KNOWN_KEYS = {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source", "name"}
+
+
+def translate_mergekit(doc: dict[str, Any]) -> dict[str, Any]:
+    """Return the v1 recipe equivalent of a mergekit config.
+
+    Raises:
+        RecipeError: a mergekit feature hubmerge does not support, named.
+    """
+    for key, feature in UNSUPPORTED_KEYS.items():
+        if key in doc:
+            raise RecipeError(
+                f"mergekit config uses {feature}, which hubmerge does not support",
+                path=key,
+                hint="merge whole models with `models:`, or keep using mergekit for this config",
+            )
+    unknown = sorted(set(doc) - KNOWN_KEYS)
+    if unknown:
+        raise RecipeError(f"unknown mergekit key '{unknown[0]}'", path=unknown[0], hint="remove it")
+    mk_method = doc["merge_method"]
+    if mk_method not in METHOD_NAMES:
+        raise RecipeError(
+            f"mergekit merge_method '{mk_method}' is not supported",
+            path="merge_method",
+            hint=f"supported: {', '.join(METHOD_NAMES)}",
+        )
+    source = doc.get("tokenizer_source")
+    if source not in (None, "base"):
+        raise RecipeError(
+            f"mergekit tokenizer_source: {source} is not supported; hubmerge copies the base model's tokenizer",
+            path="tokenizer_source",
+            hint="remove tokenizer_source (or set it to base)",
+        )
+    recipe: dict[str, Any] = {"method": METHOD_NAMES[mk_method]}
+    base = doc.get("base_model")
+    if base is not None:
+        recipe["base"] = _model_ref(base, "base_model")
+    models = []
+    for i, item in enumerate(doc.get("models") or []):
+        if not isinstance(item, dict) or "model" not in item:
+            raise RecipeError("each mergekit model is a mapping with `model:`", path=f"models.{i}")
+        entry: dict[str, Any] = {"ref": _model_ref(item["model"], f"models.{i}.model")}
+        params = _params(item.get("parameters") or {}, f"models.{i}.parameters")
+        if params:
+            entry["parameters"] = params
+        models.append(entry)
+    if mk_method == "slerp" and base is not None:
+        # mergekit's slerp goes from base_model (t=0) to the other model (t=1).
+        others = [m for m in models if m["ref"] != recipe["base"]]
+        models = [{"ref": recipe["base"]}, *others]
+    recipe["models"] = models
+    params = _params(doc.get("parameters") or {}, "parameters")
+    if params:
+        recipe["parameters"] = params
+    out_dtype = doc.get("out_dtype") or doc.get("dtype")
+    if out_dtype is not None:
+        recipe["dtype"] = out_dtype
+    return recipe
+
+
+def _model_ref(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise RecipeError("expected a model path or Hub id", path=where)
+    if "+" in value:
+        raise RecipeError(
+            f"mergekit's model+LoRA syntax ({value!r}) is not supported",
+            path=where,
+            hint="merge the LoRA into its base first, or use an adapter recipe",
+        )
+    return value
+
+
+def _params(params: Any, where: str) -> dict[str, Any]:
+    if not isinstance(params, dict):
+        raise RecipeError("parameters must be a mapping", path=where)
+    out: dict[str, Any] = {}
+    for name, value in params.items():
+        if name in IGNORED_PARAMS:
+            continue
+        if name == "rescale" and value is not True:
+            raise RecipeError(
+                "rescale: false is not supported; DARE always rescales", path=f"{where}.{name}"
+            )
+        if name == "rescale":
+            continue
+        if isinstance(value, dict | list):
+            raise RecipeError(
+                f"mergekit per-layer or gradient parameter values ({name}: {value!r}) are not supported",
+                path=f"{where}.{name}",
+                hint="give one number, and use hubmerge `rules:` for per-tensor parameters",
+            )
+        out[name] = value
+    return out

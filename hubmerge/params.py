@@ -1,0 +1,173 @@
+"""Method parameters: checked against the method's spec at load time, resolved per tensor at plan time.
+
+Precedence for a tensor: a matching rule's ``parameters`` > the model entry's own value > the recipe's
+``parameters`` > the method's default. A per-model parameter given as a list has one value per model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from .errors import RecipeError
+
+if TYPE_CHECKING:
+    from .methods import MethodSpec, ParamSpec
+    from .recipe import ParamValue, Recipe, Scalar
+
+ENGINE_PARAMS = ("seed",)  # handled by the engine for every method, never passed to a method
+
+
+def check_parameters(recipe: Recipe) -> None:
+    """Check the method, model count, base, and every parameter of the recipe against the method's spec.
+
+    Raises:
+        RecipeError: naming the field (``parameters.t``, ``models.1.weight``, ``rules.0.take``).
+    """
+    from .methods import get_method
+
+    spec = get_method(recipe.method)
+    n = len(recipe.models)
+    if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
+        wanted = (
+            f"exactly {spec.min_models}"
+            if spec.min_models == spec.max_models
+            else f"at least {spec.min_models}"
+            if spec.max_models is None
+            else f"{spec.min_models} to {spec.max_models}"
+        )
+        raise RecipeError(f"method '{spec.name}' merges {wanted} models, the recipe lists {n}", path="models")
+    if spec.needs_base and recipe.base is None:
+        raise RecipeError(
+            f"method '{spec.name}' works on task vectors (model - base) and needs a base model",
+            path="base",
+            hint="add `base: <the model the fine-tunes started from>`",
+        )
+    _check_mapping(spec, recipe.parameters, n, "parameters")
+    for i, entry in enumerate(recipe.models):
+        for name, value in entry.per_model_params().items():
+            where = f"models.{i}.{name}" if name in ("weight", "density") else f"models.{i}.parameters.{name}"
+            param = _param(spec, name, where)
+            if not param.per_model:
+                raise RecipeError(
+                    f"'{name}' applies to the whole merge, not to one model",
+                    path=where,
+                    hint=f"move it to the recipe's `parameters: {{{name}: ...}}`",
+                )
+            _coerce(param, value, where)
+    for r, rule in enumerate(recipe.rules):
+        if isinstance(rule.take, int) and not 0 <= rule.take < n:
+            raise RecipeError(
+                f"take: {rule.take} but models are numbered 0 to {n - 1}", path=f"rules.{r}.take"
+            )
+        if rule.take == "base" and recipe.base is None:
+            raise RecipeError("take: base but the recipe has no base", path=f"rules.{r}.take")
+        _check_mapping(spec, rule.parameters, n, f"rules.{r}.parameters")
+        resolve_params(recipe, spec, rule.parameters, where=f"rules.{r}.parameters")
+    resolve_params(recipe, spec, {})
+
+
+def _param(spec: MethodSpec, name: str, where: str) -> ParamSpec:
+    for param in spec.params:
+        if param.name == name:
+            return param
+    valid = ", ".join(p.name for p in spec.params) or "none"
+    raise RecipeError(
+        f"method '{spec.name}' takes no parameter '{name}'",
+        path=where,
+        hint=f"its parameters: {valid} (and seed); `hubmerge methods` describes them",
+    )
+
+
+def _check_mapping(spec: MethodSpec, params: Mapping[str, ParamValue], n: int, where: str) -> None:
+    for name, value in params.items():
+        if name in ENGINE_PARAMS:
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise RecipeError(f"seed must be an integer, got {value!r}", path=f"{where}.{name}")
+            continue
+        param = _param(spec, name, f"{where}.{name}")
+        if isinstance(value, list):
+            if not param.per_model:
+                raise RecipeError(
+                    f"'{name}' takes one value, got a list", path=f"{where}.{name}", hint=f"write {name}: 0.5"
+                )
+            if len(value) != n:
+                raise RecipeError(
+                    f"{len(value)} values for '{name}' but {n} models",
+                    path=f"{where}.{name}",
+                    hint="give one value per model, in the order of `models:`",
+                )
+            for i, item in enumerate(value):
+                _coerce(param, item, f"{where}.{name}.{i}")
+        else:
+            _coerce(param, value, f"{where}.{name}")
+
+
+def _coerce(param: ParamSpec, value: Scalar, where: str) -> Scalar:
+    if param.type is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"'{param.name}' is true or false, got {value!r}", path=where)
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RecipeError(f"'{param.name}' is a number, got {value!r}", path=where)
+    return int(value) if param.type is int else float(value)
+
+
+def resolve_params(
+    recipe: Recipe, spec: MethodSpec, overrides: Mapping[str, ParamValue], *, where: str = "parameters"
+) -> dict[str, object]:
+    """The keyword arguments for ``spec.fn`` for a tensor (without ``base`` and ``generator``).
+
+    Raises:
+        RecipeError: a required parameter is missing.
+    """
+    kwargs: dict[str, object] = {}
+    for param in spec.params:
+        if param.per_model:
+            values: list[Scalar] = []
+            for i, entry in enumerate(recipe.models):
+                value = _pick(param.name, i, overrides, entry.per_model_params(), recipe.parameters)
+                if value is None:
+                    value = param.default  # type: ignore[assignment]
+                if value is None:
+                    raise _missing(spec, param, f"models.{i}.{param.name}", per_model=True)
+                values.append(_coerce(param, value, f"models.{i}.{param.name}"))
+            kwargs[param.kwarg] = values
+        else:
+            value = _pick(param.name, None, overrides, {}, recipe.parameters)
+            if value is None:
+                value = param.default  # type: ignore[assignment]
+            if value is None:
+                raise _missing(spec, param, f"{where}.{param.name}", per_model=False)
+            kwargs[param.kwarg] = _coerce(param, value, f"{where}.{param.name}")
+    return kwargs
+
+
+def _pick(
+    name: str,
+    index: int | None,
+    overrides: Mapping[str, ParamValue],
+    own: Mapping[str, Scalar],
+    recipe_params: Mapping[str, ParamValue],
+) -> Scalar | None:
+    for layer in (overrides, own, recipe_params):
+        if name in layer:
+            value = layer[name]
+            if isinstance(value, list):
+                return value[index] if index is not None else None
+            return value
+    return None
+
+
+def _missing(spec: MethodSpec, param: ParamSpec, where: str, *, per_model: bool) -> RecipeError:
+    example = f"parameters: {{{param.name}: 0.5}}"
+    how = f"`{example}` for all models, or `{param.name}:` on each model" if per_model else f"`{example}`"
+    return RecipeError(
+        f"method '{spec.name}' needs parameter '{param.name}' ({param.doc})", path=where, hint=f"add {how}"
+    )
+
+
+def seed_of(recipe: Recipe) -> int:
+    """The recipe's seed for random methods (default 0)."""
+    value = recipe.parameters.get("seed", 0)
+    return value if isinstance(value, int) else 0

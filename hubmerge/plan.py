@@ -1,0 +1,368 @@
+"""build_plan: headers in, :class:`MergePlan` out. Pure: reads no tensor bytes and writes nothing.
+
+The plan checks every tensor's presence, shape and dtype across models, applies the recipe's rules, and fixes
+the output layout (shard files, their headers, each tensor's byte offset), so the run can write every tensor
+at its final place as soon as it is merged.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from . import __version__
+from .errors import PlanError
+from .params import resolve_params, seed_of
+from .recipe import Recipe, Rule, parse_size
+from .refs import ModelRef
+from .sources import TensorSource
+from .sources.header import DTYPE_CODES, DTYPE_NAMES, DTYPE_SIZES, FLOAT_DTYPES, TensorInfo
+
+DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes of compute buffers per tensor before merging it in row chunks
+WRITE_QUEUE = 2  # merged tensors waiting for the writer thread
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """A model as the plan records it: role label, reference, pinned commit (Hub sources)."""
+
+    label: str
+    ref: ModelRef
+    commit: str | None
+
+
+@dataclass(frozen=True)
+class Job:
+    """One output tensor: what to read, what to do, where its bytes go.
+
+    ``inputs[i]`` is read from ``plan.sources[sources[i]]``; for ``merge`` they are the models in order, for
+    ``copy`` the first input is written and any others must hold equal values (integer buffers).
+    """
+
+    name: str
+    action: Literal["merge", "copy"]
+    inputs: tuple[TensorInfo, ...]
+    sources: tuple[int, ...]
+    base: TensorInfo | None
+    base_source: int | None
+    params: dict[str, Any]
+    dtype: str
+    shape: tuple[int, ...]
+    shard: int
+    offset: int
+    nbytes: int
+    chunk_rows: int | None
+    seed: int
+
+
+@dataclass(frozen=True)
+class Shard:
+    """An output file: its name, the exact header bytes that start it, and its total size."""
+
+    filename: str
+    header: bytes
+    size: int
+    jobs: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    recipe: Recipe
+    recipe_sha256: str
+    method: str
+    sources: tuple[SourceInfo, ...]
+    jobs: tuple[Job, ...]
+    shards: tuple[Shard, ...]
+    skipped: tuple[str, ...]
+    notices: tuple[str, ...]
+    model_dtype: str
+    compute_dtype: str
+    bytes_read: int
+    bytes_written: int
+    peak_memory: int
+    total_size: int
+    memory_budget: int = field(default=DEFAULT_MEMORY_BUDGET)
+
+    def fingerprint(self) -> str:
+        """Identifies the exact output: same fingerprint, same bytes. Resume refuses a different one."""
+        h = hashlib.sha256(self.recipe_sha256.encode())
+        for src in self.sources:
+            h.update(f"{src.label}={src.ref}@{src.commit}".encode())
+        for shard in self.shards:
+            h.update(shard.filename.encode() + shard.header)
+        return h.hexdigest()
+
+    def to_json(self) -> dict[str, Any]:
+        """The plan as plain data (``hubmerge plan --json``)."""
+        return {
+            "method": self.method,
+            "recipe_sha256": self.recipe_sha256,
+            "sources": [{"label": s.label, "ref": str(s.ref), "commit": s.commit} for s in self.sources],
+            "shards": [{"file": s.filename, "bytes": s.size, "tensors": len(s.jobs)} for s in self.shards],
+            "tensors": [
+                {
+                    "name": j.name,
+                    "action": j.action,
+                    "shape": list(j.shape),
+                    "dtype": j.dtype,
+                    "shard": self.shards[j.shard].filename,
+                    "offset": j.offset,
+                    "bytes": j.nbytes,
+                    "chunk_rows": j.chunk_rows,
+                    "from": [self.sources[s].label for s in j.sources],
+                    "params": j.params,
+                }
+                for j in self.jobs
+            ],
+            "skipped": list(self.skipped),
+            "notices": list(self.notices),
+            "model_dtype": self.model_dtype,
+            "compute_dtype": self.compute_dtype,
+            "estimate": {
+                "bytes_read": self.bytes_read,
+                "bytes_written": self.bytes_written,
+                "peak_memory": self.peak_memory,
+            },
+        }
+
+
+def build_plan(
+    recipe: Recipe, sources: Sequence[TensorSource], *, memory_budget: int = DEFAULT_MEMORY_BUDGET
+) -> MergePlan:
+    """Plan a merge from headers alone.
+
+    Args:
+        recipe: the validated recipe.
+        sources: one open source per model, in recipe order, then the base model's if the recipe has one.
+        memory_budget: compute-buffer bytes per tensor above which elementwise methods merge in row chunks.
+
+    Returns:
+        The frozen plan.
+
+    Raises:
+        PlanError: a tensor is missing somewhere, shapes differ, or integer and float tensors are mixed.
+    """
+    from .methods import get_method
+
+    spec = get_method(recipe.method)
+    n = len(recipe.models)
+    models, base = list(sources[:n]), (sources[n] if recipe.base is not None else None)
+    compute_size = DTYPE_SIZES[DTYPE_CODES[recipe.compute_dtype]]
+    out_code = DTYPE_CODES[recipe.dtype] if recipe.dtype else None
+    names = _all_names(models)
+    seed, sha = seed_of(recipe), recipe.sha256()
+    specs: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    mixed: list[str] = []
+    for name in names:
+        rule = _rule_for(recipe.rules, name)
+        if rule is not None and rule.skip:
+            skipped.append(name)
+            continue
+        if rule is not None and rule.take is not None:
+            index = n if rule.take == "base" else rule.take
+            src = sources[index]
+            if name not in src.tensors:
+                raise PlanError(
+                    f"tensor '{name}': rules say take it from {src.label}, which lacks it",
+                    tensor=name,
+                    hint=f"take it from a model that has it, or skip it",
+                )
+            info = src.tensors[name]
+            dtype = out_code if out_code and info.dtype in FLOAT_DTYPES else info.dtype
+            specs.append(dict(name=name, action="copy", inputs=(info,), sources=(index,), dtype=dtype, params={}))
+            continue
+        inputs = _present_everywhere(name, models)
+        shapes = {info.shape for info in inputs}
+        base_info = base.tensors.get(name) if base is not None and spec.needs_base else None
+        if base is not None and spec.needs_base:
+            if base_info is None:
+                raise PlanError(
+                    f"tensor '{name}' is in the models but not in the base ({base.label}: {base.ref})",
+                    tensor=name,
+                    hint=f"add a rule `- {{tensors: '{name}', take: 0}}` to copy it from one model",
+                )
+            shapes.add(base_info.shape)
+        if len(shapes) > 1:
+            found = ", ".join(f"{s.label} {list(i.shape)}" for s, i in zip(models, inputs, strict=True))
+            if base_info is not None:
+                found += f", base {list(base_info.shape)}"
+            raise PlanError(
+                f"tensor '{name}' has different shapes: {found}",
+                tensor=name,
+                hint="the models must share an architecture; or add a rule `take: N` for this tensor",
+            )
+        dtypes = {info.dtype for info in inputs} | ({base_info.dtype} if base_info else set())
+        floats = dtypes & FLOAT_DTYPES
+        if floats and floats != dtypes:
+            raise PlanError(
+                f"tensor '{name}' is a float tensor in some models and an integer tensor in others "
+                f"({', '.join(f'{s.label} {i.dtype}' for s, i in zip(models, inputs, strict=True))})",
+                tensor=name,
+                hint="add a rule `take: N` for this tensor",
+            )
+        if not floats:
+            # Integer and bool tensors (position ids, masks) are never averaged: copied, and must agree.
+            specs.append(
+                dict(name=name, action="copy", inputs=tuple(inputs), sources=tuple(range(n)), dtype=inputs[0].dtype,
+                     params={})
+            )  # fmt: skip
+            continue
+        if len(dtypes) > 1:
+            mixed.append(f"{name} ({', '.join(f'{s.label} {i.dtype}' for s, i in zip(models, inputs, strict=True))})")
+        overrides = rule.parameters if rule is not None else {}
+        specs.append(
+            dict(name=name, action="merge", inputs=tuple(inputs), sources=tuple(range(n)), base=base_info,
+                 base_source=n if base_info is not None else None, dtype=out_code or inputs[0].dtype,
+                 params=resolve_params(recipe, spec, overrides))
+        )  # fmt: skip
+    if not specs:
+        raise PlanError("no tensors to write: every tensor is skipped", hint="check the `rules:` of the recipe")
+    jobs, shards = _layout(specs, recipe, sha, parse_size(recipe.output.max_shard_size), seed)
+    jobs = [_with_chunks(job, compute_size, memory_budget, spec.elementwise) for job in jobs]
+    notices = []
+    if mixed:
+        target = recipe.compute_dtype
+        notices.append(
+            f"{len(mixed)} tensors have different dtypes across models, e.g. {mixed[0]}; "
+            f"they are merged in {target} and written as the output dtype"
+        )
+    labels = [*(s.label for s in models), *([base.label] if base is not None else [])]
+    source_infos = tuple(SourceInfo(label, s.ref, s.commit) for label, s in zip(labels, sources, strict=True))
+    float_bytes: dict[str, int] = {}
+    for job in jobs:
+        if job.dtype in FLOAT_DTYPES:
+            float_bytes[job.dtype] = float_bytes.get(job.dtype, 0) + job.nbytes
+    model_dtype = DTYPE_NAMES[max(float_bytes, key=lambda d: float_bytes[d])] if float_bytes else "float32"
+    return MergePlan(
+        recipe=recipe,
+        recipe_sha256=sha,
+        method=spec.name,
+        sources=source_infos,
+        jobs=tuple(jobs),
+        shards=tuple(shards),
+        skipped=tuple(skipped),
+        notices=tuple(notices),
+        model_dtype=model_dtype,
+        compute_dtype=recipe.compute_dtype,
+        bytes_read=sum(i.nbytes for j in jobs for i in (*j.inputs, *([j.base] if j.base else []))),
+        bytes_written=sum(s.size for s in shards),
+        peak_memory=max(_working_set(j, compute_size) for j in jobs) + WRITE_QUEUE * max(_out_chunk(j) for j in jobs),
+        total_size=sum(j.nbytes for j in jobs),
+        memory_budget=memory_budget,
+    )  # fmt: skip
+
+
+def _all_names(models: Sequence[TensorSource]) -> list[str]:
+    seen: dict[str, None] = {}
+    for src in models:
+        for info in sorted(src.tensors.values(), key=lambda i: (i.file, i.start)):
+            seen.setdefault(info.name, None)
+    return list(seen)
+
+
+def _rule_for(rules: Sequence[Rule], name: str) -> Rule | None:
+    for rule in rules:
+        if any(fnmatch.fnmatchcase(name, glob) for glob in rule.globs):
+            return rule
+    return None
+
+
+def _present_everywhere(name: str, models: Sequence[TensorSource]) -> list[TensorInfo]:
+    lacking = [src for src in models if name not in src.tensors]
+    if lacking:
+        having = [src for src in models if name in src.tensors]
+        raise PlanError(
+            f"tensor '{name}' is in {', '.join(f'{s.label} ({s.ref})' for s in having)} but missing in "
+            f"{', '.join(f'{s.label} ({s.ref})' for s in lacking)}",
+            tensor=name,
+            hint=f"the models must share an architecture; to keep it anyway add a rule "
+            f"`- {{tensors: '{name}', take: N}}`, or `skip: true` to leave it out",
+        )
+    return [src.tensors[name] for src in models]
+
+
+def _layout(
+    specs: list[dict[str, Any]], recipe: Recipe, sha: str, max_shard: int, seed: int
+) -> tuple[list[Job], list[Shard]]:
+    groups: list[list[dict[str, Any]]] = [[]]
+    size = 0
+    for spec in specs:
+        nbytes = _numel(spec["inputs"][0].shape) * DTYPE_SIZES[spec["dtype"]]
+        spec["nbytes"] = nbytes
+        if groups[-1] and size + nbytes > max_shard:
+            groups.append([])
+            size = 0
+        groups[-1].append(spec)
+        size += nbytes
+    count = len(groups)
+    jobs: list[Job] = []
+    shards: list[Shard] = []
+    metadata = {"format": "pt", "hubmerge_version": __version__, "recipe_sha256": sha}
+    for s, group in enumerate(groups):
+        filename = "model.safetensors" if count == 1 else f"model-{s + 1:05d}-of-{count:05d}.safetensors"
+        entries: dict[str, Any] = {"__metadata__": metadata}
+        begin = 0
+        for spec in group:
+            entries[spec["name"]] = {
+                "dtype": spec["dtype"],
+                "shape": list(spec["inputs"][0].shape),
+                "data_offsets": [begin, begin + spec["nbytes"]],
+            }
+            spec["data_offset"] = begin
+            begin += spec["nbytes"]
+        text = json.dumps(entries, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the spec pads the header with spaces to an 8-byte boundary
+        header = len(text).to_bytes(8, "little") + text
+        first = len(jobs)
+        for spec in group:
+            jobs.append(
+                Job(name=spec["name"], action=spec["action"], inputs=spec["inputs"], sources=spec["sources"],
+                    base=spec.get("base"), base_source=spec.get("base_source"), params=spec["params"],
+                    dtype=spec["dtype"], shape=spec["inputs"][0].shape, shard=s,
+                    offset=len(header) + spec["data_offset"], nbytes=spec["nbytes"], chunk_rows=None,
+                    seed=_tensor_seed(seed, spec["name"]))
+            )  # fmt: skip
+        shards.append(Shard(filename, header, len(header) + begin, tuple(range(first, len(jobs)))))
+    return jobs, shards
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    """A seed from (recipe seed, tensor name): random methods never depend on processing order."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _with_chunks(job: Job, compute_size: int, budget: int, elementwise: bool) -> Job:
+    if job.action != "merge" or not elementwise or len(job.shape) == 0 or job.shape[0] < 2:
+        return job
+    buffers = len(job.inputs) + (job.base is not None) + 2
+    row = _numel(job.shape[1:]) * compute_size * buffers
+    if row * job.shape[0] <= budget:
+        return job
+    rows = max(1, budget // max(row, 1))
+    return Job(**{**job.__dict__, "chunk_rows": int(rows)})
+
+
+def _working_set(job: Job, compute_size: int) -> int:
+    rows = job.chunk_rows or (job.shape[0] if job.shape else 1)
+    per_row = _numel(job.shape[1:]) if job.shape else 1
+    if job.action == "copy":
+        return 0
+    return (len(job.inputs) + (job.base is not None) + 2) * rows * per_row * compute_size
+
+
+def _out_chunk(job: Job) -> int:
+    if job.chunk_rows is None or not job.shape:
+        return job.nbytes
+    return job.nbytes // job.shape[0] * job.chunk_rows

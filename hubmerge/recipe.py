@@ -1,0 +1,270 @@
+"""The recipe: what to merge, how, and where the result goes. Validated once, at load time.
+
+``load_recipe`` accepts a path to YAML, a YAML string or a dict; a mergekit config (``merge_method:``) is
+translated first. Errors name the YAML path of the field (``models.1.weight``), what was wrong, and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
+from .errors import RecipeError
+from .refs import ModelRef, parse_ref
+
+Dtype = Literal["float32", "float16", "bfloat16", "float64"]
+Scalar = bool | int | float
+ParamValue = Scalar | list[Scalar]
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value: int | str) -> int:
+    """``"5GB"`` -> 5_000_000_000, ``"2GiB"`` -> 2**31, ints pass through. Raises ValueError."""
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE.match(value)
+        if not match:
+            raise ValueError(f"{value!r} is not a size; write e.g. 5GB, 500MB or 2GiB")
+        size = int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {value!r}")
+    return size
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelEntry(_Strict):
+    """One model: the shorthand string becomes ``ref``; the long form gives ``repo`` or ``path``."""
+
+    ref: str | None = None
+    repo: str | None = None
+    path: str | None = None
+    revision: str | None = None
+    weight: float | None = None
+    density: float | None = None
+    parameters: dict[str, Scalar] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"ref": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _one_location(self) -> ModelEntry:
+        given = [k for k in ("ref", "repo", "path") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of `repo:` (a Hub id) or `path:` (a local directory or file)")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _as_shorthand(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if isinstance(data, dict) and set(data) == {"ref"}:
+            return data["ref"]
+        return data
+
+    def per_model_params(self) -> dict[str, Scalar]:
+        """Per-model parameters, from the shortcut keys and from ``parameters:``."""
+        params = dict(self.parameters)
+        for key in ("weight", "density"):
+            if getattr(self, key) is not None:
+                params[key] = getattr(self, key)
+        return params
+
+
+class Rule(_Strict):
+    """Per-tensor rule; the first rule whose glob matches a tensor name wins."""
+
+    tensors: str | list[str]
+    take: int | Literal["base"] | None = None
+    skip: bool = False
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_action(self) -> Rule:
+        actions = (self.take is not None) + self.skip + bool(self.parameters)
+        if actions != 1:
+            raise ValueError("a rule needs exactly one of `take: N`, `skip: true` or `parameters: {...}`")
+        return self
+
+    @property
+    def globs(self) -> list[str]:
+        return [self.tensors] if isinstance(self.tensors, str) else list(self.tensors)
+
+
+class Output(_Strict):
+    dir: str | None = None
+    max_shard_size: int | str = "5GB"
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, value: int | str) -> int | str:
+        parse_size(value)
+        return value
+
+
+class Push(_Strict):
+    repo: str
+    private: bool = False
+    branch: str | None = None
+    create_pr: bool = False
+    delete_local: bool = False
+    commit_message: str | None = None
+
+
+class Card(_Strict):
+    license: str | None = None
+    description: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    language: str | list[str] | None = None
+
+
+class Recipe(_Strict):
+    """A validated v1 recipe. Build one in code with ``Recipe(method=..., models=[...])``."""
+
+    version: Literal[1] = 1
+    method: str
+    base: ModelEntry | None = None
+    models: list[ModelEntry] = Field(min_length=1)
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    rules: list[Rule] = Field(default_factory=list)
+    dtype: Dtype | None = None
+    compute_dtype: Literal["float32", "float64"] = "float32"
+    output: Output = Field(default_factory=Output)
+    push: Push | None = None
+    card: Card = Field(default_factory=Card)
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @property
+    def base_dir(self) -> Path:
+        """Directory that relative paths in the recipe start from (the recipe file's directory)."""
+        return self._base_dir
+
+    def model_refs(self) -> list[ModelRef]:
+        """The models' references, resolved against :attr:`base_dir`."""
+        return [_ref(entry, self._base_dir, f"models.{i}") for i, entry in enumerate(self.models)]
+
+    def base_ref(self) -> ModelRef | None:
+        """The base model's reference, if any."""
+        return None if self.base is None else _ref(self.base, self._base_dir, "base")
+
+    def canonical_json(self) -> str:
+        """The recipe as canonical JSON (sorted keys): what ``recipe_sha256`` hashes."""
+        return json.dumps(self.model_dump(mode="json", exclude_defaults=True), sort_keys=True)
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+    def to_yaml(self) -> str:
+        """The recipe as YAML, defaults left out."""
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
+
+
+def _ref(entry: ModelEntry, base_dir: Path, field: str) -> ModelRef:
+    if entry.repo is not None:
+        from .refs import hub_ref
+
+        return hub_ref(entry.repo, field=f"{field}.repo", revision=entry.revision)
+    if entry.path is not None:
+        path = Path(entry.path).expanduser()
+        return parse_ref(str(path if path.is_absolute() else base_dir / path), base_dir=base_dir, field=field)
+    assert entry.ref is not None  # guaranteed by ModelEntry._one_location
+    return parse_ref(entry.ref, base_dir=base_dir, field=field, revision=entry.revision)
+
+
+def load_recipe(source: str | Path | dict[str, Any] | Recipe, *, base_dir: Path | None = None) -> Recipe:
+    """Load and validate a recipe.
+
+    Args:
+        source: a path to a YAML file, a YAML string, a dict, or a Recipe (returned as is).
+        base_dir: directory for relative paths; default: the file's directory, else the working directory.
+
+    Returns:
+        The validated recipe, its model references checked and the method's parameters checked.
+
+    Raises:
+        RecipeError: naming the YAML path, what was wrong and how to fix it.
+    """
+    if isinstance(source, Recipe):
+        return source
+    if isinstance(source, dict):
+        doc: Any = source
+    else:
+        doc, base_dir = _read_yaml(source, base_dir)
+    if not isinstance(doc, dict):
+        raise RecipeError(f"a recipe is a YAML mapping, got {type(doc).__name__}", hint="see recipes/ for examples")
+    if "merge_method" in doc:
+        from .mergekit import translate_mergekit
+
+        doc = translate_mergekit(doc)
+    try:
+        recipe = Recipe.model_validate(doc)
+    except ValidationError as exc:
+        raise _recipe_error(exc) from None
+    recipe._base_dir = (base_dir or Path.cwd()).resolve()
+    recipe.model_refs()
+    recipe.base_ref()
+    from .params import check_parameters
+
+    check_parameters(recipe)
+    return recipe
+
+
+def _read_yaml(source: str | Path, base_dir: Path | None) -> tuple[Any, Path | None]:
+    text: str
+    if isinstance(source, Path) or ("\n" not in source and source.endswith((".yaml", ".yml"))):
+        path = Path(source)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise RecipeError(f"recipe file {path} does not exist", hint="check the path") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RecipeError(f"cannot read recipe file {path}: {exc}") from None
+        base_dir = base_dir or path.parent
+    else:
+        text = source
+    try:
+        return yaml.safe_load(text), base_dir
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or exc
+        raise RecipeError(f"recipe is not valid YAML{where}: {problem}", hint="fix the YAML syntax") from None
+
+
+def _recipe_error(exc: ValidationError) -> RecipeError:
+    err = exc.errors()[0]
+    path = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal[", "union[")))
+    path = re.sub(r"\.(str|int|float|bool|list\[.*?\]|ModelEntry)(?=\.|$)", "", path)
+    kind, msg = err["type"], err["msg"].removeprefix("Value error, ")
+    if kind == "extra_forbidden":
+        return RecipeError("unknown key", path=path, hint="check the spelling; `hubmerge methods` lists parameters")
+    if kind == "missing":
+        return RecipeError("required field is missing", path=path, hint="add it to the recipe")
+    if kind == "literal_error":
+        return RecipeError(f"got {err.get('input')!r}; {msg}", path=path)
+    if kind == "too_short" and path == "models":
+        return RecipeError("no models listed", path=path, hint="list the models to merge under `models:`")
+    return RecipeError(f"{msg} (got {err.get('input')!r})", path=path or None)

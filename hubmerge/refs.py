@@ -1,0 +1,89 @@
+"""Model references: ``./path``, ``org/name``, ``org/name@rev``, ``hf://org/name@rev`` -> :class:`ModelRef`.
+
+A reference that names an existing file or directory (relative to the recipe's directory) is local; one that
+starts with ``./``, ``../``, ``/`` or ``~`` is always local; otherwise it must look like a Hub repository id.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import RecipeError
+
+# The Hub's own rule for repository ids: an optional namespace, then a name of letters, digits, "-", "_", ".".
+_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a model comes from: a local path, or a Hub repository at a revision (None = default branch)."""
+
+    path: Path | None = None
+    repo_id: str | None = None
+    revision: str | None = None
+
+    @property
+    def is_hub(self) -> bool:
+        return self.repo_id is not None
+
+    def __str__(self) -> str:
+        if self.repo_id is not None:
+            return f"{self.repo_id}@{self.revision}" if self.revision else self.repo_id
+        return str(self.path)
+
+
+def parse_ref(text: str, *, base_dir: Path, field: str, revision: str | None = None) -> ModelRef:
+    """Turn the text of a recipe's model reference into a :class:`ModelRef`.
+
+    Args:
+        text: the reference as written in the recipe.
+        base_dir: directory that relative local paths are resolved against (the recipe's directory).
+        field: YAML path of the field, for error messages.
+        revision: a revision given separately (the long form's ``revision:`` key).
+
+    Returns:
+        The parsed reference.
+
+    Raises:
+        RecipeError: the text is neither an existing path nor a valid Hub repository id.
+    """
+    text = text.strip()
+    if text.startswith("hf://"):
+        return hub_ref(text[len("hf://") :], field=field, revision=revision)
+    local = Path(text).expanduser()
+    local = local if local.is_absolute() else base_dir / local
+    if text.startswith(("./", "../", "/", "~", ".\\")) or local.exists():
+        if revision is not None:
+            raise RecipeError(
+                f"a revision ({revision!r}) was given for the local path {text!r}",
+                path=field,
+                hint="revisions apply to Hub repositories only; remove `revision`",
+            )
+        return ModelRef(path=local.resolve())
+    return hub_ref(text, field=field, revision=revision)
+
+
+def hub_ref(text: str, *, field: str, revision: str | None = None) -> ModelRef:
+    """Parse ``org/name`` or ``org/name@rev`` into a Hub :class:`ModelRef`.
+
+    Raises:
+        RecipeError: not a valid repository id, or two revisions given.
+    """
+    repo_id, sep, rev = text.partition("@")
+    if sep and revision is not None and rev != revision:
+        raise RecipeError(
+            f"{text!r} names revision {rev!r} but `revision` says {revision!r}",
+            path=field,
+            hint="give the revision once",
+        )
+    if sep and not rev:
+        raise RecipeError(f"{text!r} ends with '@' but names no revision", path=field, hint="write org/name@rev")
+    if not _REPO_ID.match(repo_id) or ".." in repo_id or "--" in repo_id:
+        raise RecipeError(
+            f"{text!r} is neither an existing local path nor a Hub repository id",
+            path=field,
+            hint="check the path (write ./dir for a local directory) or use org/name[@revision]",
+        )
+    return ModelRef(repo_id=repo_id, revision=rev if sep else revision)

@@ -1,0 +1,77 @@
+"""Tensor sources: where a model's tensors come from (a local directory or file, the Hub, memory).
+
+Every source exposes its tensors' headers up front (:attr:`TensorSource.tensors`) and reads tensor bytes only
+when asked, so a plan can be built and checked before any weight is read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from ..errors import SourceError
+from ..refs import ModelRef
+from .header import TensorInfo
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["TensorInfo", "TensorSource", "open_source"]
+
+
+class TensorSource(Protocol):
+    """One model's tensors. Reads return tensors in their stored dtype; callers never mutate them."""
+
+    ref: ModelRef
+    label: str
+    commit: str | None  # the pinned commit SHA of a Hub source; None for local sources
+    tensors: Mapping[str, TensorInfo]
+
+    def read(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Return the tensor (or rows ``[a, b)`` of its first dimension), without copying where possible."""
+        ...
+
+    def prefetch(self, infos: Sequence[TensorInfo]) -> None:
+        """Hint that these tensors are read next, so I/O can start early. May do nothing."""
+        ...
+
+    def files(self) -> list[str]:
+        """Relative paths of every file the model has (for config and tokenizer files)."""
+        ...
+
+    def fetch(self, filename: str) -> Path | None:
+        """Return a local path holding ``filename`` (downloading it if needed), or None if absent."""
+        ...
+
+    def close(self) -> None:
+        """Release files and connections."""
+        ...
+
+
+def open_source(ref: ModelRef, *, label: str) -> TensorSource:
+    """Open a model's headers.
+
+    Args:
+        ref: where the model lives.
+        label: short name for messages (``models.0``, ``base``).
+
+    Returns:
+        An open source; close it when done.
+
+    Raises:
+        SourceError: the model cannot be found or read.
+    """
+    if ref.path is not None:
+        from .local import LocalSource
+
+        return LocalSource(ref, label=label)
+    try:
+        from .hub import HubSource
+    except ImportError:
+        raise SourceError(
+            f"{label}: {ref} is a Hub repository, and this build of hubmerge reads local models only",
+            location=str(ref),
+            hint="download it with `hf download` and refer to the local directory with ./path",
+        ) from None
+    return HubSource(ref, label=label)

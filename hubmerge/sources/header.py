@@ -1,0 +1,191 @@
+"""Safetensors headers and sharded indexes, parsed and checked without touching tensor data.
+
+The format: 8 bytes little-endian header length N, N bytes of JSON (``{name: {dtype, shape, data_offsets}}``
+plus an optional ``__metadata__`` of str -> str), then the data section. Offsets are relative to the data section.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import HeaderError
+
+# safetensors dtype code -> bytes per element. Kept free of torch so planning stays light.
+DTYPE_SIZES: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+
+# Recipe dtype names <-> safetensors codes.
+DTYPE_CODES: dict[str, str] = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
+}  # fmt: skip
+DTYPE_NAMES: dict[str, str] = {code: name for name, code in DTYPE_CODES.items()}
+
+MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enforces
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as a header describes it. ``start``/``end`` are absolute byte offsets in ``file``."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: str
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Header:
+    """A parsed safetensors header: tensors in file order, metadata, and where the data section starts."""
+
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int
+
+
+def header_length(prefix: bytes, *, file: str, file_size: int) -> int:
+    """Read the 8-byte header length and check it against the file size.
+
+    Raises:
+        HeaderError: the file is shorter than 8 bytes or the declared length does not fit.
+    """
+    if len(prefix) < 8:
+        raise HeaderError(
+            f"{file}: only {len(prefix)} bytes long, a safetensors file starts with an 8-byte header length",
+            location=file,
+            hint="the file is truncated; download or save it again",
+        )
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n > MAX_HEADER_BYTES or 8 + n > file_size:
+        raise HeaderError(
+            f"{file}: header declares {n} bytes but the file has {file_size - 8} after the length field",
+            location=file,
+            hint="the file is truncated or not a safetensors file; download or save it again",
+        )
+    return int(n)
+
+
+def parse_header(raw: bytes, *, file: str, file_size: int) -> Header:
+    """Parse and validate the JSON header of a safetensors file.
+
+    Args:
+        raw: the header bytes (after the 8-byte length).
+        file: file name for messages and for :attr:`TensorInfo.file`.
+        file_size: total size of the file, to check that offsets stay inside it.
+
+    Returns:
+        The header with absolute offsets, tensors ordered by their position in the file.
+
+    Raises:
+        HeaderError: bad JSON, unknown dtype, wrong sizes, overlapping or out-of-range offsets.
+    """
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HeaderError(
+            f"{file}: header is not valid JSON ({exc})",
+            location=file,
+            hint="the file is corrupt; download or save it again",
+        ) from None
+    if not isinstance(doc, dict):
+        raise HeaderError(f"{file}: header is a JSON {type(doc).__name__}, expected an object", location=file)
+    data_start = 8 + len(raw)
+    data_size = file_size - data_start
+    metadata = _metadata(doc.pop("__metadata__", None), file=file)
+    tensors = [_tensor(name, entry, file=file, data_start=data_start) for name, entry in doc.items()]
+    tensors.sort(key=lambda t: (t.start, t.end))
+    previous: TensorInfo | None = None
+    for info in tensors:
+        if info.end - data_start > data_size:
+            raise HeaderError(
+                f"{file}: tensor '{info.name}' ends at byte {info.end - data_start} of the data section, "
+                f"which has only {data_size} bytes",
+                location=file,
+                hint="the file is truncated; download or save it again",
+            )
+        if previous is not None and info.start < previous.end:
+            raise HeaderError(
+                f"{file}: tensors '{previous.name}' and '{info.name}' overlap "
+                f"(bytes {previous.start - data_start}-{previous.end - data_start} and "
+                f"{info.start - data_start}-{info.end - data_start})",
+                location=file,
+                hint="the file is corrupt; save it again with safetensors",
+            )
+        previous = info
+    return Header(tensors={t.name: t for t in tensors}, metadata=metadata, data_start=data_start)
+
+
+def _metadata(value: Any, *, file: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise HeaderError(f"{file}: __metadata__ must map strings to strings", location=file)
+    return dict(value)
+
+
+def _tensor(name: str, entry: Any, *, file: str, data_start: int) -> TensorInfo:
+    where = f"{file}: tensor '{name}'"
+    if not isinstance(entry, dict):
+        raise HeaderError(f"{where}: expected an object with dtype, shape, data_offsets", location=file)
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPE_SIZES:
+        raise HeaderError(
+            f"{where}: unknown dtype {dtype!r}; expected one of {', '.join(DTYPE_SIZES)}", location=file
+        )
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise HeaderError(f"{where}: shape {shape!r} is not a list of non-negative integers", location=file)
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise HeaderError(f"{where}: data_offsets {offsets!r} must be [begin, end] with begin <= end", location=file)
+    expected = math.prod(shape) * DTYPE_SIZES[dtype]
+    if offsets[1] - offsets[0] != expected:
+        raise HeaderError(
+            f"{where}: shape {shape} of {dtype} needs {expected} bytes but data_offsets span "
+            f"{offsets[1] - offsets[0]}",
+            location=file,
+            hint="the file is corrupt; save it again with safetensors",
+        )
+    return TensorInfo(name, dtype, tuple(shape), file, data_start + offsets[0], data_start + offsets[1])
+
+
+def parse_index(raw: bytes, *, file: str) -> dict[str, str]:
+    """Parse a ``model.safetensors.index.json`` and return its weight map (tensor name -> shard file).
+
+    Raises:
+        HeaderError: not JSON, or no ``weight_map`` of str -> str.
+    """
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HeaderError(f"{file}: not valid JSON ({exc})", location=file, hint="regenerate the index") from None
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise HeaderError(
+            f"{file}: expected an object with a 'weight_map' of tensor name -> shard file",
+            location=file,
+            hint="regenerate the index",
+        )
+    return dict(weight_map)

@@ -1,0 +1,172 @@
+"""Local checkpoints: a directory with ``model.safetensors`` or shards + index, or one ``.safetensors`` file.
+
+Shards are memory-mapped; a read returns a tensor viewing the page cache, so reading costs no anonymous memory
+until the merge converts it.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import HeaderError, SourceError
+from ..refs import ModelRef
+from .header import TensorInfo, header_length, parse_header, parse_index
+
+if TYPE_CHECKING:
+    import torch
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+PAGE = mmap.PAGESIZE
+
+
+def checkpoint_files(root: Path, *, label: str) -> tuple[list[str], dict[str, str] | None]:
+    """Find the safetensors files of a local model.
+
+    Returns:
+        The shard file names (relative to ``root``) and the index weight map if the model is sharded.
+
+    Raises:
+        SourceError: nothing usable there; pickle checkpoints are refused with how to convert them.
+    """
+    if (root / INDEX).is_file():
+        weight_map = parse_index((root / INDEX).read_bytes(), file=str(root / INDEX))
+        shards = sorted(set(weight_map.values()))
+        for shard in shards:
+            if not (root / shard).is_file():
+                raise SourceError(
+                    f"{label}: {root / INDEX} lists shard '{shard}' but {root / shard} does not exist",
+                    location=str(root),
+                    hint="download the missing shard, or regenerate the index",
+                )
+        return shards, weight_map
+    if (root / SINGLE).is_file():
+        return [SINGLE], None
+    candidates = sorted(p.name for p in root.glob("*.safetensors"))
+    if len(candidates) == 1:
+        return candidates, None
+    if len(candidates) > 1:
+        raise SourceError(
+            f"{label}: {root} holds {len(candidates)} .safetensors files ({', '.join(candidates[:4])}) "
+            f"but no {INDEX}",
+            location=str(root),
+            hint=f"add {INDEX}, or point the recipe at one file",
+        )
+    pickles = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise pickle_refused(root / pickles[0], label=label)
+    raise SourceError(
+        f"{label}: no model.safetensors, {INDEX} or other .safetensors file in {root}",
+        location=str(root),
+        hint="point the recipe at a directory saved with save_pretrained(safe_serialization=True)",
+    )
+
+
+def pickle_refused(path: Path, *, label: str) -> SourceError:
+    """The error for a pickle checkpoint (``*.bin``, ``*.pt``)."""
+    return SourceError(
+        f"{label}: {path} is a pickle checkpoint; hubmerge reads only safetensors, because unpickling can run "
+        "arbitrary code and pickles cannot be memory-mapped tensor by tensor",
+        location=str(path),
+        hint="convert it once: python -c \"from transformers import AutoModel; "
+        f"AutoModel.from_pretrained('{path.parent}').save_pretrained('OUT', safe_serialization=True)\"",
+    )
+
+
+class LocalSource:
+    """A model on local disk, memory-mapped shard by shard."""
+
+    def __init__(self, ref: ModelRef, *, label: str) -> None:
+        assert ref.path is not None  # open_source dispatches on this
+        self.ref = ref
+        self.label = label
+        self.commit: str | None = None
+        path = ref.path
+        if not path.exists():
+            raise SourceError(
+                f"{label}: {path} does not exist",
+                location=str(path),
+                hint="check the path in the recipe (relative paths start at the recipe's directory)",
+            )
+        if path.is_file():
+            if path.suffix in PICKLE_SUFFIXES:
+                raise pickle_refused(path, label=label)
+            self.root, shards, weight_map = path.parent, [path.name], None
+        else:
+            self.root = path
+            shards, weight_map = checkpoint_files(path, label=label)
+        self._maps: dict[str, mmap.mmap] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        try:
+            for shard in shards:
+                self._open_shard(shard, weight_map)
+        except BaseException:
+            self.close()
+            raise
+        if weight_map is not None:
+            missing = sorted(set(weight_map) - set(self.tensors))
+            if missing:
+                raise HeaderError(
+                    f"{label}: {INDEX} maps '{missing[0]}' to '{weight_map[missing[0]]}', which lacks it "
+                    f"({len(missing)} such tensors)",
+                    location=str(self.root / INDEX),
+                    hint="regenerate the index or re-download the shards",
+                )
+
+    def _open_shard(self, shard: str, weight_map: dict[str, str] | None) -> None:
+        file = self.root / shard
+        try:
+            fd = os.open(file, os.O_RDONLY)
+        except OSError as exc:
+            raise SourceError(f"{self.label}: cannot open {file}: {exc.strerror}", location=str(file)) from None
+        try:
+            size = os.fstat(fd).st_size
+            n = header_length(os.pread(fd, 8, 0), file=str(file), file_size=size)
+            header = parse_header(os.pread(fd, n, 8), file=str(file), file_size=size)
+            # ACCESS_COPY maps privately: reads share the page cache and torch gets a writable buffer.
+            self._maps[shard] = mmap.mmap(fd, size, access=mmap.ACCESS_COPY) if size else mmap.mmap(-1, 1)
+        finally:
+            os.close(fd)
+        for name, info in header.tensors.items():
+            if weight_map is not None and weight_map.get(name) != shard:
+                continue  # the index is authoritative where shards overlap
+            if name in self.tensors:
+                raise HeaderError(
+                    f"{self.label}: tensor '{name}' appears in both {self.tensors[name].file} and {shard}",
+                    location=str(file),
+                    hint="regenerate the index so each tensor lives in one shard",
+                )
+            self.tensors[name] = TensorInfo(name, info.dtype, info.shape, shard, info.start, info.end)
+
+    def read(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        from .tensors import view_bytes
+
+        return view_bytes(self._maps[info.file], info, rows)
+
+    def prefetch(self, infos: Sequence[TensorInfo]) -> None:
+        for info in infos:
+            start = info.start - info.start % PAGE
+            if info.end > start:
+                self._maps[info.file].madvise(mmap.MADV_WILLNEED, start, info.end - start)
+
+    def files(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
+
+    def fetch(self, filename: str) -> Path | None:
+        path = self.root / filename
+        return path if path.is_file() else None
+
+    def close(self) -> None:
+        for mm in self._maps.values():
+            try:
+                mm.close()
+            except BufferError:
+                pass  # a tensor still views it; the mapping goes when that tensor does
+        self._maps.clear()

@@ -1,0 +1,182 @@
+"""The shard writer: the first sink. Lays out every shard up front and writes each tensor at its offset.
+
+Output is built in a hidden sibling directory ``.NAME.hubmerge-partial`` and renamed into place on success, so
+a failed run never leaves something that looks complete. A journal there lists finished tensors; ``resume``
+continues a killed run, and because every byte is fixed by the plan the result is identical either way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from .errors import OutputError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .plan import Job, MergePlan
+
+log = logging.getLogger(__name__)
+
+PROGRESS_DIR = ".hubmerge-progress"
+MAX_PWRITE = 1 << 30  # Linux writes at most ~2 GiB per call; stay well below
+
+
+class Sink(Protocol):
+    """Receives merged tensors from the run loop. New uses of the loop are new sinks, not new loops."""
+
+    def begin(self, plan: MergePlan) -> set[str]:
+        """Prepare for ``plan``; return the names of tensors already finished (resume)."""
+        ...
+
+    def write(self, job: Job, row: int, data: torch.Tensor) -> None:
+        """Take ``data``: the whole tensor (``row`` 0) or the rows starting at ``row``, in the output dtype."""
+        ...
+
+    def tensor_done(self, job: Job) -> None: ...
+
+    def shard_done(self, shard: int) -> None: ...
+
+
+def partial_dir(out: Path) -> Path:
+    """Where the output is assembled before the final rename."""
+    return out.parent / f".{out.name}.hubmerge-partial"
+
+
+def check_output(out: Path, inputs: list[Path], *, force: bool, resume: bool) -> None:
+    """Refuse outputs that would overwrite without ``force`` or touch an input.
+
+    Raises:
+        OutputError: the output exists (without ``force``), is an input, lies inside one, or contains one;
+            or a partial run exists and neither ``resume`` nor ``force`` was given.
+    """
+    out = out.resolve()
+    for src in inputs:
+        src = src.resolve()
+        src_dir = src if src.is_dir() else src.parent
+        if out == src or out.is_relative_to(src_dir):
+            raise OutputError(
+                f"output directory {out} lies inside the input {src_dir}",
+                path=str(out),
+                hint="write the merge somewhere else with --out",
+            )
+        if src.is_relative_to(out):
+            raise OutputError(
+                f"output directory {out} contains the input {src}; --force would delete it",
+                path=str(out),
+                hint="choose another --out",
+            )
+    if out.exists() and not force:
+        raise OutputError(
+            f"output directory {out} already exists", path=str(out), hint="pass --force to replace it, or change --out"
+        )
+    if partial_dir(out).exists() and not (resume or force):
+        raise OutputError(
+            f"an interrupted merge into {out} left {partial_dir(out)}",
+            path=str(out),
+            hint="pass --resume to continue it, or --force to start over",
+        )
+
+
+class ShardWriter:
+    """Writes shards with precomputed headers; journals finished tensors for resume."""
+
+    def __init__(self, out: Path, *, resume: bool = False) -> None:
+        self.out = out.resolve()
+        self.tmp = partial_dir(self.out)
+        self.resume = resume
+        self._fds: list[int] = []
+        self._journal: int | None = None
+
+    def begin(self, plan: MergePlan) -> set[str]:
+        progress = self.tmp / PROGRESS_DIR
+        fingerprint = plan.fingerprint()
+        done: set[str] = set()
+        if self.tmp.exists() and self.resume and (progress / "fingerprint").is_file():
+            if (progress / "fingerprint").read_text() != fingerprint:
+                raise OutputError(
+                    f"{self.tmp} holds an interrupted merge of a different recipe or different inputs",
+                    path=str(self.tmp),
+                    hint="pass --force to start over",
+                )
+            journal = (progress / "journal").read_text() if (progress / "journal").exists() else ""
+            # The last line may be cut short by a kill; only complete lines count.
+            done = {line for line in journal.split("\n")[:-1] if line}
+            log.info("resuming: %d of %d tensors already written", len(done), len(plan.jobs))
+        else:
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp)
+            progress.mkdir(parents=True)
+            (progress / "fingerprint").write_text(fingerprint)
+        for shard in plan.shards:
+            path = self.tmp / shard.filename
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            self._fds.append(fd)
+            if os.fstat(fd).st_size != shard.size:
+                os.ftruncate(fd, shard.size)
+            _pwrite_all(fd, memoryview(shard.header), 0)
+        self._journal = os.open(progress / "journal", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        return done
+
+    def write(self, job: Job, row: int, data: torch.Tensor) -> None:
+        import torch
+
+        flat = data.contiguous().reshape(-1).view(torch.uint8)
+        offset = job.offset + (row * (job.nbytes // job.shape[0]) if row else 0)
+        _pwrite_all(self._fds[job.shard], memoryview(flat.numpy()), offset)
+
+    def tensor_done(self, job: Job) -> None:
+        assert self._journal is not None
+        os.write(self._journal, f"{job.name}\n".encode())
+
+    def shard_done(self, shard: int) -> None:
+        os.fsync(self._fds[shard])
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+        if self._journal is not None:
+            os.close(self._journal)
+            self._journal = None
+
+    def commit(self, *, force: bool) -> Path:
+        """Close the shards, drop the journal and move the finished directory into place.
+
+        Returns:
+            The output directory.
+        """
+        self.close()
+        shutil.rmtree(self.tmp / PROGRESS_DIR)
+        if self.out.exists():
+            if not force:
+                raise OutputError(f"output directory {self.out} appeared while merging", path=str(self.out),
+                                  hint=f"the finished merge is in {self.tmp}; move it by hand or rerun with --force")  # fmt: skip
+            old = self.out.parent / f".{self.out.name}.hubmerge-old"
+            if old.exists():
+                shutil.rmtree(old)
+            os.rename(self.out, old)
+            os.rename(self.tmp, self.out)
+            shutil.rmtree(old)
+        else:
+            os.rename(self.tmp, self.out)
+        return self.out
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    data = data.cast("B")
+    while len(data):
+        written = os.pwrite(fd, data[:MAX_PWRITE], offset)
+        data, offset = data[written:], offset + written
+
+
+def write_json(path: Path, doc: object) -> None:
+    """Write JSON deterministically (sorted keys, trailing newline) through a temporary name."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
