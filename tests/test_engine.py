@@ -1,0 +1,253 @@
+"""The engine end to end on real safetensors files: numbers against hand-computed merges."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import hubmerge
+from hubmerge.errors import MergeError, OutputError, PlanError
+from hubmerge.methods import METHODS
+
+from .util import random_tensors, save_model, write_recipe
+
+
+@pytest.fixture()
+def three(tmp_path: Path) -> list[Path]:
+    return [save_model(tmp_path / f"m{i}", random_tensors(i)) for i in range(3)]
+
+
+def _sd(out: Path) -> dict[str, torch.Tensor]:
+    if (out / "model.safetensors").exists():
+        return load_file(str(out / "model.safetensors"))
+    merged: dict[str, torch.Tensor] = {}
+    for f in sorted(out.glob("model-*.safetensors")):
+        merged |= load_file(str(f))
+    return merged
+
+
+def test_linear_matches_hand_computed(tmp_path: Path, three: list[Path]) -> None:
+    a, b = load_file(str(three[0] / "model.safetensors")), load_file(str(three[1] / "model.safetensors"))
+    recipe = {"method": "linear", "models": [str(three[0]), str(three[1])], "parameters": {"t": 0.3}}
+    result = hubmerge.merge(recipe, tmp_path / "out")
+    out = _sd(result.out)
+    for name, value in a.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(out[name], 0.7 * value + 0.3 * b[name])
+        else:
+            assert torch.equal(out[name], value)
+    assert set(out) == set(a)
+
+
+def test_weighted_with_bf16_output_and_per_model_weights(tmp_path: Path, three: list[Path]) -> None:
+    sds = [load_file(str(p / "model.safetensors")) for p in three]
+    recipe = {
+        "method": "weighted",
+        "models": [{"path": str(three[0]), "weight": 1.0}, {"path": str(three[1]), "weight": 3.0}],
+        "dtype": "bfloat16",
+    }
+    out = _sd(hubmerge.merge(recipe, tmp_path / "out").out)
+    expected = (0.25 * sds[0]["layer.0.weight"] + 0.75 * sds[1]["layer.0.weight"]).bfloat16()
+    assert out["layer.0.weight"].dtype == torch.bfloat16
+    torch.testing.assert_close(out["layer.0.weight"], expected)
+    assert out["position_ids"].dtype == torch.int64
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_through_the_engine_equals_the_function(tmp_path: Path, three: list[Path], method: str) -> None:
+    spec = METHODS[method]
+    base = save_model(tmp_path / "base", random_tensors(99))
+    models = three[: spec.max_models or 3]
+    recipe: dict[str, object] = {"method": method, "models": [str(p) for p in models], "parameters": {"seed": 7}}
+    if spec.needs_base:
+        recipe["base"] = str(base)
+    if any(p.name == "t" for p in spec.params):
+        recipe["parameters"] = {"t": 0.4}
+    plan = hubmerge.plan(recipe)
+    out = _sd(hubmerge.merge(recipe, tmp_path / "out").out)
+    sds = [load_file(str(p / "model.safetensors")) for p in models]
+    base_sd = load_file(str(base / "model.safetensors"))
+    for job in plan.jobs:
+        if job.action != "merge":
+            continue
+        kwargs = dict(job.params)
+        if spec.needs_base:
+            kwargs["base"] = base_sd[job.name]
+        if spec.random:
+            kwargs["generator"] = torch.Generator().manual_seed(job.seed)
+        expected = spec.fn([sd[job.name] for sd in sds], **kwargs)
+        torch.testing.assert_close(out[job.name], expected, msg=f"{method}: {job.name}")
+
+
+def test_row_chunks_give_the_same_bytes(tmp_path: Path, three: list[Path]) -> None:
+    recipe = {"method": "centroid", "models": [str(p) for p in three]}
+    whole = hubmerge.merge(recipe, tmp_path / "whole")
+    chunked = hubmerge.merge(recipe, tmp_path / "chunked", memory_budget=512)
+    assert any(job.chunk_rows for job in chunked.plan.jobs)
+    assert (whole.out / "model.safetensors").read_bytes() == (chunked.out / "model.safetensors").read_bytes()
+
+
+def test_dare_is_deterministic_and_seeded_per_tensor(tmp_path: Path, three: list[Path]) -> None:
+    base = save_model(tmp_path / "base", random_tensors(99))
+    recipe = {"method": "dare_ties", "base": str(base), "models": [str(p) for p in three], "parameters": {"seed": 1}}
+    first = hubmerge.merge(recipe, tmp_path / "a").out / "model.safetensors"
+    second = hubmerge.merge(recipe, tmp_path / "b").out / "model.safetensors"
+    assert first.read_bytes() == second.read_bytes()
+    other = hubmerge.merge({**recipe, "parameters": {"seed": 2}}, tmp_path / "c").out / "model.safetensors"
+    assert load_file(str(other))["layer.0.weight"].ne(load_file(str(first))["layer.0.weight"]).any()
+
+
+def test_sharded_inputs_and_outputs(tmp_path: Path) -> None:
+    sds = [random_tensors(i) for i in range(2)]
+    a = save_model(tmp_path / "a", sds[0], shards=3)
+    b = save_model(tmp_path / "b", sds[1], shards=2)
+    recipe = {"method": "linear", "models": [str(a), str(b)], "parameters": {"t": 0.5},
+              "output": {"max_shard_size": 600}}  # fmt: skip
+    result = hubmerge.merge(recipe, tmp_path / "out")
+    shards = sorted(p.name for p in result.out.glob("model-*.safetensors"))
+    assert len(shards) == len(result.plan.shards) > 1
+    assert shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((result.out / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in sds[0].values())
+    assert set(index["weight_map"]) == set(sds[0])
+    for shard in shards:
+        with safe_open(str(result.out / shard), framework="pt") as f:
+            assert f.metadata()["format"] == "pt"
+            assert f.metadata()["recipe_sha256"] == result.plan.recipe_sha256
+            for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                assert index["weight_map"][name] == shard
+                torch.testing.assert_close(f.get_tensor(name), (sds[0][name] + sds[1][name]) / 2 if sds[0][name].is_floating_point() else sds[0][name])  # fmt: skip
+
+
+def test_integer_buffers_must_agree(tmp_path: Path) -> None:
+    a = random_tensors(0)
+    b = random_tensors(1) | {"position_ids": torch.arange(16).flip(0).unsqueeze(0)}
+    recipe = {"method": "centroid", "models": [str(save_model(tmp_path / "a", a)), str(save_model(tmp_path / "b", b))]}
+    with pytest.raises(MergeError, match="position_ids"):
+        hubmerge.merge(recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    fixed = {**recipe, "rules": [{"tensors": "position_ids", "take": 1}]}
+    out = _sd(hubmerge.merge(fixed, tmp_path / "out", force=True).out)
+    assert torch.equal(out["position_ids"], b["position_ids"])
+
+
+def test_rules_take_skip_and_parameters(tmp_path: Path, three: list[Path]) -> None:
+    a, b = (load_file(str(p / "model.safetensors")) for p in three[:2])
+    recipe = {
+        "method": "linear",
+        "models": [str(three[0]), str(three[1])],
+        "parameters": {"t": 0.5},
+        "rules": [
+            {"tensors": "head.*", "take": 1},
+            {"tensors": "norm.*", "skip": True},
+            {"tensors": ["layer.1.*"], "parameters": {"t": 0.9}},
+        ],
+    }
+    out = _sd(hubmerge.merge(recipe, tmp_path / "out").out)
+    assert torch.equal(out["head.weight"], b["head.weight"])
+    assert "norm.weight" not in out
+    torch.testing.assert_close(out["layer.1.weight"], 0.1 * a["layer.1.weight"] + 0.9 * b["layer.1.weight"])
+    torch.testing.assert_close(out["layer.0.weight"], 0.5 * a["layer.0.weight"] + 0.5 * b["layer.0.weight"])
+
+
+def test_mixed_dtypes_are_merged_in_float32_with_a_notice(tmp_path: Path) -> None:
+    a = save_model(tmp_path / "a", random_tensors(0))
+    b = save_model(tmp_path / "b", random_tensors(1, dtype=torch.bfloat16))
+    plan = hubmerge.plan({"method": "centroid", "models": [str(a), str(b)]})
+    assert plan.notices and "different dtypes" in plan.notices[0]
+    out = _sd(hubmerge.merge({"method": "centroid", "models": [str(a), str(b)]}, tmp_path / "out").out)
+    sa, sb = random_tensors(0), random_tensors(1, dtype=torch.bfloat16)
+    assert out["layer.0.weight"].dtype == torch.float32  # the first model's dtype
+    torch.testing.assert_close(out["layer.0.weight"], (sa["layer.0.weight"] + sb["layer.0.weight"].float()) / 2)
+
+
+def test_missing_tensor_and_shape_mismatch_are_named(tmp_path: Path) -> None:
+    a = save_model(tmp_path / "a", random_tensors(0))
+    short = random_tensors(1)
+    del short["layer.1.weight"]
+    b = save_model(tmp_path / "b", short)
+    with pytest.raises(PlanError, match=r"'layer.1.weight' is in models.0 .* missing in models.1"):
+        hubmerge.plan({"method": "centroid", "models": [str(a), str(b)]})
+    wide = random_tensors(1) | {"head.weight": torch.zeros(4, 8)}
+    c = save_model(tmp_path / "c", wide)
+    with pytest.raises(PlanError, match=r"'head.weight' has different shapes: models.0 \[3, 8\], models.1 \[4, 8\]"):
+        hubmerge.plan({"method": "centroid", "models": [str(a), str(c)]})
+
+
+def test_output_rules(tmp_path: Path, three: list[Path]) -> None:
+    recipe = {"method": "centroid", "models": [str(p) for p in three]}
+    out = hubmerge.merge(recipe, tmp_path / "out").out
+    marker = out / "keep.txt"
+    marker.write_text("mine")
+    with pytest.raises(OutputError, match="already exists"):
+        hubmerge.merge(recipe, out)
+    assert marker.exists()
+    hubmerge.merge(recipe, out, force=True)
+    assert not marker.exists() and (out / "model.safetensors").exists()
+    with pytest.raises(OutputError, match="inside the input"):
+        hubmerge.merge(recipe, three[0] / "merged")
+    with pytest.raises(OutputError, match="contains the input"):
+        hubmerge.merge(recipe, tmp_path, force=True)
+    assert all((p / "model.safetensors").exists() for p in three)
+
+
+def test_same_recipe_same_bytes(tmp_path: Path, three: list[Path]) -> None:
+    recipe = {"method": "weighted", "models": [str(p) for p in three], "dtype": "bfloat16"}
+    first = hubmerge.merge(recipe, tmp_path / "a" / "out").out
+    second = hubmerge.merge(recipe, tmp_path / "b" / "out").out
+    for name in ("model.safetensors", "hubmerge.json", "README.md", "config.json"):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+KILL_AFTER = """
+import os, signal, sys
+import hubmerge.writer as w
+count = 0
+original = w.ShardWriter.tensor_done
+def tensor_done(self, job):
+    global count
+    original(self, job)
+    count += 1
+    if count == int(sys.argv[2]):
+        os.kill(os.getpid(), signal.SIGKILL)
+w.ShardWriter.tensor_done = tensor_done
+from hubmerge.cli import main
+sys.exit(main([sys.argv[1], "--out", sys.argv[3], "-q"] + sys.argv[4:]))
+"""
+
+
+def test_resume_after_kill_gives_identical_bytes(tmp_path: Path) -> None:
+    models = [save_model(tmp_path / f"m{i}", random_tensors(i), shards=2) for i in range(2)]
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        f"method: linear\nmodels: [{models[0]}, {models[1]}]\nparameters: {{t: 0.7}}\n"
+        "output: {max_shard_size: 400}\n",
+    )
+    out = tmp_path / "out"
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER, str(recipe), "3", str(out)], capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    assert not out.exists()
+    partial = tmp_path / ".out.hubmerge-partial"
+    assert len((partial / ".hubmerge-progress" / "journal").read_text().splitlines()) == 3
+    refused = subprocess.run([sys.executable, "-m", "hubmerge.cli", str(recipe), "--out", str(out)],
+                             capture_output=True, text=True)  # fmt: skip
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    resumed = subprocess.run([sys.executable, "-m", "hubmerge.cli", str(recipe), "--out", str(out), "--resume"],
+                             capture_output=True, text=True, env={**os.environ})  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    assert "3 tensors resumed" in resumed.stdout
+    fresh = hubmerge.merge(recipe, tmp_path / "fresh")
+    for shard in fresh.plan.shards:
+        assert (out / shard.filename).read_bytes() == (fresh.out / shard.filename).read_bytes()
+    assert not partial.exists()

@@ -1,0 +1,58 @@
+"""Helpers for tests: tiny real safetensors checkpoints on disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+def save_model(
+    directory: Path,
+    tensors: dict[str, torch.Tensor],
+    *,
+    shards: int = 1,
+    config: dict[str, object] | None = None,
+    card: str | None = None,
+) -> Path:
+    """Write ``tensors`` as a real checkpoint: one model.safetensors, or ``shards`` files plus an index."""
+    directory.mkdir(parents=True, exist_ok=True)
+    names = list(tensors)
+    if shards == 1:
+        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        per = -(-len(names) // shards)
+        for s in range(shards):
+            part = names[s * per : (s + 1) * per]
+            filename = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+            save_file({n: tensors[n] for n in part}, str(directory / filename), metadata={"format": "pt"})
+            weight_map |= {n: filename for n in part}
+        index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    cfg = config if config is not None else {"architectures": ["TinyModel"], "model_type": "tiny", "dtype": "float32"}
+    (directory / "config.json").write_text(json.dumps(cfg))
+    if card is not None:
+        (directory / "README.md").write_text(card)
+    return directory
+
+
+def random_tensors(seed: int, *, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A small model-like state dict: matrices, a vector, a scalar-ish tensor and an integer buffer."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "embed.weight": torch.randn(16, 8, generator=g).to(dtype),
+        "layer.0.weight": torch.randn(8, 8, generator=g).to(dtype),
+        "layer.0.bias": torch.randn(8, generator=g).to(dtype),
+        "layer.1.weight": torch.randn(8, 8, generator=g).to(dtype),
+        "norm.weight": torch.randn(8, generator=g).to(dtype),
+        "head.weight": torch.randn(3, 8, generator=g).to(dtype),
+        "position_ids": torch.arange(16).unsqueeze(0),
+    }
+
+
+def write_recipe(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
