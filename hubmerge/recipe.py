@@ -29,7 +29,7 @@ from .errors import RecipeError
 from .refs import ModelRef, parse_ref
 
 Dtype = Literal["float32", "float16", "bfloat16", "float64"]
-Scalar = bool | int | float
+Scalar = bool | int | float | str  # checked against the method's parameter types in params.py
 ParamValue = Scalar | list[Scalar]
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)

@@ -1,0 +1,197 @@
+"""Bad input gets a clear error naming the file, tensor or recipe field; nothing is written."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+import hubmerge
+from hubmerge.errors import HeaderError, RecipeError, SourceError
+from hubmerge.refs import ModelRef
+from hubmerge.sources.local import LocalSource
+
+from .util import random_tensors, save_model
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+
+
+def _recipe_error(doc: object, match: str, path: str | None = None) -> RecipeError:
+    with pytest.raises(RecipeError, match=match) as info:
+        hubmerge.load_recipe(doc)  # type: ignore[arg-type]
+    if path is not None:
+        assert info.value.path == path
+    return info.value
+
+
+@pytest.fixture()
+def pair(tmp_path: Path) -> list[str]:
+    return [str(save_model(tmp_path / n, random_tensors(i))) for i, n in enumerate("ab")]
+
+
+def test_recipe_errors_name_the_field(pair: list[str]) -> None:
+    _recipe_error({"method": "avg", "models": pair}, "unknown method 'avg'", "method")
+    err = _recipe_error({"method": "avg", "models": pair}, "unknown method")
+    assert err.hint is not None and "centroid" in err.hint and "ties" in err.hint
+    _recipe_error({"method": "linear", "models": pair}, "needs parameter 't'", "parameters.t")
+    _recipe_error({"method": "linear", "models": pair, "parameters": {"t": "x"}}, "is a number", "parameters.t")
+    _recipe_error({"method": "centroid", "models": pair, "parameters": {"t": 0.5}}, "takes no parameter 't'",
+                  "parameters.t")  # fmt: skip
+    _recipe_error({"method": "weighted", "models": [{"path": pair[0], "weight": "heavy"}, pair[1]]},
+                  "valid number", "models.0.weight")  # fmt: skip
+    _recipe_error({"method": "weighted", "models": pair, "parameters": {"weight": [1.0, 2.0, 3.0]}},
+                  "3 values for 'weight' but 2 models", "parameters.weight")  # fmt: skip
+    _recipe_error({"method": "linear", "models": [pair[0]], "parameters": {"t": 0.5}}, "exactly 2", "models")
+    _recipe_error({"method": "ties", "models": pair}, "needs a base", "base")
+    _recipe_error({"method": "centroid", "models": pair, "dtype": "float13"}, "float13", "dtype")
+    _recipe_error({"method": "centroid", "models": pair, "colour": 1}, "unknown key", "colour")
+    _recipe_error({"method": "centroid", "models": [{"path": pair[0], "wieght": 2}, pair[1]]}, "unknown key",
+                  "models.0.wieght")  # fmt: skip
+    _recipe_error({"method": "centroid", "models": pair, "rules": [{"tensors": "x", "take": 5}]}, "numbered 0 to 1",
+                  "rules.0.take")  # fmt: skip
+    _recipe_error({"method": "centroid", "models": ["not a valid id!"]}, "neither an existing local path", "models.0")
+    _recipe_error({"method": "centroid", "models": pair, "output": {"max_shard_size": "lots"}}, "is not a size",
+                  "output.max_shard_size")  # fmt: skip
+    _recipe_error("method: [unclosed", "not valid YAML at line 1")
+    _recipe_error(Path("/nonexistent/recipe.yaml"), "does not exist")
+
+
+def test_recipe_paths_are_relative_to_the_recipe(tmp_path: Path) -> None:
+    save_model(tmp_path / "models" / "a", random_tensors(0))
+    (tmp_path / "r.yaml").write_text("method: centroid\nmodels: [models/a, {path: ./models/a}]\n")
+    recipe = hubmerge.load_recipe(tmp_path / "r.yaml")
+    assert recipe.model_refs() == [ModelRef(path=tmp_path / "models" / "a")] * 2
+    hub = hubmerge.load_recipe({"method": "centroid", "models": ["org/name@v1", "hf://org/x@main",
+                                                                 {"repo": "org/y", "revision": "abc"}]})  # fmt: skip
+    assert [str(r) for r in hub.model_refs()] == ["org/name@v1", "org/x@main", "org/y@abc"]
+
+
+def test_recipe_built_in_code(pair: list[str], tmp_path: Path) -> None:
+    recipe = hubmerge.Recipe(method="linear", models=[{"path": pair[0]}, {"path": pair[1]}],  # type: ignore[list-item]
+                             parameters={"t": 0.0})  # fmt: skip
+    out = hubmerge.merge(recipe, tmp_path / "out").out
+    assert (out / "model.safetensors").read_bytes()[8:] != b""
+
+
+def test_mergekit_config_is_translated(pair: list[str]) -> None:
+    recipe = hubmerge.load_recipe(
+        "merge_method: linear\nmodels:\n"
+        f"  - model: {pair[0]}\n    parameters: {{weight: 0.3}}\n"
+        f"  - model: {pair[1]}\n    parameters: {{weight: 0.7}}\n"
+        "parameters: {normalize: true, int8_mask: true}\ndtype: bfloat16\n"
+    )
+    assert recipe.method == "weighted" and recipe.dtype == "bfloat16"
+    assert [m.parameters for m in recipe.models] == [{"weight": 0.3}, {"weight": 0.7}]
+    slerp = hubmerge.load_recipe(
+        f"merge_method: slerp\nbase_model: {pair[1]}\nmodels:\n  - model: {pair[0]}\n  - model: {pair[1]}\n"
+        "parameters: {t: 0.25}\n"
+    )
+    assert [m.ref for m in slerp.models] == [pair[1], pair[0]]
+    _recipe_error({"merge_method": "linear", "slices": []}, "layer slicing", "slices")
+    _recipe_error({"merge_method": "passthrough", "models": []}, "not supported", "merge_method")
+    _recipe_error({"merge_method": "linear", "models": [{"model": pair[0]}], "tokenizer_source": "union"},
+                  "tokenizer_source: union", "tokenizer_source")  # fmt: skip
+    _recipe_error({"merge_method": "ties", "models": [{"model": pair[0], "parameters": {"density": [0.1, 0.5]}}]},
+                  "gradient", "models.0.parameters.density")  # fmt: skip
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_shipped_recipes_validate(path: Path) -> None:
+    recipe = hubmerge.load_recipe(path)
+    assert recipe.models
+
+
+def _corrupt(tmp_path: Path, mutate: object) -> Path:
+    directory = save_model(tmp_path / "bad", random_tensors(0))
+    file = directory / "model.safetensors"
+    mutate(file)  # type: ignore[operator]
+    return directory
+
+
+def _rewrite_header(file: Path, edit: object) -> None:
+    raw = file.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    edit(header)  # type: ignore[operator]
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    file.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
+
+
+def _open(directory: Path) -> None:
+    LocalSource(ModelRef(path=directory), label="models.0").close()
+
+
+def test_truncated_file(tmp_path: Path) -> None:
+    directory = _corrupt(tmp_path, lambda f: f.write_bytes(f.read_bytes()[:-40]))
+    with pytest.raises(HeaderError, match=r"model.safetensors: tensor '.*' ends at byte \d+ .* truncated"):
+        _open(directory)
+
+
+def test_tiny_file(tmp_path: Path) -> None:
+    with pytest.raises(HeaderError, match="only 3 bytes"):
+        _open(_corrupt(tmp_path, lambda f: f.write_bytes(b"abc")))
+
+
+def test_header_length_beyond_file(tmp_path: Path) -> None:
+    def grow(f: Path) -> None:
+        raw = f.read_bytes()
+        f.write_bytes(struct.pack("<Q", len(raw) * 2) + raw[8:])
+
+    with pytest.raises(HeaderError, match="header declares .* bytes but the file has"):
+        _open(_corrupt(tmp_path, grow))
+
+
+def test_bad_json(tmp_path: Path) -> None:
+    def garble(f: Path) -> None:
+        raw = bytearray(f.read_bytes())
+        raw[8] = ord("!")
+        f.write_bytes(bytes(raw))
+
+    with pytest.raises(HeaderError, match="not valid JSON"):
+        _open(_corrupt(tmp_path, garble))
+
+
+def test_overlapping_offsets(tmp_path: Path) -> None:
+    def overlap(header: dict[str, dict[str, list[int]]]) -> None:
+        header["layer.0.weight"]["data_offsets"] = list(header["layer.1.weight"]["data_offsets"])
+
+    with pytest.raises(HeaderError, match="overlap"):
+        _open(_corrupt(tmp_path, lambda f: _rewrite_header(f, overlap)))
+
+
+def test_offsets_that_do_not_match_the_shape(tmp_path: Path) -> None:
+    def wrong(header: dict[str, dict[str, list[int]]]) -> None:
+        begin, end = header["norm.weight"]["data_offsets"]
+        header["norm.weight"]["data_offsets"] = [begin, end + 4]
+
+    with pytest.raises(HeaderError, match=r"'norm.weight': shape \[8\] of F32 needs 32 bytes"):
+        _open(_corrupt(tmp_path, lambda f: _rewrite_header(f, wrong)))
+
+
+def test_missing_inputs_and_pickles(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="does not exist"):
+        hubmerge.plan({"method": "centroid", "models": [str(tmp_path / "nope")]})
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    torch.save({"w": torch.zeros(2)}, pickled / "pytorch_model.bin")
+    with pytest.raises(SourceError, match="pickle checkpoint") as info:
+        hubmerge.plan({"method": "centroid", "models": [str(pickled)]})
+    assert info.value.hint is not None and "save_pretrained" in info.value.hint
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SourceError, match="no model.safetensors"):
+        hubmerge.plan({"method": "centroid", "models": [str(empty)]})
+    sharded = save_model(tmp_path / "sharded", random_tensors(0), shards=2)
+    (sharded / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(SourceError, match="lists shard 'model-00002-of-00002.safetensors'"):
+        hubmerge.plan({"method": "centroid", "models": [str(sharded)]})
+
+
+def test_single_file_source(tmp_path: Path) -> None:
+    directory = save_model(tmp_path / "m", random_tensors(0))
+    plan = hubmerge.plan({"method": "centroid", "models": [str(directory / "model.safetensors")]})
+    assert len(plan.jobs) == len(random_tensors(0))
