@@ -70,7 +70,9 @@ def _with_dtype(recipe: Recipe, dtype: Dtype | None) -> Recipe:
     return recipe.model_copy(update={"dtype": dtype})
 
 
-def plan(recipe: RecipeLike, *, dtype: Dtype | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> MergePlan:
+def plan(
+    recipe: RecipeLike, *, dtype: Dtype | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET
+) -> MergePlan:
     """Load the recipe, read the models' headers, and plan the merge without reading any weight.
 
     Raises:
@@ -90,7 +92,9 @@ def output_dir(recipe: Recipe, out: str | Path | None) -> Path:
     if out is not None:
         return Path(out).expanduser().resolve()
     if recipe.output.dir is None:
-        raise RecipeError("no output directory", path="output.dir", hint="set `output: {dir: ...}` or pass --out DIR")
+        raise RecipeError(
+            "no output directory", path="output.dir", hint="set `output: {dir: ...}` or pass --out DIR"
+        )
     path = Path(recipe.output.dir).expanduser()
     return (path if path.is_absolute() else recipe.base_dir / path).resolve()
 
@@ -148,8 +152,9 @@ def merge(
     return MergeResult(target, merge_plan, time.perf_counter() - start, tuple(files), len(done))
 
 
-def finish_output(plan: MergePlan, sources: list[TensorSource], dest: Path, *, out_name: str,
-                  repo_id: str | None = None) -> list[str]:  # fmt: skip
+def finish_output(
+    plan: MergePlan, sources: list[TensorSource], dest: Path, *, out_name: str, repo_id: str | None = None
+) -> list[str]:
     """Write the index, companion files, model card and manifest next to the shards.
 
     Returns:
@@ -162,19 +167,31 @@ def finish_output(plan: MergePlan, sources: list[TensorSource], dest: Path, *, o
     files = [s.filename for s in plan.shards]
     if len(plan.shards) > 1:
         weight_map = {plan.jobs[j].name: s.filename for s in plan.shards for j in s.jobs}
-        write_json(dest / "model.safetensors.index.json",
-                   {"metadata": {"total_size": plan.total_size, "hubmerge_version": __version__,
-                                 "recipe_sha256": plan.recipe_sha256}, "weight_map": weight_map})  # fmt: skip
+        write_json(
+            dest / "model.safetensors.index.json",
+            {
+                "metadata": {
+                    "total_size": plan.total_size,
+                    "hubmerge_version": __version__,
+                    "recipe_sha256": plan.recipe_sha256,
+                },
+                "weight_map": weight_map,
+            },
+        )
         files.append("model.safetensors.index.json")
     origin = companion_source(sources, len(recipe.models), recipe.base is not None)
     files += copy_companions(origin, dest, model_dtype=plan.model_dtype)
     config = read_config(dest / "config.json") if (dest / "config.json").exists() else None
     unique = list({id(s): s for s in sources}.values())
     meta = front_matter(
-        plan, license_=common_license(plan, unique), config=config,
+        plan,
+        license_=common_license(plan, unique),
+        config=config,
         sentence_transformers=(dest / "modules.json").exists(),
-    )  # fmt: skip
-    (dest / "README.md").write_text(render_card(plan, meta, out_name=out_name, repo_id=repo_id), encoding="utf-8")
+    )
+    (dest / "README.md").write_text(
+        render_card(plan, meta, out_name=out_name, repo_id=repo_id), encoding="utf-8"
+    )
     files.append("README.md")
     write_json(dest / MANIFEST, manifest(plan))
     files.append(MANIFEST)

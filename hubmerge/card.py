@@ -109,7 +109,11 @@ def render_card(plan: MergePlan, meta: dict[str, Any], *, out_name: str, repo_id
     header = "| # | source | revision | " + "".join(f"{p.name} | " for p in per_model)
     rows = [header.rstrip(), "|" + " --- |" * (3 + len(per_model))]
     for i, src in enumerate(plan.sources):
-        ref = f"[{src.ref.repo_id}](https://huggingface.co/{src.ref.repo_id})" if src.ref.repo_id else f"`{Path(str(src.ref)).name}` (local)"
+        ref = (
+            f"[{src.ref.repo_id}](https://huggingface.co/{src.ref.repo_id})"
+            if src.ref.repo_id
+            else f"`{Path(str(src.ref)).name}` (local)"
+        )
         commit = f"`{src.commit}`" if src.commit else "local files"
         values = "".join(
             f" {params[p.kwarg][i]:g} |" if i < len(recipe.models) else " |"  # type: ignore[index]
@@ -121,7 +125,17 @@ def render_card(plan: MergePlan, meta: dict[str, Any], *, out_name: str, repo_id
     if global_params or recipe.rules:
         lines = ["## Parameters", ""]
         lines += [f"- `{k}` = {v}" for k, v in global_params.items()]
-        lines += [f"- rule: tensors `{r.globs}` -> " + ("skipped" if r.skip else f"taken from {r.take}" if r.take is not None else f"parameters {r.parameters}") for r in recipe.rules]  # fmt: skip
+        lines += [
+            f"- rule: tensors `{r.globs}` -> "
+            + (
+                "skipped"
+                if r.skip
+                else f"taken from {r.take}"
+                if r.take is not None
+                else f"parameters {r.parameters}"
+            )
+            for r in recipe.rules
+        ]
         if plan.skipped:
             lines.append(f"- {len(plan.skipped)} tensors left out by rules")
         parameters_section = "\n".join(lines) + "\n"
@@ -138,7 +152,8 @@ def render_card(plan: MergePlan, meta: dict[str, Any], *, out_name: str, repo_id
     return template.substitute(
         front_matter=yaml.safe_dump(meta, sort_keys=False),
         title=repo_id.split("/")[-1] if repo_id else out_name,
-        description=recipe.card.description or f"A {plan.method} merge of {len(recipe.models)} fine-tuned models.",
+        description=recipe.card.description
+        or f"A {plan.method} merge of {len(recipe.models)} fine-tuned models.",
         n_models=len(recipe.models),
         version=__version__,
         method=plan.method,

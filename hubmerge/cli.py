@@ -1,4 +1,4 @@
-"""The ``hubmerge`` command: ``hubmerge RECIPE``, ``hubmerge plan``, ``hubmerge methods``, ``hubmerge hub serve``.
+"""The ``hubmerge`` command: ``hubmerge RECIPE``, ``plan``, ``methods`` and ``hub serve``.
 
 Errors print one line and exit 2; ``--verbose`` adds the traceback.
 """
@@ -42,7 +42,9 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
 
 @cli.command("merge")
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output directory (overrides output.dir).")
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), help="Output directory (overrides output.dir)."
+)
 @click.option("--dtype", type=DTYPES, help="Output dtype (overrides the recipe).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted merge into the same output.")
@@ -50,8 +52,17 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Plan and check, read no weights, write nothing.")
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging; tracebacks on errors.")
 @click.option("--quiet", "-q", is_flag=True, help="Errors only.")
-def merge_command(recipe: Path, out: Path | None, dtype: Any, device: str, resume: bool, force: bool,
-                  dry_run: bool, verbose: bool, quiet: bool) -> None:  # fmt: skip
+def merge_command(
+    recipe: Path,
+    out: Path | None,
+    dtype: Any,
+    device: str,
+    resume: bool,
+    force: bool,
+    dry_run: bool,
+    verbose: bool,
+    quiet: bool,
+) -> None:
     """Merge the models of RECIPE."""
     from .api import merge, plan
     from .report import human_bytes, plan_summary
@@ -74,12 +85,28 @@ def merge_command(recipe: Path, out: Path | None, dtype: Any, device: str, resum
             click.echo(plan_summary(p), err=True)
             from tqdm import tqdm
 
-            bar = tqdm(total=p.bytes_read, unit="B", unit_scale=True, unit_divisor=1024, desc="merging",
-                       file=sys.stderr, dynamic_ncols=True, smoothing=0.1)  # fmt: skip
+            bar = tqdm(
+                total=p.bytes_read,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc="merging",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                smoothing=0.1,
+            )
 
     try:
-        result = merge(recipe, out, dtype=dtype, device=device, resume=resume, force=force,
-                       progress=(lambda n: bar.update(n)) if not quiet else None, on_plan=on_plan)  # fmt: skip
+        result = merge(
+            recipe,
+            out,
+            dtype=dtype,
+            device=device,
+            resume=resume,
+            force=force,
+            progress=(lambda n: bar.update(n)) if not quiet else None,
+            on_plan=on_plan,
+        )
     finally:
         if bar is not None:
             bar.close()
@@ -117,13 +144,23 @@ def methods_command(as_json: bool) -> None:
     if as_json:
         doc = {
             name: {
-                "summary": s.summary, "paper": s.paper, "min_models": s.min_models, "max_models": s.max_models,
+                "summary": s.summary,
+                "paper": s.paper,
+                "min_models": s.min_models,
+                "max_models": s.max_models,
                 "needs_base": s.needs_base,
-                "parameters": {p.name: {"type": p.type.__name__, "default": p.default, "per_model": p.per_model,
-                                        "doc": p.doc} for p in s.params},
+                "parameters": {
+                    p.name: {
+                        "type": p.type.__name__,
+                        "default": p.default,
+                        "per_model": p.per_model,
+                        "doc": p.doc,
+                    }
+                    for p in s.params
+                },
             }
             for name, s in METHODS.items()
-        }  # fmt: skip
+        }
         click.echo(json.dumps(doc, indent=2))
     else:
         click.echo(methods_table(), nl=False)
@@ -135,10 +172,14 @@ def hub_group() -> None:
 
 
 @hub_group.command("serve")
-@click.option("--root", type=click.Path(file_okay=False, path_type=Path), required=True, help="Storage directory.")
+@click.option(
+    "--root", type=click.Path(file_okay=False, path_type=Path), required=True, help="Storage directory."
+)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8765, show_default=True)
-@click.option("--token", "tokens", multiple=True, metavar="TOKEN=USER", help="Accept TOKEN as USER (repeatable).")
+@click.option(
+    "--token", "tokens", multiple=True, metavar="TOKEN=USER", help="Accept TOKEN as USER (repeatable)."
+)
 def hub_serve(root: Path, host: str, port: int, tokens: tuple[str, ...]) -> None:
     """Serve model repositories from ROOT over the Hub's HTTP API."""
     from .hubserver import serve_forever

@@ -26,7 +26,16 @@ UNSUPPORTED_KEYS = {
     "chat_template": "chat template selection (`chat_template`)",
 }
 IGNORED_PARAMS = {"int8_mask"}  # a mergekit memory option with no effect on the result
-KNOWN_KEYS = {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source", "name"}
+KNOWN_KEYS = {
+    "merge_method",
+    "models",
+    "base_model",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "name",
+}
 
 
 def translate_mergekit(doc: dict[str, Any]) -> dict[str, Any]:
@@ -55,7 +64,8 @@ def translate_mergekit(doc: dict[str, Any]) -> dict[str, Any]:
     source = doc.get("tokenizer_source")
     if source not in (None, "base"):
         raise RecipeError(
-            f"mergekit tokenizer_source: {source} is not supported; hubmerge copies the base model's tokenizer",
+            f"mergekit tokenizer_source: {source} is not supported; "
+            "hubmerge copies the base model's tokenizer",
             path="tokenizer_source",
             hint="remove tokenizer_source (or set it to base)",
         )
@@ -106,9 +116,7 @@ def _params(params: Any, where: str) -> dict[str, Any]:
         if name in IGNORED_PARAMS:
             continue
         if name == "rescale" and value is not True:
-            raise RecipeError(
-                "rescale: false is not supported; DARE always rescales", path=f"{where}.{name}"
-            )
+            raise RecipeError("rescale: false is not supported; DARE always rescales", path=f"{where}.{name}")
         if name == "rescale":
             continue
         if isinstance(value, dict | list):

@@ -110,7 +110,12 @@ def _coerce(param: ParamSpec, value: Scalar, where: str) -> Scalar:
         return value
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise RecipeError(f"'{param.name}' is a number, got {value!r}", path=where)
-    return int(value) if param.type is int else float(value)
+    number = int(value) if param.type is int else float(value)
+    if (param.low is not None and number < param.low) or (param.high is not None and number > param.high):
+        raise RecipeError(
+            f"'{param.name}' must lie in [{param.low}, {param.high}], got {value!r}", path=where
+        )
+    return number
 
 
 def resolve_params(

@@ -170,11 +170,13 @@ def build_plan(
                 raise PlanError(
                     f"tensor '{name}': rules say take it from {src.label}, which lacks it",
                     tensor=name,
-                    hint=f"take it from a model that has it, or skip it",
+                    hint="take it from a model that has it, or skip it",
                 )
             info = src.tensors[name]
             dtype = out_code if out_code and info.dtype in FLOAT_DTYPES else info.dtype
-            specs.append(dict(name=name, action="copy", inputs=(info,), sources=(index,), dtype=dtype, params={}))
+            specs.append(
+                dict(name=name, action="copy", inputs=(info,), sources=(index,), dtype=dtype, params={})
+            )
             continue
         inputs = _present_everywhere(name, models)
         shapes = {info.shape for info in inputs}
@@ -208,20 +210,37 @@ def build_plan(
         if not floats:
             # Integer and bool tensors (position ids, masks) are never averaged: copied, and must agree.
             specs.append(
-                dict(name=name, action="copy", inputs=tuple(inputs), sources=tuple(range(n)), dtype=inputs[0].dtype,
-                     params={})
-            )  # fmt: skip
+                dict(
+                    name=name,
+                    action="copy",
+                    inputs=tuple(inputs),
+                    sources=tuple(range(n)),
+                    dtype=inputs[0].dtype,
+                    params={},
+                )
+            )
             continue
         if len(dtypes) > 1:
-            mixed.append(f"{name} ({', '.join(f'{s.label} {i.dtype}' for s, i in zip(models, inputs, strict=True))})")
+            mixed.append(
+                f"{name} ({', '.join(f'{s.label} {i.dtype}' for s, i in zip(models, inputs, strict=True))})"
+            )
         overrides = rule.parameters if rule is not None else {}
         specs.append(
-            dict(name=name, action="merge", inputs=tuple(inputs), sources=tuple(range(n)), base=base_info,
-                 base_source=n if base_info is not None else None, dtype=out_code or inputs[0].dtype,
-                 params=resolve_params(recipe, spec, overrides))
-        )  # fmt: skip
+            dict(
+                name=name,
+                action="merge",
+                inputs=tuple(inputs),
+                sources=tuple(range(n)),
+                base=base_info,
+                base_source=n if base_info is not None else None,
+                dtype=out_code or inputs[0].dtype,
+                params=resolve_params(recipe, spec, overrides),
+            )
+        )
     if not specs:
-        raise PlanError("no tensors to write: every tensor is skipped", hint="check the `rules:` of the recipe")
+        raise PlanError(
+            "no tensors to write: every tensor is skipped", hint="check the `rules:` of the recipe"
+        )
     jobs, shards = _layout(specs, recipe, sha, parse_size(recipe.output.max_shard_size), seed)
     jobs = [_with_chunks(job, compute_size, memory_budget, spec.elementwise) for job in jobs]
     notices = []
@@ -251,10 +270,11 @@ def build_plan(
         compute_dtype=recipe.compute_dtype,
         bytes_read=sum(i.nbytes for j in jobs for i in (*j.inputs, *([j.base] if j.base else []))),
         bytes_written=sum(s.size for s in shards),
-        peak_memory=max(_working_set(j, compute_size) for j in jobs) + WRITE_QUEUE * max(_out_chunk(j) for j in jobs),
+        peak_memory=max(_working_set(j, compute_size) for j in jobs)
+        + WRITE_QUEUE * max(_out_chunk(j) for j in jobs),
         total_size=sum(j.nbytes for j in jobs),
         memory_budget=memory_budget,
-    )  # fmt: skip
+    )
 
 
 def _all_names(models: Sequence[TensorSource]) -> list[str]:
@@ -321,12 +341,23 @@ def _layout(
         first = len(jobs)
         for spec in group:
             jobs.append(
-                Job(name=spec["name"], action=spec["action"], inputs=spec["inputs"], sources=spec["sources"],
-                    base=spec.get("base"), base_source=spec.get("base_source"), params=spec["params"],
-                    dtype=spec["dtype"], shape=spec["inputs"][0].shape, shard=s,
-                    offset=len(header) + spec["data_offset"], nbytes=spec["nbytes"], chunk_rows=None,
-                    seed=_tensor_seed(seed, spec["name"]))
-            )  # fmt: skip
+                Job(
+                    name=spec["name"],
+                    action=spec["action"],
+                    inputs=spec["inputs"],
+                    sources=spec["sources"],
+                    base=spec.get("base"),
+                    base_source=spec.get("base_source"),
+                    params=spec["params"],
+                    dtype=spec["dtype"],
+                    shape=spec["inputs"][0].shape,
+                    shard=s,
+                    offset=len(header) + spec["data_offset"],
+                    nbytes=spec["nbytes"],
+                    chunk_rows=None,
+                    seed=_tensor_seed(seed, spec["name"]),
+                )
+            )
         shards.append(Shard(filename, header, len(header) + begin, tuple(range(first, len(jobs)))))
     return jobs, shards
 

@@ -214,7 +214,9 @@ def load_recipe(source: str | Path | dict[str, Any] | Recipe, *, base_dir: Path 
     else:
         doc, base_dir = _read_yaml(source, base_dir)
     if not isinstance(doc, dict):
-        raise RecipeError(f"a recipe is a YAML mapping, got {type(doc).__name__}", hint="see recipes/ for examples")
+        raise RecipeError(
+            f"a recipe is a YAML mapping, got {type(doc).__name__}", hint="see recipes/ for examples"
+        )
     if "merge_method" in doc:
         from .mergekit import translate_mergekit
 
@@ -260,7 +262,9 @@ def _recipe_error(exc: ValidationError) -> RecipeError:
     path = re.sub(r"\.(str|int|float|bool|list\[.*?\]|ModelEntry)(?=\.|$)", "", path)
     kind, msg = err["type"], err["msg"].removeprefix("Value error, ")
     if kind == "extra_forbidden":
-        return RecipeError("unknown key", path=path, hint="check the spelling; `hubmerge methods` lists parameters")
+        return RecipeError(
+            "unknown key", path=path, hint="check the spelling; `hubmerge methods` lists parameters"
+        )
     if kind == "missing":
         return RecipeError("required field is missing", path=path, hint="add it to the recipe")
     if kind == "literal_error":

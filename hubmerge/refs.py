@@ -79,7 +79,9 @@ def hub_ref(text: str, *, field: str, revision: str | None = None) -> ModelRef:
             hint="give the revision once",
         )
     if sep and not rev:
-        raise RecipeError(f"{text!r} ends with '@' but names no revision", path=field, hint="write org/name@rev")
+        raise RecipeError(
+            f"{text!r} ends with '@' but names no revision", path=field, hint="write org/name@rev"
+        )
     if not _REPO_ID.match(repo_id) or ".." in repo_id or "--" in repo_id:
         raise RecipeError(
             f"{text!r} is neither an existing local path nor a Hub repository id",

@@ -1,4 +1,4 @@
-"""Text for people: plan tables, method lists, sizes. Pure functions returning strings; the CLI prints them."""
+"""Text for people: plan tables, method lists, sizes. Pure functions; the CLI prints what they return."""
 
 from __future__ import annotations
 
@@ -42,11 +42,22 @@ def plan_table(plan: MergePlan) -> str:
     """Every output tensor: name, shape, dtype, action, source models, shard and offset."""
     rows = [("tensor", "shape", "dtype", "action", "from", "shard", "offset")]
     for job in plan.jobs:
-        origin = "all" if job.action == "merge" and len(job.sources) > 1 else ",".join(
-            plan.sources[s].label.replace("models.", "") for s in job.sources[:1]
+        origin = (
+            "all"
+            if job.action == "merge" and len(job.sources) > 1
+            else ",".join(plan.sources[s].label.replace("models.", "") for s in job.sources[:1])
         )
-        rows.append((job.name, "x".join(map(str, job.shape)) or "()", job.dtype, job.action, origin,
-                     plan.shards[job.shard].filename, str(job.offset)))  # fmt: skip
+        rows.append(
+            (
+                job.name,
+                "x".join(map(str, job.shape)) or "()",
+                job.dtype,
+                job.action,
+                origin,
+                plan.shards[job.shard].filename,
+                str(job.offset),
+            )
+        )
     rows += [(name, "", "", "skip", "", "", "") for name in plan.skipped]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
@@ -67,6 +78,8 @@ def methods_table() -> str:
             scope = "per model" if p.per_model else "global"
             lines.append(f"    {p.name:<10} {p.type.__name__:<6} {scope:<9} {default:<14} {p.doc}")
         if spec.random:
-            lines.append(f"    {'seed':<10} {'int':<6} {'global':<9} {'default 0':<14} random seed (per tensor name)")
+            lines.append(
+                f"    {'seed':<10} {'int':<6} {'global':<9} {'default 0':<14} random seed (per tensor name)"
+            )
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

@@ -125,9 +125,14 @@ def _results(
         yield 0, first.to(out_dtype), _input_bytes(job)
         return
     for chunk, rows in enumerate(_row_ranges(job)):
-        tensors = [sources[s].read(i, rows).to(device=device, dtype=compute) for s, i in zip(job.sources, job.inputs, strict=True)]  # fmt: skip
+        tensors = [
+            sources[s].read(i, rows).to(device=device, dtype=compute)
+            for s, i in zip(job.sources, job.inputs, strict=True)
+        ]
         kwargs = dict(job.params)
-        consumed = sum(t.numel() * i.nbytes // max(i.numel, 1) for t, i in zip(tensors, job.inputs, strict=True))
+        consumed = sum(
+            t.numel() * i.nbytes // max(i.numel, 1) for t, i in zip(tensors, job.inputs, strict=True)
+        )
         if spec.needs_base:
             assert job.base is not None and job.base_source is not None  # guaranteed by build_plan
             kwargs["base"] = sources[job.base_source].read(job.base, rows).to(device=device, dtype=compute)
@@ -139,5 +144,7 @@ def _results(
         try:
             result = spec.fn(tensors, **kwargs)
         except (ValueError, RuntimeError) as exc:
-            raise MergeError(f"method '{spec.name}' failed on tensor '{job.name}': {exc}", tensor=job.name) from exc
+            raise MergeError(
+                f"method '{spec.name}' failed on tensor '{job.name}': {exc}", tensor=job.name
+            ) from exc
         yield (rows[0] if rows else 0), result.to(dtype=out_dtype, device="cpu"), consumed

@@ -31,11 +31,11 @@ class Sink(Protocol):
     """Receives merged tensors from the run loop. New uses of the loop are new sinks, not new loops."""
 
     def begin(self, plan: MergePlan) -> set[str]:
-        """Prepare for ``plan``; return the names of tensors already finished (resume)."""
+        """Prepare for ``plan``; return the names of the tensors already finished (resume)."""
         ...
 
     def write(self, job: Job, row: int, data: torch.Tensor) -> None:
-        """Take ``data``: the whole tensor (``row`` 0) or the rows starting at ``row``, in the output dtype."""
+        """Take ``data`` in the output dtype: the whole tensor (``row`` 0) or rows from ``row`` on."""
         ...
 
     def tensor_done(self, job: Job) -> None: ...
@@ -73,7 +73,9 @@ def check_output(out: Path, inputs: list[Path], *, force: bool, resume: bool) ->
             )
     if out.exists() and not force:
         raise OutputError(
-            f"output directory {out} already exists", path=str(out), hint="pass --force to replace it, or change --out"
+            f"output directory {out} already exists",
+            path=str(out),
+            hint="pass --force to replace it, or change --out",
         )
     if partial_dir(out).exists() and not (resume or force):
         raise OutputError(
@@ -128,7 +130,7 @@ class ShardWriter:
 
         flat = data.contiguous().reshape(-1).view(torch.uint8)
         offset = job.offset + (row * (job.nbytes // job.shape[0]) if row else 0)
-        _pwrite_all(self._fds[job.shard], memoryview(flat.numpy()), offset)
+        _pwrite_all(self._fds[job.shard], memoryview(flat.numpy()), offset)  # type: ignore[arg-type]
 
     def tensor_done(self, job: Job) -> None:
         assert self._journal is not None
@@ -155,8 +157,11 @@ class ShardWriter:
         shutil.rmtree(self.tmp / PROGRESS_DIR)
         if self.out.exists():
             if not force:
-                raise OutputError(f"output directory {self.out} appeared while merging", path=str(self.out),
-                                  hint=f"the finished merge is in {self.tmp}; move it by hand or rerun with --force")  # fmt: skip
+                raise OutputError(
+                    f"output directory {self.out} appeared while merging",
+                    path=str(self.out),
+                    hint=f"the finished merge is in {self.tmp}; move it by hand or rerun with --force",
+                )
             old = self.out.parent / f".{self.out.name}.hubmerge-old"
             if old.exists():
                 shutil.rmtree(old)

@@ -65,11 +65,17 @@ def test_weighted_with_bf16_output_and_per_model_weights(tmp_path: Path, three: 
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_method_through_the_engine_equals_the_function(tmp_path: Path, three: list[Path], method: str) -> None:
+def test_every_method_through_the_engine_equals_the_function(
+    tmp_path: Path, three: list[Path], method: str
+) -> None:
     spec = METHODS[method]
     base = save_model(tmp_path / "base", random_tensors(99))
     models = three[: spec.max_models or 3]
-    recipe: dict[str, object] = {"method": method, "models": [str(p) for p in models], "parameters": {"seed": 7}}
+    recipe: dict[str, object] = {
+        "method": method,
+        "models": [str(p) for p in models],
+        "parameters": {"seed": 7},
+    }
     if spec.needs_base:
         recipe["base"] = str(base)
     if any(p.name == "t" for p in spec.params):
@@ -100,7 +106,12 @@ def test_row_chunks_give_the_same_bytes(tmp_path: Path, three: list[Path]) -> No
 
 def test_dare_is_deterministic_and_seeded_per_tensor(tmp_path: Path, three: list[Path]) -> None:
     base = save_model(tmp_path / "base", random_tensors(99))
-    recipe = {"method": "dare_ties", "base": str(base), "models": [str(p) for p in three], "parameters": {"seed": 1}}
+    recipe = {
+        "method": "dare_ties",
+        "base": str(base),
+        "models": [str(p) for p in three],
+        "parameters": {"seed": 1},
+    }
     first = hubmerge.merge(recipe, tmp_path / "a").out / "model.safetensors"
     second = hubmerge.merge(recipe, tmp_path / "b").out / "model.safetensors"
     assert first.read_bytes() == second.read_bytes()
@@ -112,8 +123,12 @@ def test_sharded_inputs_and_outputs(tmp_path: Path) -> None:
     sds = [random_tensors(i) for i in range(2)]
     a = save_model(tmp_path / "a", sds[0], shards=3)
     b = save_model(tmp_path / "b", sds[1], shards=2)
-    recipe = {"method": "linear", "models": [str(a), str(b)], "parameters": {"t": 0.5},
-              "output": {"max_shard_size": 600}}  # fmt: skip
+    recipe = {
+        "method": "linear",
+        "models": [str(a), str(b)],
+        "parameters": {"t": 0.5},
+        "output": {"max_shard_size": 600},
+    }
     result = hubmerge.merge(recipe, tmp_path / "out")
     shards = sorted(p.name for p in result.out.glob("model-*.safetensors"))
     assert len(shards) == len(result.plan.shards) > 1
@@ -127,13 +142,19 @@ def test_sharded_inputs_and_outputs(tmp_path: Path) -> None:
             assert f.metadata()["recipe_sha256"] == result.plan.recipe_sha256
             for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
                 assert index["weight_map"][name] == shard
-                torch.testing.assert_close(f.get_tensor(name), (sds[0][name] + sds[1][name]) / 2 if sds[0][name].is_floating_point() else sds[0][name])  # fmt: skip
+                torch.testing.assert_close(
+                    f.get_tensor(name),
+                    (sds[0][name] + sds[1][name]) / 2 if sds[0][name].is_floating_point() else sds[0][name],
+                )
 
 
 def test_integer_buffers_must_agree(tmp_path: Path) -> None:
     a = random_tensors(0)
     b = random_tensors(1) | {"position_ids": torch.arange(16).flip(0).unsqueeze(0)}
-    recipe = {"method": "centroid", "models": [str(save_model(tmp_path / "a", a)), str(save_model(tmp_path / "b", b))]}
+    recipe = {
+        "method": "centroid",
+        "models": [str(save_model(tmp_path / "a", a)), str(save_model(tmp_path / "b", b))],
+    }
     with pytest.raises(MergeError, match="position_ids"):
         hubmerge.merge(recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -169,7 +190,9 @@ def test_mixed_dtypes_are_merged_in_float32_with_a_notice(tmp_path: Path) -> Non
     out = _sd(hubmerge.merge({"method": "centroid", "models": [str(a), str(b)]}, tmp_path / "out").out)
     sa, sb = random_tensors(0), random_tensors(1, dtype=torch.bfloat16)
     assert out["layer.0.weight"].dtype == torch.float32  # the first model's dtype
-    torch.testing.assert_close(out["layer.0.weight"], (sa["layer.0.weight"] + sb["layer.0.weight"].float()) / 2)
+    torch.testing.assert_close(
+        out["layer.0.weight"], (sa["layer.0.weight"] + sb["layer.0.weight"].float()) / 2
+    )
 
 
 def test_missing_tensor_and_shape_mismatch_are_named(tmp_path: Path) -> None:
@@ -181,7 +204,9 @@ def test_missing_tensor_and_shape_mismatch_are_named(tmp_path: Path) -> None:
         hubmerge.plan({"method": "centroid", "models": [str(a), str(b)]})
     wide = random_tensors(1) | {"head.weight": torch.zeros(4, 8)}
     c = save_model(tmp_path / "c", wide)
-    with pytest.raises(PlanError, match=r"'head.weight' has different shapes: models.0 \[3, 8\], models.1 \[4, 8\]"):
+    with pytest.raises(
+        PlanError, match=r"'head.weight' has different shapes: models.0 \[3, 8\], models.1 \[4, 8\]"
+    ):
         hubmerge.plan({"method": "centroid", "models": [str(a), str(c)]})
 
 
@@ -235,16 +260,23 @@ def test_resume_after_kill_gives_identical_bytes(tmp_path: Path) -> None:
         "output: {max_shard_size: 400}\n",
     )
     out = tmp_path / "out"
-    killed = subprocess.run([sys.executable, "-c", KILL_AFTER, str(recipe), "3", str(out)], capture_output=True)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER, str(recipe), "3", str(out)], capture_output=True
+    )
     assert killed.returncode == -signal.SIGKILL
     assert not out.exists()
     partial = tmp_path / ".out.hubmerge-partial"
     assert len((partial / ".hubmerge-progress" / "journal").read_text().splitlines()) == 3
-    refused = subprocess.run([sys.executable, "-m", "hubmerge.cli", str(recipe), "--out", str(out)],
-                             capture_output=True, text=True)  # fmt: skip
+    refused = subprocess.run(
+        [sys.executable, "-m", "hubmerge.cli", str(recipe), "--out", str(out)], capture_output=True, text=True
+    )
     assert refused.returncode == 2 and "--resume" in refused.stderr
-    resumed = subprocess.run([sys.executable, "-m", "hubmerge.cli", str(recipe), "--out", str(out), "--resume"],
-                             capture_output=True, text=True, env={**os.environ})  # fmt: skip
+    resumed = subprocess.run(
+        [sys.executable, "-m", "hubmerge.cli", str(recipe), "--out", str(out), "--resume"],
+        capture_output=True,
+        text=True,
+        env={**os.environ},
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "3 tensors resumed" in resumed.stdout
     fresh = hubmerge.merge(recipe, tmp_path / "fresh")

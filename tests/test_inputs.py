@@ -37,24 +37,51 @@ def test_recipe_errors_name_the_field(pair: list[str]) -> None:
     err = _recipe_error({"method": "avg", "models": pair}, "unknown method")
     assert err.hint is not None and "centroid" in err.hint and "ties" in err.hint
     _recipe_error({"method": "linear", "models": pair}, "needs parameter 't'", "parameters.t")
-    _recipe_error({"method": "linear", "models": pair, "parameters": {"t": "x"}}, "is a number", "parameters.t")
-    _recipe_error({"method": "centroid", "models": pair, "parameters": {"t": 0.5}}, "takes no parameter 't'",
-                  "parameters.t")  # fmt: skip
-    _recipe_error({"method": "weighted", "models": [{"path": pair[0], "weight": "heavy"}, pair[1]]},
-                  "valid number", "models.0.weight")  # fmt: skip
-    _recipe_error({"method": "weighted", "models": pair, "parameters": {"weight": [1.0, 2.0, 3.0]}},
-                  "3 values for 'weight' but 2 models", "parameters.weight")  # fmt: skip
+    _recipe_error(
+        {"method": "linear", "models": pair, "parameters": {"t": "x"}}, "is a number", "parameters.t"
+    )
+    _recipe_error(
+        {"method": "centroid", "models": pair, "parameters": {"t": 0.5}},
+        "takes no parameter 't'",
+        "parameters.t",
+    )
+    _recipe_error(
+        {"method": "weighted", "models": [{"path": pair[0], "weight": "heavy"}, pair[1]]},
+        "valid number",
+        "models.0.weight",
+    )
+    _recipe_error(
+        {"method": "weighted", "models": pair, "parameters": {"weight": [1.0, 2.0, 3.0]}},
+        "3 values for 'weight' but 2 models",
+        "parameters.weight",
+    )
     _recipe_error({"method": "linear", "models": [pair[0]], "parameters": {"t": 0.5}}, "exactly 2", "models")
     _recipe_error({"method": "ties", "models": pair}, "needs a base", "base")
+    _recipe_error(
+        {"method": "ties", "base": pair[0], "models": [{"path": pair[1], "density": 1.5}]},
+        r"'density' must lie in \[0.0, 1.0\], got 1.5",
+        "models.0.density",
+    )
     _recipe_error({"method": "centroid", "models": pair, "dtype": "float13"}, "float13", "dtype")
     _recipe_error({"method": "centroid", "models": pair, "colour": 1}, "unknown key", "colour")
-    _recipe_error({"method": "centroid", "models": [{"path": pair[0], "wieght": 2}, pair[1]]}, "unknown key",
-                  "models.0.wieght")  # fmt: skip
-    _recipe_error({"method": "centroid", "models": pair, "rules": [{"tensors": "x", "take": 5}]}, "numbered 0 to 1",
-                  "rules.0.take")  # fmt: skip
-    _recipe_error({"method": "centroid", "models": ["not a valid id!"]}, "neither an existing local path", "models.0")
-    _recipe_error({"method": "centroid", "models": pair, "output": {"max_shard_size": "lots"}}, "is not a size",
-                  "output.max_shard_size")  # fmt: skip
+    _recipe_error(
+        {"method": "centroid", "models": [{"path": pair[0], "wieght": 2}, pair[1]]},
+        "unknown key",
+        "models.0.wieght",
+    )
+    _recipe_error(
+        {"method": "centroid", "models": pair, "rules": [{"tensors": "x", "take": 5}]},
+        "numbered 0 to 1",
+        "rules.0.take",
+    )
+    _recipe_error(
+        {"method": "centroid", "models": ["not a valid id!"]}, "neither an existing local path", "models.0"
+    )
+    _recipe_error(
+        {"method": "centroid", "models": pair, "output": {"max_shard_size": "lots"}},
+        "is not a size",
+        "output.max_shard_size",
+    )
     _recipe_error("method: [unclosed", "not valid YAML at line 1")
     _recipe_error(Path("/nonexistent/recipe.yaml"), "does not exist")
 
@@ -64,14 +91,21 @@ def test_recipe_paths_are_relative_to_the_recipe(tmp_path: Path) -> None:
     (tmp_path / "r.yaml").write_text("method: centroid\nmodels: [models/a, {path: ./models/a}]\n")
     recipe = hubmerge.load_recipe(tmp_path / "r.yaml")
     assert recipe.model_refs() == [ModelRef(path=tmp_path / "models" / "a")] * 2
-    hub = hubmerge.load_recipe({"method": "centroid", "models": ["org/name@v1", "hf://org/x@main",
-                                                                 {"repo": "org/y", "revision": "abc"}]})  # fmt: skip
+    hub = hubmerge.load_recipe(
+        {
+            "method": "centroid",
+            "models": ["org/name@v1", "hf://org/x@main", {"repo": "org/y", "revision": "abc"}],
+        }
+    )
     assert [str(r) for r in hub.model_refs()] == ["org/name@v1", "org/x@main", "org/y@abc"]
 
 
 def test_recipe_built_in_code(pair: list[str], tmp_path: Path) -> None:
-    recipe = hubmerge.Recipe(method="linear", models=[{"path": pair[0]}, {"path": pair[1]}],  # type: ignore[list-item]
-                             parameters={"t": 0.0})  # fmt: skip
+    recipe = hubmerge.Recipe(
+        method="linear",
+        models=[{"path": pair[0]}, {"path": pair[1]}],  # type: ignore[list-item]
+        parameters={"t": 0.0},
+    )
     out = hubmerge.merge(recipe, tmp_path / "out").out
     assert (out / "model.safetensors").read_bytes()[8:] != b""
 
@@ -92,10 +126,16 @@ def test_mergekit_config_is_translated(pair: list[str]) -> None:
     assert [m.ref for m in slerp.models] == [pair[1], pair[0]]
     _recipe_error({"merge_method": "linear", "slices": []}, "layer slicing", "slices")
     _recipe_error({"merge_method": "passthrough", "models": []}, "not supported", "merge_method")
-    _recipe_error({"merge_method": "linear", "models": [{"model": pair[0]}], "tokenizer_source": "union"},
-                  "tokenizer_source: union", "tokenizer_source")  # fmt: skip
-    _recipe_error({"merge_method": "ties", "models": [{"model": pair[0], "parameters": {"density": [0.1, 0.5]}}]},
-                  "gradient", "models.0.parameters.density")  # fmt: skip
+    _recipe_error(
+        {"merge_method": "linear", "models": [{"model": pair[0]}], "tokenizer_source": "union"},
+        "tokenizer_source: union",
+        "tokenizer_source",
+    )
+    _recipe_error(
+        {"merge_method": "ties", "models": [{"model": pair[0], "parameters": {"density": [0.1, 0.5]}}]},
+        "gradient",
+        "models.0.parameters.density",
+    )
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])

@@ -32,7 +32,11 @@ def save_model(
             weight_map |= {n: filename for n in part}
         index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
         (directory / "model.safetensors.index.json").write_text(json.dumps(index))
-    cfg = config if config is not None else {"architectures": ["TinyModel"], "model_type": "tiny", "dtype": "float32"}
+    cfg = (
+        config
+        if config is not None
+        else {"architectures": ["TinyModel"], "model_type": "tiny", "dtype": "float32"}
+    )
     (directory / "config.json").write_text(json.dumps(cfg))
     if card is not None:
         (directory / "README.md").write_text(card)

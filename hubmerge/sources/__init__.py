@@ -26,7 +26,11 @@ class TensorSource(Protocol):
     ref: ModelRef
     label: str
     commit: str | None  # the pinned commit SHA of a Hub source; None for local sources
-    tensors: Mapping[str, TensorInfo]
+
+    @property
+    def tensors(self) -> Mapping[str, TensorInfo]:
+        """Every tensor's header entry, by name (no tensor bytes read)."""
+        ...
 
     def read(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Return the tensor (or rows ``[a, b)`` of its first dimension), without copying where possible."""
@@ -66,12 +70,8 @@ def open_source(ref: ModelRef, *, label: str) -> TensorSource:
         from .local import LocalSource
 
         return LocalSource(ref, label=label)
-    try:
-        from .hub import HubSource
-    except ImportError:
-        raise SourceError(
-            f"{label}: {ref} is a Hub repository, and this build of hubmerge reads local models only",
-            location=str(ref),
-            hint="download it with `hf download` and refer to the local directory with ./path",
-        ) from None
-    return HubSource(ref, label=label)
+    raise SourceError(
+        f"{label}: {ref} is a Hub repository, and this build of hubmerge reads local models only",
+        location=str(ref),
+        hint="download it with `hf download` and refer to the local directory with ./path",
+    )

@@ -1,7 +1,8 @@
 """Safetensors headers and sharded indexes, parsed and checked without touching tensor data.
 
-The format: 8 bytes little-endian header length N, N bytes of JSON (``{name: {dtype, shape, data_offsets}}``
-plus an optional ``__metadata__`` of str -> str), then the data section. Offsets are relative to the data section.
+The format: 8 bytes little-endian header length N, N bytes of JSON
+(``{name: {dtype, shape, data_offsets}}`` plus an optional ``__metadata__`` of str -> str), then the data
+section. Offsets are relative to the data section.
 """
 
 from __future__ import annotations
@@ -16,16 +17,33 @@ from ..errors import HeaderError
 
 # safetensors dtype code -> bytes per element. Kept free of torch so planning stays light.
 DTYPE_SIZES: dict[str, int] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
-}  # fmt: skip
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+}
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 
 # Recipe dtype names <-> safetensors codes.
 DTYPE_CODES: dict[str, str] = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
-    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
-}  # fmt: skip
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+}
 DTYPE_NAMES: dict[str, str] = {code: name for name, code in DTYPE_CODES.items()}
 
 MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enforces
@@ -157,7 +175,9 @@ def _tensor(name: str, entry: Any, *, file: str, data_start: int) -> TensorInfo:
         or not all(isinstance(o, int) and o >= 0 for o in offsets)
         or offsets[0] > offsets[1]
     ):
-        raise HeaderError(f"{where}: data_offsets {offsets!r} must be [begin, end] with begin <= end", location=file)
+        raise HeaderError(
+            f"{where}: data_offsets {offsets!r} must be [begin, end] with begin <= end", location=file
+        )
     expected = math.prod(shape) * DTYPE_SIZES[dtype]
     if offsets[1] - offsets[0] != expected:
         raise HeaderError(
@@ -178,7 +198,9 @@ def parse_index(raw: bytes, *, file: str) -> dict[str, str]:
     try:
         doc = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HeaderError(f"{file}: not valid JSON ({exc})", location=file, hint="regenerate the index") from None
+        raise HeaderError(
+            f"{file}: not valid JSON ({exc})", location=file, hint="regenerate the index"
+        ) from None
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()

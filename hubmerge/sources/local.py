@@ -70,10 +70,10 @@ def checkpoint_files(root: Path, *, label: str) -> tuple[list[str], dict[str, st
 def pickle_refused(path: Path, *, label: str) -> SourceError:
     """The error for a pickle checkpoint (``*.bin``, ``*.pt``)."""
     return SourceError(
-        f"{label}: {path} is a pickle checkpoint; hubmerge reads only safetensors, because unpickling can run "
-        "arbitrary code and pickles cannot be memory-mapped tensor by tensor",
+        f"{label}: {path} is a pickle checkpoint; hubmerge reads only safetensors, because unpickling "
+        "can run arbitrary code and pickles cannot be memory-mapped tensor by tensor",
         location=str(path),
-        hint="convert it once: python -c \"from transformers import AutoModel; "
+        hint='convert it once: python -c "from transformers import AutoModel; '
         f"AutoModel.from_pretrained('{path.parent}').save_pretrained('OUT', safe_serialization=True)\"",
     )
 
@@ -123,7 +123,9 @@ class LocalSource:
         try:
             fd = os.open(file, os.O_RDONLY)
         except OSError as exc:
-            raise SourceError(f"{self.label}: cannot open {file}: {exc.strerror}", location=str(file)) from None
+            raise SourceError(
+                f"{self.label}: cannot open {file}: {exc.strerror}", location=str(file)
+            ) from None
         try:
             size = os.fstat(fd).st_size
             n = header_length(os.pread(fd, 8, 0), file=str(file), file_size=size)

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .header import TensorInfo
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
-}  # fmt: skip
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def row_bytes(info: TensorInfo) -> int:
@@ -19,7 +32,7 @@ def row_bytes(info: TensorInfo) -> int:
     return info.nbytes // info.shape[0] if info.shape and info.shape[0] else info.nbytes
 
 
-def view_bytes(buffer: object, info: TensorInfo, rows: tuple[int, int] | None) -> torch.Tensor:
+def view_bytes(buffer: Any, info: TensorInfo, rows: tuple[int, int] | None) -> torch.Tensor:
     """A tensor viewing ``info``'s bytes in ``buffer`` (mmap or bytes-like), optionally rows ``[a, b)`` only.
 
     The view is zero-copy when the offset is aligned to the element size; safetensors does not promise that,
@@ -37,6 +50,6 @@ def view_bytes(buffer: object, info: TensorInfo, rows: tuple[int, int] | None) -
         return torch.empty(shape, dtype=dtype)
     itemsize = torch.empty((), dtype=dtype).element_size()
     if start % itemsize:
-        raw = bytearray(memoryview(buffer)[start : start + count * itemsize])  # type: ignore[arg-type]
+        raw = bytearray(memoryview(buffer)[start : start + count * itemsize])
         return torch.frombuffer(raw, dtype=dtype, count=count).view(shape)
-    return torch.frombuffer(buffer, dtype=dtype, count=count, offset=start).view(shape)  # type: ignore[call-overload]
+    return torch.frombuffer(buffer, dtype=dtype, count=count, offset=start).view(shape)

@@ -1,0 +1,37 @@
+# Two set-up commands: `make demo` and `make test`. Both create .venv with the CPU build of torch first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+LINT_PATHS := hubmerge tests bench demo
+
+.PHONY: install demo test lint typecheck unit bench clean
+
+$(BIN)/hubmerge: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $@
+
+install: $(BIN)/hubmerge
+
+demo: install
+	PATH="$(abspath $(BIN)):$$PATH" bash demo/run.sh
+
+lint: install
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+
+typecheck: install
+	$(BIN)/mypy --strict hubmerge
+
+unit: install
+	$(BIN)/pytest -q
+
+test: lint typecheck unit
+
+bench: install
+	PATH="$(abspath $(BIN)):$$PATH" bash bench/run.sh
+
+clean:
+	rm -rf $(VENV) .demo out build *.egg-info

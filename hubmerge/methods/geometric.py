@@ -1,0 +1,91 @@
+"""Merges that use the angle between models: SLERP and Model Stock."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from itertools import combinations
+
+import torch
+
+from hubmerge.methods.basic import weighted_sum
+from hubmerge.methods.spec import check_count
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """Cosine of the angle between two tensors read as flat vectors.
+
+    Args:
+        a: a tensor.
+        b: a tensor of the same shape and dtype.
+
+    Returns:
+        The cosine clamped to [-1, 1], or None when either vector is zero (no angle is defined).
+    """
+    norm_a = float(torch.linalg.vector_norm(a))
+    norm_b = float(torch.linalg.vector_norm(b))
+    if norm_a == 0.0 or norm_b == 0.0:
+        return None
+    dot = float(torch.dot(a.reshape(-1), b.reshape(-1)))
+    return min(1.0, max(-1.0, dot / (norm_a * norm_b)))
+
+
+def slerp(tensors: Sequence[torch.Tensor], *, t: float, eps: float = 5e-4) -> torch.Tensor:
+    """Spherical interpolation of two models, read as flat vectors.
+
+    The angle comes from the normalized directions; the raw tensors are then mixed with the weights
+    ``sin((1 - t) * theta) / sin(theta)`` and ``sin(t * theta) / sin(theta)``, so norms interpolate too.
+    Nearly colinear (or antiparallel) pairs and zero tensors fall back to linear interpolation, where the
+    sine ratios lose precision and the two results agree anyway.
+
+    Args:
+        tensors: exactly two tensors, A then B.
+        t: position along the arc from A (0) to B (1); outside [0, 1] extrapolates.
+        eps: fall back to linear interpolation when ``1 - |cos(theta)| < eps``.
+
+    Returns:
+        A new tensor. ``t=0`` gives A and ``t=1`` gives B exactly.
+
+    Raises:
+        ValueError: not exactly two tensors.
+    """
+    check_count(tensors, "slerp", 2, 2)
+    a, b = tensors
+    cos = cosine(a, b)
+    if cos is None or 1.0 - abs(cos) < eps:
+        return torch.lerp(a, b, t)
+    theta = math.acos(cos)
+    sin_theta = math.sin(theta)
+    return weighted_sum(tensors, [math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta])
+
+
+def model_stock(tensors: Sequence[torch.Tensor], *, base: torch.Tensor) -> torch.Tensor:
+    """Model Stock: move from the base toward the models' mean by a ratio set by their task vectors' angle.
+
+    ``cos`` is the mean pairwise cosine between the task vectors ``x_i - base``, and the ratio is
+    ``t = N * cos / (1 + (N - 1) * cos)``; the result is ``t * mean(x_i) + (1 - t) * base``.
+    A zero task vector has no direction and counts as cosine 0. A negative mean cosine is clamped to 0
+    (result: the base), since the formula has a pole at ``cos = -1 / (N - 1)`` and means nothing below 0.
+
+    Args:
+        tensors: two or more fine-tuned tensors.
+        base: the base model's tensor.
+
+    Returns:
+        A new tensor.
+
+    Raises:
+        ValueError: fewer than two tensors.
+    """
+    check_count(tensors, "model_stock", 2)
+    n = len(tensors)
+    deltas = [torch.sub(x, base).reshape(-1) for x in tensors]
+    norms = [float(torch.linalg.vector_norm(d)) for d in deltas]
+    total = 0.0
+    for i, j in combinations(range(n), 2):
+        if norms[i] > 0.0 and norms[j] > 0.0:
+            total += float(torch.dot(deltas[i], deltas[j])) / (norms[i] * norms[j])
+    del deltas  # free the task vectors before the result is allocated
+    cos = min(1.0, max(0.0, total / (n * (n - 1) / 2)))
+    ratio = n * cos / (1.0 + (n - 1) * cos)
+    return weighted_sum([base, *tensors], [1.0 - ratio, *([ratio / n] * n)])

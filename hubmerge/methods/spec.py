@@ -1,0 +1,125 @@
+"""The two frozen dataclasses that describe a merge method as data, and checks shared by the methods."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One recipe parameter of a merge method.
+
+    ``default`` None means the recipe must set it. A ``per_model`` parameter may be set per model
+    (``models[i].weight``) and reaches the function as a list with one value per model, in model order.
+    """
+
+    name: str
+    kwarg: str
+    type: type
+    default: object
+    per_model: bool
+    doc: str
+    low: float | None = None  # inclusive bounds, checked when the recipe is loaded
+    high: float | None = None
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One merge method: its function and everything the engine needs to call it.
+
+    The engine calls ``fn(tensors, **kwargs)`` with the models' tensors in the compute dtype, every
+    parameter under its ``kwarg``, plus ``base=`` when ``needs_base`` and ``generator=`` when ``random``.
+    ``elementwise`` means ``result[i]`` depends only on the inputs at ``i``, so rows may be merged in chunks.
+    """
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    params: tuple[ParamSpec, ...]
+    min_models: int
+    max_models: int | None
+    needs_base: bool
+    elementwise: bool
+    random: bool
+    paper: str
+    summary: str
+
+
+def check_count(tensors: Sequence[torch.Tensor], method: str, low: int, high: int | None = None) -> None:
+    """Check how many model tensors a method got.
+
+    Args:
+        tensors: the models' tensors.
+        method: method name, for the message.
+        low: fewest models allowed.
+        high: most models allowed, None for no limit.
+
+    Raises:
+        ValueError: too few or too many tensors.
+    """
+    n = len(tensors)
+    if n < low or (high is not None and n > high):
+        wanted = (
+            f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
+        )
+        raise ValueError(f"{method} merges {wanted} models, got {n}")
+
+
+def per_model(values: Sequence[float] | None, n: int, default: float, name: str) -> list[float]:
+    """Resolve a per-model parameter to one float per model.
+
+    Args:
+        values: one value per model, or None to use ``default`` for every model.
+        n: number of models.
+        default: value used when ``values`` is None.
+        name: parameter name, for the message.
+
+    Returns:
+        A list of ``n`` floats.
+
+    Raises:
+        ValueError: ``values`` does not have one entry per model.
+    """
+    if values is None:
+        return [default] * n
+    if len(values) != n:
+        raise ValueError(f"'{name}' needs one value per model ({n}), got {len(values)}")
+    return [float(v) for v in values]
+
+
+def check_densities(densities: Sequence[float]) -> None:
+    """Check that every density is a fraction.
+
+    Args:
+        densities: one density per model.
+
+    Raises:
+        ValueError: a density lies outside [0, 1].
+    """
+    for i, density in enumerate(densities):
+        if not 0.0 <= density <= 1.0:
+            raise ValueError(f"density of model {i} must lie in [0, 1], got {density}")
+
+
+def normalizer(weights: Sequence[float], method: str) -> float:
+    """Sum of the weights, for methods that divide by it.
+
+    Args:
+        weights: one weight per model.
+        method: method name, for the message.
+
+    Returns:
+        The sum of ``weights``.
+
+    Raises:
+        ValueError: the weights sum to zero, so they cannot be normalized.
+    """
+    total = float(sum(weights))
+    if total == 0.0:
+        raise ValueError(
+            f"{method}: weights {list(weights)} sum to 0 and cannot be normalized; "
+            "change the weights or set normalize: false"
+        )
+    return total

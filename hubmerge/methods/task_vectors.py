@@ -1,0 +1,289 @@
+"""Merges of task vectors (``model - base``): task arithmetic, TIES and DARE.
+
+TIES and DARE-TIES are composed from named primitives: sparsify each task vector (``magnitude_prune_``,
+or ``keep_mask_`` and ``rescale``), ``elect_sign`` per element, then ``disjoint_merge`` the entries that
+agree with it.
+Functions ending in ``_`` write into tensors this module allocated itself, never into the inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from hubmerge.methods.basic import weighted_sum
+from hubmerge.methods.spec import check_count, check_densities, normalizer, per_model
+
+# Integer type of each float width, and the right shift that keeps its top 15 to 20 bits as a bucket index.
+_RADIX: dict[int, tuple[torch.dtype, int]] = {2: (torch.int16, 0), 4: (torch.int32, 16), 8: (torch.int64, 44)}
+
+
+def kth_largest_magnitude(values: torch.Tensor, k: int, scratch: torch.Tensor) -> torch.Tensor:
+    """The k-th largest absolute value of a float tensor, without sorting it.
+
+    Args:
+        values: a float tensor.
+        k: rank from the top, 1 <= k <= numel.
+        scratch: a contiguous tensor like ``values`` to work in; overwritten.
+
+    Returns:
+        A 0-d tensor holding the magnitude.
+    """
+    int_dtype, shift = _RADIX[values.element_size()]
+    # Non-negative IEEE floats order like their bit patterns read as integers, so one histogram pass over
+    # the top bits finds the bucket holding the k-th largest magnitude; only that small bucket is then
+    # selected. kthvalue or topk over the whole tensor are several times slower on CPU.
+    buckets = torch.abs(values, out=scratch).view(int_dtype).reshape(-1).bitwise_right_shift_(shift)
+    at_least = torch.bincount(buckets).flip(0).cumsum(0).flip(0)
+    bucket = int((at_least >= k).sum()) - 1
+    above = int(at_least[bucket + 1]) if bucket + 1 < at_least.numel() else 0
+    candidates = values.reshape(-1)[buckets == bucket].abs_()
+    return torch.kthvalue(candidates, candidates.numel() - (k - above) + 1).values
+
+
+def magnitude_prune_(
+    delta: torch.Tensor, density: float, scale: float, scratch: torch.Tensor
+) -> torch.Tensor:
+    """Keep the ``density`` fraction of entries largest in magnitude, zero the rest, multiply by ``scale``.
+
+    ``round(density * numel)`` entries are kept; entries tied with the smallest kept magnitude are kept too.
+
+    Args:
+        delta: a task vector this module owns; overwritten.
+        density: fraction of entries to keep, in [0, 1].
+        scale: factor applied to the kept entries (folded in to save a pass).
+        scratch: a contiguous tensor like ``delta`` to work in; overwritten.
+
+    Returns:
+        ``delta``.
+    """
+    n = delta.numel()
+    k = round(density * n)
+    if k >= n:
+        return delta.mul_(scale)
+    if k <= 0:
+        return delta.zero_()
+    threshold = kth_largest_magnitude(delta, k, scratch)
+    return delta.mul_(torch.abs(delta, out=scratch).ge_(threshold).mul_(scale))
+
+
+def keep_mask_(scratch: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE's random mask: 1.0 with probability ``density``, else 0.0.
+
+    Args:
+        scratch: a tensor shaped like the task vector; overwritten with the mask.
+        density: keep probability, in [0, 1].
+        generator: the only source of randomness; exactly ``numel`` uniform draws are taken from it.
+
+    Returns:
+        ``scratch``.
+    """
+    return scratch.uniform_(generator=generator).lt_(density)
+
+
+def rescale(density: float) -> float:
+    """DARE's factor for the entries that survive the drop.
+
+    Args:
+        density: keep probability, in [0, 1].
+
+    Returns:
+        ``1 / density``, or 0 when ``density`` is 0 and nothing survives.
+    """
+    return 1.0 / density if density > 0 else 0.0
+
+
+def elect_sign(weighted_deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per element, the sign (-1, 0 or 1) of the sum of the weighted task vectors.
+
+    Args:
+        weighted_deltas: one weighted, sparsified task vector per model.
+
+    Returns:
+        A new tensor of signs.
+    """
+    return weighted_sum(weighted_deltas, [1.0] * len(weighted_deltas)).sign_()
+
+
+def disjoint_merge(
+    weighted_deltas: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    sign: torch.Tensor,
+    normalize: bool,
+    scratch: torch.Tensor,
+) -> torch.Tensor:
+    """Sum the entries whose sign agrees with ``sign``, optionally divided by the agreeing models' weights.
+
+    Args:
+        weighted_deltas: one weighted, sparsified task vector per model.
+        weights: the weights already multiplied into ``weighted_deltas``.
+        sign: the elected sign per element.
+        normalize: divide each element by the sum of the weights of the models agreeing there.
+        scratch: a tensor like ``sign`` to work in; overwritten.
+
+    Returns:
+        A new tensor.
+    """
+    out = torch.zeros_like(sign)
+    divisor = torch.zeros_like(sign) if normalize else None
+    for delta, weight in zip(weighted_deltas, weights, strict=True):
+        agree = torch.sign(delta, out=scratch).eq_(sign)
+        out.addcmul_(delta, agree)
+        if divisor is not None:
+            divisor.add_(agree, alpha=weight)
+    if divisor is not None:
+        # Where no model agrees the sum is 0 already; dividing by 1 keeps it 0 instead of NaN.
+        out.div_(divisor.masked_fill_(divisor == 0, 1.0))
+    return out
+
+
+def task_arithmetic(
+    tensors: Sequence[torch.Tensor],
+    *,
+    base: torch.Tensor,
+    weights: Sequence[float] | None = None,
+    lambda_: float = 1.0,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """``base + lambda * sum_i w_i * (x_i - base)``, the sum divided by ``sum_i w_i`` when ``normalize``.
+
+    Args:
+        tensors: one or more fine-tuned tensors.
+        base: the base model's tensor.
+        weights: one weight per model; None means 1.0 each.
+        lambda_: scale of the summed task vectors.
+        normalize: divide the weighted sum by the sum of the weights.
+
+    Returns:
+        A new tensor.
+
+    Raises:
+        ValueError: no tensors, a wrong number of weights, or weights summing to 0 with ``normalize``.
+    """
+    check_count(tensors, "task_arithmetic", 1)
+    ws = per_model(weights, len(tensors), 1.0, "weight")
+    scale = lambda_ / normalizer(ws, "task_arithmetic") if normalize else lambda_
+    coefficients = [scale * w for w in ws]
+    # Expanded to (1 - sum c_i) * base + sum c_i * x_i: one pass per model and no task-vector temporaries.
+    # The cancellation costs a few float32 ulps, below the precision of any half-precision output.
+    return weighted_sum([base, *tensors], [1.0 - sum(coefficients), *coefficients])
+
+
+def ties(
+    tensors: Sequence[torch.Tensor],
+    *,
+    base: torch.Tensor,
+    weights: Sequence[float] | None = None,
+    densities: Sequence[float] | None = None,
+    lambda_: float = 1.0,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """TIES-merging: trim each task vector by magnitude, elect a sign per element, merge the agreeing entries.
+
+    Args:
+        tensors: one or more fine-tuned tensors.
+        base: the base model's tensor.
+        weights: one weight per model; None means 1.0 each. Signs are elected on the weighted task vectors.
+        densities: fraction of each task vector kept, per model; None means 0.5 each.
+        lambda_: scale of the merged task vector.
+        normalize: divide each element by the sum of the weights of the models agreeing with its sign.
+
+    Returns:
+        A new tensor ``base + lambda * merged``.
+
+    Raises:
+        ValueError: no tensors, wrong number of weights or densities, or a density outside [0, 1].
+    """
+    check_count(tensors, "ties", 1)
+    ws = per_model(weights, len(tensors), 1.0, "weight")
+    ds = per_model(densities, len(tensors), 0.5, "density")
+    check_densities(ds)
+    scratch = torch.empty_like(base)
+    deltas = [
+        magnitude_prune_(torch.sub(x, base), d, w, scratch) for x, w, d in zip(tensors, ws, ds, strict=True)
+    ]
+    merged = disjoint_merge(deltas, ws, elect_sign(deltas), normalize, scratch)
+    return torch.add(base, merged, alpha=lambda_, out=merged)
+
+
+def dare_linear(
+    tensors: Sequence[torch.Tensor],
+    *,
+    base: torch.Tensor,
+    generator: torch.Generator,
+    weights: Sequence[float] | None = None,
+    densities: Sequence[float] | None = None,
+    lambda_: float = 1.0,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """DARE: randomly drop task-vector entries, rescale the survivors, then add them like task arithmetic.
+
+    Args:
+        tensors: one or more fine-tuned tensors.
+        base: the base model's tensor.
+        generator: source of the drop masks, drawn for model 0 first, then model 1, ...
+        weights: one weight per model; None means 1.0 each.
+        densities: keep probability per model; None means 0.5 each. Survivors are scaled by 1/density.
+        lambda_: scale of the summed task vectors.
+        normalize: divide the weighted sum by the sum of the weights.
+
+    Returns:
+        A new tensor.
+
+    Raises:
+        ValueError: no tensors, wrong number of weights or densities, a density outside [0, 1], or
+            weights summing to 0 with ``normalize``.
+    """
+    check_count(tensors, "dare_linear", 1)
+    ws = per_model(weights, len(tensors), 1.0, "weight")
+    ds = per_model(densities, len(tensors), 0.5, "density")
+    check_densities(ds)
+    scale = lambda_ / normalizer(ws, "dare_linear") if normalize else lambda_
+    out = base.clone()
+    delta = torch.empty_like(base)
+    scratch = torch.empty_like(base)
+    for x, w, d in zip(tensors, ws, ds, strict=True):
+        keep = keep_mask_(scratch, d, generator)
+        out.addcmul_(torch.sub(x, base, out=delta), keep, value=scale * w * rescale(d))
+    return out
+
+
+def dare_ties(
+    tensors: Sequence[torch.Tensor],
+    *,
+    base: torch.Tensor,
+    generator: torch.Generator,
+    weights: Sequence[float] | None = None,
+    densities: Sequence[float] | None = None,
+    lambda_: float = 1.0,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """DARE's random drop and rescale, then TIES sign election and disjoint merge.
+
+    Args:
+        tensors: one or more fine-tuned tensors.
+        base: the base model's tensor.
+        generator: source of the drop masks, drawn for model 0 first, then model 1, ...
+        weights: one weight per model; None means 1.0 each.
+        densities: keep probability per model; None means 0.5 each. Survivors are scaled by 1/density.
+        lambda_: scale of the merged task vector.
+        normalize: divide each element by the sum of the weights of the models agreeing with its sign.
+
+    Returns:
+        A new tensor ``base + lambda * merged``.
+
+    Raises:
+        ValueError: no tensors, wrong number of weights or densities, or a density outside [0, 1].
+    """
+    check_count(tensors, "dare_ties", 1)
+    ws = per_model(weights, len(tensors), 1.0, "weight")
+    ds = per_model(densities, len(tensors), 0.5, "density")
+    check_densities(ds)
+    scratch = torch.empty_like(base)
+    deltas = []
+    for x, w, d in zip(tensors, ws, ds, strict=True):
+        keep = keep_mask_(scratch, d, generator)
+        deltas.append(torch.sub(x, base).mul_(keep.mul_(w * rescale(d))))
+    merged = disjoint_merge(deltas, ws, elect_sign(deltas), normalize, scratch)
+    return torch.add(base, merged, alpha=lambda_, out=merged)

@@ -1,0 +1,103 @@
+"""End to end through the CLI on tiny real transformers models: load the merge, run it, compare logits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from hubmerge.cli import main
+
+transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.slow
+
+
+def _llama(seed: int, directory: Path, *, shard: str | None = None) -> Path:
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    kwargs = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(directory, **kwargs)
+    transformers.GenerationConfig(max_new_tokens=4).save_pretrained(directory)
+    return directory
+
+
+def _bert(seed: int, directory: Path) -> Path:
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
+    transformers.BertForSequenceClassification(config).save_pretrained(directory)
+    return directory
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits  # type: ignore[no-any-return]
+
+
+def test_llama_linear_endpoints_and_midpoint(tmp_path: Path) -> None:
+    a = _llama(0, tmp_path / "a", shard="40KB")
+    b = _llama(1, tmp_path / "b")
+    assert (a / "model.safetensors.index.json").exists()
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    model_a = transformers.LlamaForCausalLM.from_pretrained(a)
+    model_b = transformers.LlamaForCausalLM.from_pretrained(b)
+    for t in (0.0, 1.0, 0.5):
+        recipe = tmp_path / f"r{t}.yaml"
+        recipe.write_text(
+            f"method: linear\nmodels: [a, b]\nparameters: {{t: {t}}}\noutput: {{max_shard_size: 60KB}}\n"
+        )
+        out = tmp_path / f"out{t}"
+        assert main([str(recipe), "--out", str(out), "-q"]) == 0
+        assert (out / "model.safetensors.index.json").exists()
+        assert (out / "generation_config.json").exists()
+        merged = transformers.AutoModelForCausalLM.from_pretrained(out)
+        if t == 0.0:
+            torch.testing.assert_close(_logits(merged, ids), _logits(model_a, ids))
+        elif t == 1.0:
+            torch.testing.assert_close(_logits(merged, ids), _logits(model_b, ids))
+        else:
+            sa, sb, sm = model_a.state_dict(), model_b.state_dict(), merged.state_dict()
+            for name, value in sm.items():
+                torch.testing.assert_close(value, (sa[name] + sb[name]) / 2, msg=name)
+            assert merged.lm_head.weight.data_ptr() == merged.model.embed_tokens.weight.data_ptr()
+            generated = merged.generate(ids[:1, :4], max_new_tokens=3, do_sample=False)
+            assert generated.shape == (1, 7)
+
+
+def test_bert_classifier_centroid_in_bf16(tmp_path: Path) -> None:
+    paths = [_bert(i, tmp_path / f"bert{i}") for i in range(3)]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: centroid\nmodels: [bert0, bert1, bert2]\ndtype: bfloat16\n")
+    out = tmp_path / "out"
+    assert main([str(recipe), "--out", str(out), "-q"]) == 0
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32)
+    models = [transformers.BertForSequenceClassification.from_pretrained(p) for p in paths]
+    states = [m.state_dict() for m in models]
+    for name, value in merged.state_dict().items():
+        if value.is_floating_point():
+            expected = (sum(s[name] for s in states) / 3).bfloat16().float()
+            torch.testing.assert_close(value, expected, msg=name)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    logits = _logits(merged, ids)
+    assert logits.shape == (2, 3) and torch.isfinite(logits).all()
