@@ -8,14 +8,18 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .errors import RecipeError
 from .plan import DEFAULT_MEMORY_BUDGET, MergePlan, build_plan
+from .publish import PushTarget
 from .recipe import Dtype, Recipe, load_recipe
 from .sources import TensorSource, open_source
-from .writer import ShardWriter, check_output, write_json
+from .writer import ShardWriter, Sink, check_output, write_json
+
+if TYPE_CHECKING:
+    from .sources.hub import Transfer
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,7 @@ class MergeResult:
     seconds: float
     files: tuple[str, ...]
     resumed_tensors: int
+    commit_url: str | None = None
 
     @property
     def bytes_read(self) -> int:
@@ -44,8 +49,12 @@ class MergeResult:
 
 
 @contextlib.contextmanager
-def open_sources(recipe: Recipe) -> Iterator[list[TensorSource]]:
-    """Open every model of the recipe (headers only), then the base; the same reference is opened once."""
+def open_sources(recipe: Recipe, *, transfer: Transfer = "ranges") -> Iterator[list[TensorSource]]:
+    """Open every model of the recipe (headers only), then the base; the same reference is opened once.
+
+    ``transfer`` chooses how Hub sources read tensors: ``ranges`` (HTTP Range requests, no disk) or
+    ``shards`` (one downloaded shard per model at a time).
+    """
     refs = [(f"models.{i}", ref) for i, ref in enumerate(recipe.model_refs())]
     base = recipe.base_ref()
     if base is not None:
@@ -56,7 +65,7 @@ def open_sources(recipe: Recipe) -> Iterator[list[TensorSource]]:
         for label, ref in refs:
             key = str(ref)
             if key not in opened:
-                opened[key] = open_source(ref, label=label)
+                opened[key] = open_source(ref, label=label, transfer=transfer)
             sources.append(opened[key])
         yield sources
     finally:
@@ -71,16 +80,31 @@ def _with_dtype(recipe: Recipe, dtype: Dtype | None) -> Recipe:
 
 
 def plan(
-    recipe: RecipeLike, *, dtype: Dtype | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET
+    recipe: RecipeLike,
+    *,
+    dtype: Dtype | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    check_card: bool = True,
 ) -> MergePlan:
     """Load the recipe, read the models' headers, and plan the merge without reading any weight.
+
+    ``check_card`` also reads the sources' model cards to check that their licenses agree.
 
     Raises:
         RecipeError, SourceError, PlanError: the recipe, a model, or their combination is wrong.
     """
     loaded = _with_dtype(load_recipe(recipe), dtype)
     with open_sources(loaded) as sources:
-        return build_plan(loaded, sources, memory_budget=memory_budget)
+        merge_plan = build_plan(loaded, sources, memory_budget=memory_budget)
+        if check_card:
+            from .card import common_license
+
+            common_license(merge_plan, _unique(sources))
+        return merge_plan
+
+
+def _unique(sources: list[TensorSource]) -> list[TensorSource]:
+    return list({id(s): s for s in sources}.values())
 
 
 def output_dir(recipe: Recipe, out: str | Path | None) -> Path:
@@ -110,6 +134,8 @@ def merge(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: Callable[[int], None] | None = None,
     on_plan: Callable[[MergePlan], None] | None = None,
+    push: PushTarget | None = None,
+    transfer: Transfer = "ranges",
 ) -> MergeResult:
     """Merge the recipe's models into ``out`` (default: the recipe's ``output.dir``).
 
@@ -123,6 +149,8 @@ def merge(
         memory_budget: compute-buffer bytes per tensor before merging in row chunks.
         progress: called with input bytes consumed, for progress bars.
         on_plan: called with the plan before any weight is read.
+        push: publish to this Hub repository (default: the recipe's ``push:``, if any).
+        transfer: how Hub sources are read: ``ranges`` (default) or ``shards``.
 
     Returns:
         A :class:`MergeResult`.
@@ -130,37 +158,62 @@ def merge(
     Raises:
         HubmergeError: any failure, with what to do about it; a partial output is kept for ``resume``.
     """
+    from .card import common_license
+    from .publish import HubUploader
     from .run import execute
 
     loaded = _with_dtype(load_recipe(recipe), dtype)
     target = output_dir(loaded, out)
+    if push is None and loaded.push is not None:
+        push = PushTarget(**loaded.push.model_dump())
     local_inputs = [r.path for r in [*loaded.model_refs(), loaded.base_ref()] if r is not None and r.path]
     check_output(target, local_inputs, force=force, resume=resume)
     start = time.perf_counter()
-    with open_sources(loaded) as sources:
+    with open_sources(loaded, transfer=transfer) as sources:
         merge_plan = build_plan(loaded, sources, memory_budget=memory_budget)
+        license_ = common_license(merge_plan, _unique(sources))  # disagreeing licenses fail before any read
         if on_plan is not None:
             on_plan(merge_plan)
         writer = ShardWriter(target, resume=resume)
+        uploader = HubUploader(push, writer.tmp) if push is not None else None
+        commit_url = None
         try:
             done = writer.begin(merge_plan)
-            execute(merge_plan, sources, [writer], done=frozenset(done), device=device, progress=progress)
-            files = finish_output(merge_plan, sources, writer.tmp, out_name=target.name)
+            sinks: list[Sink] = [writer]
+            if uploader is not None:
+                uploader.begin(merge_plan)
+                sinks.append(uploader)
+            execute(merge_plan, sources, sinks, done=frozenset(done), device=device, progress=progress)
+            repo_id = push.repo_id if push is not None else None
+            files = finish_output(
+                merge_plan, sources, writer.tmp, out_name=target.name, repo_id=repo_id, license_=license_
+            )
+            if uploader is not None:
+                commit_url = uploader.commit(files)
         finally:
             writer.close()
+            if uploader is not None:
+                uploader.close()
         writer.commit(force=force)
-    return MergeResult(target, merge_plan, time.perf_counter() - start, tuple(files), len(done))
+    elapsed = time.perf_counter() - start
+    return MergeResult(target, merge_plan, elapsed, tuple(files), len(done), commit_url)
 
 
 def finish_output(
-    plan: MergePlan, sources: list[TensorSource], dest: Path, *, out_name: str, repo_id: str | None = None
+    plan: MergePlan,
+    sources: list[TensorSource],
+    dest: Path,
+    *,
+    out_name: str,
+    repo_id: str | None = None,
+    license_: str | None = None,
 ) -> list[str]:
     """Write the index, companion files, model card and manifest next to the shards.
 
     Returns:
         Every file of the output, relative to ``dest``.
     """
-    from .card import common_license, front_matter, render_card
+    from .card import front_matter, render_card
     from .companions import companion_source, copy_companions, read_config
 
     recipe = plan.recipe
@@ -182,10 +235,9 @@ def finish_output(
     origin = companion_source(sources, len(recipe.models), recipe.base is not None)
     files += copy_companions(origin, dest, model_dtype=plan.model_dtype)
     config = read_config(dest / "config.json") if (dest / "config.json").exists() else None
-    unique = list({id(s): s for s in sources}.values())
     meta = front_matter(
         plan,
-        license_=common_license(plan, unique),
+        license_=license_,
         config=config,
         sentence_transformers=(dest / "modules.json").exists(),
     )

@@ -36,8 +36,13 @@ def cli() -> None:
 
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not (verbose or quiet):
+        logging.getLogger("hubmerge").setLevel(logging.INFO)
 
 
 @cli.command("merge")
@@ -50,6 +55,18 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
 @click.option("--resume", is_flag=True, help="Continue an interrupted merge into the same output.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory (never an input).")
 @click.option("--dry-run", is_flag=True, help="Plan and check, read no weights, write nothing.")
+@click.option("--push", "push_repo", metavar="REPO", help="Publish the merge to this Hub repository.")
+@click.option("--private", is_flag=True, default=None, help="Create the Hub repository as private.")
+@click.option("--branch", help="Commit to this branch of the Hub repository (created if missing).")
+@click.option("--create-pr", is_flag=True, default=None, help="Open a pull request instead of committing.")
+@click.option("--delete-local", is_flag=True, default=None, help="Delete each shard once uploaded.")
+@click.option(
+    "--hub-transfer",
+    type=click.Choice(["ranges", "shards"]),
+    default="ranges",
+    show_default=True,
+    help="Read Hub sources by ranged requests per tensor, or one downloaded shard per model at a time.",
+)
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging; tracebacks on errors.")
 @click.option("--quiet", "-q", is_flag=True, help="Errors only.")
 def merge_command(
@@ -60,16 +77,40 @@ def merge_command(
     resume: bool,
     force: bool,
     dry_run: bool,
+    push_repo: str | None,
+    private: bool | None,
+    branch: str | None,
+    create_pr: bool | None,
+    delete_local: bool | None,
+    hub_transfer: Any,
     verbose: bool,
     quiet: bool,
 ) -> None:
     """Merge the models of RECIPE."""
     from .api import merge, plan
+    from .publish import PushTarget
+    from .recipe import load_recipe
     from .report import human_bytes, plan_summary
 
     _setup_logging(verbose, quiet)
+    loaded = load_recipe(recipe)
+    wanted: dict[str, Any] = loaded.push.model_dump() if loaded.push is not None else {}
+    overrides = {
+        "repo": push_repo,
+        "private": private,
+        "branch": branch,
+        "create_pr": create_pr,
+        "delete_local": delete_local,
+    }
+    wanted |= {k: v for k, v in overrides.items() if v is not None}
+    target = PushTarget(repo_id=wanted.pop("repo"), **wanted) if "repo" in wanted else None
+    if target is None and any(v is not None for k, v in overrides.items() if k != "repo"):
+        raise HubmergeError(
+            "--private, --branch, --create-pr and --delete-local need a push target",
+            hint="add --push REPO or a `push:` section to the recipe",
+        )
     if dry_run:
-        click.echo(plan_summary(plan(recipe, dtype=dtype)))
+        click.echo(plan_summary(plan(loaded, dtype=dtype)))
         click.echo("dry run: nothing read, nothing written")
         return
     if device == "cuda":
@@ -98,7 +139,7 @@ def merge_command(
 
     try:
         result = merge(
-            recipe,
+            loaded,
             out,
             dtype=dtype,
             device=device,
@@ -106,6 +147,8 @@ def merge_command(
             force=force,
             progress=(lambda n: bar.update(n)) if not quiet else None,
             on_plan=on_plan,
+            push=target,
+            transfer=hub_transfer,
         )
     finally:
         if bar is not None:
@@ -117,6 +160,8 @@ def merge_command(
             f"{result.seconds:.2f} s ({result.gb_per_s:.2f} GB/s){resumed}\n"
             f"wrote {len(result.files)} files to {result.out}"
         )
+    if result.commit_url:
+        click.echo(f"pushed to {result.commit_url}")
 
 
 @cli.command("plan")
@@ -190,7 +235,7 @@ def hub_serve(root: Path, host: str, port: int, tokens: tuple[str, ...]) -> None
         if not sep or not token or not user:
             raise HubmergeError(f"--token {item!r} is not TOKEN=USER", hint="write --token mysecret=alice")
         users[token] = user
-    serve_forever(root, host, port, users)
+    serve_forever(root, host, port, users, on_ready=lambda url: click.echo(f"serving {root} at {url}"))
 
 
 def main(argv: list[str] | None = None) -> int:

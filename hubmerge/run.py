@@ -53,6 +53,9 @@ def execute(
     left = [sum(plan.jobs[j].name not in done for j in shard.jobs) for shard in plan.shards]
     pending: deque[Future[None]] = deque()
     with ThreadPoolExecutor(1, thread_name_prefix="hubmerge-writer") as writer:
+        for shard, remaining in enumerate(left):
+            if remaining == 0:  # finished by an earlier run: tell the sinks (an uploader may still need it)
+                pending.append(writer.submit(_shard_done, sinks, shard))
         try:
             for index, job in enumerate(plan.jobs):
                 if job.name in done:
@@ -86,6 +89,11 @@ def _finish(sinks: Sequence[Sink], job: Job, shard_complete: bool) -> None:
         sink.tensor_done(job)
         if shard_complete:
             sink.shard_done(job.shard)
+
+
+def _shard_done(sinks: Sequence[Sink], shard: int) -> None:
+    for sink in sinks:
+        sink.shard_done(shard)
 
 
 def _prefetch(job: Job, sources: Sequence[TensorSource]) -> None:

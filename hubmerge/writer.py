@@ -93,6 +93,7 @@ class ShardWriter:
         self.tmp = partial_dir(self.out)
         self.resume = resume
         self._fds: list[int] = []
+        self._gone: set[str] = set()
         self._journal: int | None = None
 
     def begin(self, plan: MergePlan) -> set[str]:
@@ -109,6 +110,16 @@ class ShardWriter:
             journal = (progress / "journal").read_text() if (progress / "journal").exists() else ""
             # The last line may be cut short by a kill; only complete lines count.
             done = {line for line in journal.split("\n")[:-1] if line}
+            uploaded_path = progress / "uploaded.json"
+            uploaded = set(json.loads(uploaded_path.read_text())) if uploaded_path.exists() else set()
+            for shard in plan.shards:
+                if not (self.tmp / shard.filename).exists():
+                    if shard.filename in uploaded:
+                        self._gone.add(
+                            shard.filename
+                        )  # uploaded and deleted (--delete-local): nothing to write
+                    else:
+                        done -= {plan.jobs[j].name for j in shard.jobs}
             log.info("resuming: %d of %d tensors already written", len(done), len(plan.jobs))
         else:
             if self.tmp.exists():
@@ -117,6 +128,9 @@ class ShardWriter:
             (progress / "fingerprint").write_text(fingerprint)
         for shard in plan.shards:
             path = self.tmp / shard.filename
+            if shard.filename in self._gone:
+                self._fds.append(-1)
+                continue
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             self._fds.append(fd)
             if os.fstat(fd).st_size != shard.size:
@@ -137,11 +151,13 @@ class ShardWriter:
         os.write(self._journal, f"{job.name}\n".encode())
 
     def shard_done(self, shard: int) -> None:
-        os.fsync(self._fds[shard])
+        if self._fds[shard] >= 0:
+            os.fsync(self._fds[shard])
 
     def close(self) -> None:
         for fd in self._fds:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         self._fds.clear()
         if self._journal is not None:
             os.close(self._journal)

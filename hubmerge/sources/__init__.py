@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
-from ..errors import SourceError
 from ..refs import ModelRef
 from .header import TensorInfo
 
@@ -53,12 +52,15 @@ class TensorSource(Protocol):
         ...
 
 
-def open_source(ref: ModelRef, *, label: str) -> TensorSource:
+def open_source(
+    ref: ModelRef, *, label: str, transfer: Literal["ranges", "shards"] = "ranges"
+) -> TensorSource:
     """Open a model's headers.
 
     Args:
         ref: where the model lives.
         label: short name for messages (``models.0``, ``base``).
+        transfer: how Hub sources read tensors: ranged requests, or one downloaded shard at a time.
 
     Returns:
         An open source; close it when done.
@@ -70,8 +72,6 @@ def open_source(ref: ModelRef, *, label: str) -> TensorSource:
         from .local import LocalSource
 
         return LocalSource(ref, label=label)
-    raise SourceError(
-        f"{label}: {ref} is a Hub repository, and this build of hubmerge reads local models only",
-        location=str(ref),
-        hint="download it with `hf download` and refer to the local directory with ./path",
-    )
+    from .hub import HubSource
+
+    return HubSource(ref, label=label, transfer=transfer)

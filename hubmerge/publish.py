@@ -1,0 +1,214 @@
+"""Publishing a merge to the Hub: each shard is uploaded as soon as it is written, then ONE commit.
+
+Uploads use the Hub's LFS pre-upload, so they run while the merge goes on; the final commit adds the shards,
+index, config and tokenizer files, card and manifest at once. A rerun (``--resume``) asks the Hub which blobs
+it already has and uploads only the rest. The token comes from ``HF_TOKEN`` or ``hf auth login`` and is never
+printed, logged or written anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import HubError, PublishError
+from .sources.hub import hub_call
+from .writer import PROGRESS_DIR
+
+if TYPE_CHECKING:
+    import torch
+    from huggingface_hub import CommitOperationAdd
+
+    from .plan import Job, MergePlan
+
+log = logging.getLogger(__name__)
+
+UPLOADED = (
+    "uploaded.json"  # shards uploaded and deleted locally (--delete-local): name -> sha256, size, sample
+)
+
+
+@dataclass(frozen=True)
+class PushTarget:
+    """Where the merge goes on the Hub."""
+
+    repo_id: str
+    private: bool = False
+    branch: str | None = None
+    create_pr: bool = False
+    delete_local: bool = False
+    commit_message: str | None = None
+
+
+class HubUploader:
+    """A sink that uploads each finished shard in the background, and commits everything at the end."""
+
+    def __init__(self, target: PushTarget, directory: Path) -> None:
+        from huggingface_hub import HfApi
+
+        self.target, self.directory = target, directory
+        self.api = HfApi()
+        self._plan: MergePlan | None = None
+        self._ops: dict[str, CommitOperationAdd] = {}
+        self._uploads: list[Future[None]] = []
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="hubmerge-upload")
+
+    def _call(self, fn: Any, what: str) -> Any:
+        # huggingface_hub retries its own requests with backoff; one attempt here, errors mapped to ours.
+        keep = "the merged files are kept: rerun with --resume to finish the push"
+        try:
+            return hub_call(
+                fn, repo_id=self.target.repo_id, revision=self.target.branch, what=what, attempts=1
+            )
+        except HubError as exc:
+            raise PublishError(
+                f"push to {self.target.repo_id} failed: {exc.message}",
+                repo_id=self.target.repo_id,
+                hint=f"{exc.hint}; {keep}" if exc.hint else keep,
+            ) from None
+        except RuntimeError as exc:  # how huggingface_hub reports a failed LFS upload
+            cause = exc.__cause__ or exc
+            raise PublishError(
+                f"push to {self.target.repo_id} failed during {what}: {type(cause).__name__}: {cause}",
+                repo_id=self.target.repo_id,
+                hint=f"check the connection to the Hub; {keep}",
+            ) from None
+
+    def begin(self, plan: MergePlan) -> set[str]:
+        self._plan = plan
+        target = self.target
+        self._call(lambda: self.api.whoami(), "whoami")
+        self._call(
+            lambda: self.api.create_repo(target.repo_id, private=target.private, exist_ok=True),
+            "create repository",
+        )
+        if target.branch:
+            self._call(
+                lambda: self.api.create_branch(target.repo_id, branch=target.branch, exist_ok=True), "branch"
+            )
+        return set()
+
+    def write(self, job: Job, row: int, data: torch.Tensor) -> None:
+        pass
+
+    def tensor_done(self, job: Job) -> None:
+        pass
+
+    def shard_done(self, shard: int) -> None:
+        assert self._plan is not None
+        self._uploads.append(self._pool.submit(self._upload, self._plan.shards[shard].filename))
+
+    def _upload(self, filename: str) -> None:
+        from huggingface_hub import CommitOperationAdd
+
+        recorded = self._recorded()
+        path = self.directory / filename
+        if filename in recorded and not path.exists():
+            self._ops[filename] = _already_uploaded(filename, recorded[filename])
+            return
+        op = CommitOperationAdd(path_in_repo=filename, path_or_fileobj=str(path))
+        self._call(
+            lambda: self.api.preupload_lfs_files(
+                self.target.repo_id,
+                additions=[op],
+                revision=self.target.branch,
+                create_pr=self.target.create_pr,
+                free_memory=False,
+            ),
+            f"upload of {filename}",
+        )
+        self._ops[filename] = op
+        log.info("uploaded %s", filename)
+        if self.target.delete_local and op._upload_mode == "lfs":
+            with open(path, "rb") as f:
+                sample = f.read(512)
+            recorded[filename] = {
+                "sha256": op.upload_info.sha256.hex(),
+                "size": op.upload_info.size,
+                "sample": sample.hex(),
+            }
+            (self.directory / PROGRESS_DIR / UPLOADED).write_text(json.dumps(recorded, sort_keys=True))
+            path.unlink()
+
+    def _recorded(self) -> dict[str, dict[str, Any]]:
+        path = self.directory / PROGRESS_DIR / UPLOADED
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def commit(self, files: list[str]) -> str:
+        """Wait for the shard uploads, then commit every file at once.
+
+        Returns:
+            The commit URL (or the pull request URL with ``create_pr``).
+
+        Raises:
+            PublishError: an upload or the commit failed; the local files are kept for a rerun.
+        """
+        from huggingface_hub import CommitOperationAdd
+
+        assert self._plan is not None
+        for future in self._uploads:
+            future.result()
+        self._pool.shutdown()
+        ops = []
+        for name in files:
+            if name in self._ops:
+                ops.append(self._ops[name])
+            else:
+                ops.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(self.directory / name)))
+        plan, target = self._plan, self.target
+        if "README.md" in files:
+            self._validate_card(self.directory / "README.md")
+        summary = (
+            target.commit_message or f"hubmerge: {plan.method} merge of {len(plan.recipe.models)} models"
+        )
+        sources = "\n".join(
+            f"- {s.label}: {s.ref}" + (f" @ {s.commit}" if s.commit else "") for s in plan.sources
+        )
+        description = f"Merged with hubmerge.\n\n{sources}\n\nrecipe sha256: {plan.recipe_sha256}"
+        info = self._call(
+            lambda: self.api.create_commit(
+                target.repo_id,
+                operations=ops,
+                commit_message=summary,
+                commit_description=description,
+                revision=target.branch,
+                create_pr=target.create_pr,
+            ),
+            "commit",
+        )
+        url = info.pr_url if target.create_pr and info.pr_url else info.commit_url
+        return str(url)
+
+    def _validate_card(self, path: Path) -> None:
+        from huggingface_hub import ModelCard
+
+        card = ModelCard(path.read_text(encoding="utf-8"))
+        try:
+            self._call(lambda: card.validate(repo_type="model"), "model card validation")
+        except ValueError as exc:
+            raise PublishError(
+                f"the Hub rejects the model card's metadata: {exc}",
+                repo_id=self.target.repo_id,
+                hint="fix the `card:` section of the recipe",
+            ) from None
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _already_uploaded(filename: str, record: dict[str, Any]) -> CommitOperationAdd:
+    """A commit operation for a shard uploaded by an earlier run, then deleted (--delete-local)."""
+    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub.lfs import UploadInfo
+
+    op = CommitOperationAdd(path_in_repo=filename, path_or_fileobj=b"")
+    sample = bytes.fromhex(record["sample"])
+    op.upload_info = UploadInfo(size=record["size"], sample=sample, sha256=bytes.fromhex(record["sha256"]))
+    # The client's own markers for "already in LFS storage": the commit then only references the blob.
+    op._upload_mode = "lfs"
+    op._is_uploaded = True
+    return op

@@ -1,0 +1,300 @@
+"""Hub checkpoints, streamed: headers by ranged requests, tensors by ranged reads or one shard at a time.
+
+The revision is resolved to a commit SHA when the source opens and every later request names that SHA, so a
+run reads the same bytes even if the branch moves. ``transfer="ranges"`` (default) reads each tensor with an
+HTTP Range request, a few in flight ahead of the merge, touching no disk; ``transfer="shards"`` downloads one
+shard per model at a time into a temporary directory and evicts it when the model moves to its next shard.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, TypeVar
+
+from ..errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HeaderError,
+    HubConnectionError,
+    HubError,
+    RepoNotFoundError,
+    RevisionNotFoundError,
+    SourceError,
+)
+from ..refs import ModelRef
+from .header import TensorInfo, header_length, parse_header, parse_index
+from .local import INDEX, PICKLE_SUFFIXES, SINGLE
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Transfer = Literal["ranges", "shards"]
+IN_FLIGHT = 4  # ranged reads running ahead of the merge
+PREFETCH_LIMIT = 64 * 2**20  # larger tensors are read when needed, in the row chunks the plan asks for
+CHUNK = 1 << 20
+
+
+def retries() -> int:
+    """Attempts per request before giving up (``HUBMERGE_HUB_RETRIES``, default 5)."""
+    return max(1, int(os.environ.get("HUBMERGE_HUB_RETRIES", "5")))
+
+
+def hub_call(
+    fn: Callable[[], T], *, repo_id: str, revision: str | None, what: str, attempts: int | None = None
+) -> T:
+    """Run a Hub request, retrying lost connections and server errors with backoff, mapping errors to ours.
+
+    ``attempts`` defaults to :func:`retries`; calls that already retry inside huggingface_hub pass 1.
+
+    Raises:
+        HubError: a subclass naming the repository, the revision and what to do.
+    """
+    import httpx2
+    from huggingface_hub import errors as hf
+
+    where = f"{repo_id}@{revision}" if revision else repo_id
+    attempts = attempts or retries()
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except hf.GatedRepoError:
+            raise GatedRepoError(
+                f"{where} is gated: access must be granted before it can be read",
+                repo_id=repo_id,
+                revision=revision,
+                hint="request access on its page, then log in with `hf auth login` or set HF_TOKEN",
+            ) from None
+        except hf.RepositoryNotFoundError:
+            raise RepoNotFoundError(
+                f"repository {repo_id} not found, or it is private and no valid token was sent",
+                repo_id=repo_id,
+                revision=revision,
+                hint="check the id; for a private repository set HF_TOKEN or run `hf auth login`",
+            ) from None
+        except hf.RevisionNotFoundError:
+            raise RevisionNotFoundError(
+                f"revision {revision!r} not found in {repo_id}",
+                repo_id=repo_id,
+                revision=revision,
+                hint="check the branch, tag or commit id in the recipe",
+            ) from None
+        except hf.RemoteEntryNotFoundError:
+            raise EntryNotFoundError(
+                f"{what}: not found in {where}",
+                repo_id=repo_id,
+                revision=revision,
+                hint="check that the repository holds a safetensors checkpoint",
+            ) from None
+        except (httpx2.TransportError, hf.HfHubHTTPError, OSError) as exc:
+            status = getattr(getattr(exc, "response", None), "status_code", None)
+            if status is not None and status < 500 and status != 429:
+                raise HubError(
+                    f"{what} from {where} failed: {exc}", repo_id=repo_id, revision=revision
+                ) from None
+            if attempt + 1 == attempts:
+                raise HubConnectionError(
+                    f"lost the connection to the Hub while reading {what} from {where} "
+                    f"({type(exc).__name__}: {exc}); gave up after {attempts} attempts",
+                    repo_id=repo_id,
+                    revision=revision,
+                    hint="check the network, then rerun with --resume to continue where it stopped",
+                ) from None
+            delay = min(0.5 * 2**attempt, 8.0)
+            log.warning("%s from %s failed (%s); retrying in %.1f s", what, where, exc, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+class HubSource:
+    """A model in a Hub repository, pinned to one commit."""
+
+    def __init__(self, ref: ModelRef, *, label: str, transfer: Transfer = "ranges") -> None:
+        from huggingface_hub import HfApi
+
+        assert ref.repo_id is not None  # open_source dispatches on this
+        self.ref, self.label, self.transfer = ref, label, transfer
+        self.repo_id = ref.repo_id
+        self.api = HfApi()
+        info = hub_call(
+            lambda: self.api.model_info(self.repo_id, revision=ref.revision, files_metadata=True),
+            repo_id=self.repo_id,
+            revision=ref.revision,
+            what="repository info",
+        )
+        assert info.sha is not None
+        self.commit: str | None = info.sha
+        self._sha = info.sha
+        self._sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
+        self.tensors: dict[str, TensorInfo] = {}
+        self._pool = ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix=f"hubmerge-{label}")
+        self._pending: dict[tuple[str, int, int], Future[bytearray]] = {}
+        self._shard_dir: Path | None = None
+        self._shard: tuple[str, mmap.mmap] | None = None
+        for shard in self._shards():
+            self._read_header(shard)
+
+    def _shards(self) -> list[str]:
+        if INDEX in self._sizes:
+            path = self.fetch(INDEX)
+            assert path is not None
+            self._weight_map: dict[str, str] | None = parse_index(
+                path.read_bytes(), file=f"{self.repo_id}/{INDEX}"
+            )
+            shards = sorted(set(self._weight_map.values()))
+            missing = [s for s in shards if s not in self._sizes]
+            if missing:
+                raise EntryNotFoundError(
+                    f"{self.label}: {INDEX} of {self.repo_id}@{self._sha} lists '{missing[0]}', which the "
+                    "repository lacks",
+                    repo_id=self.repo_id,
+                    revision=self._sha,
+                    hint="the repository is incomplete",
+                )
+            return shards
+        self._weight_map = None
+        if SINGLE in self._sizes:
+            return [SINGLE]
+        candidates = sorted(f for f in self._sizes if f.endswith(".safetensors") and "/" not in f)
+        if len(candidates) == 1:
+            return candidates
+        pickles = sorted(f for f in self._sizes if f.endswith(PICKLE_SUFFIXES))
+        hint = "hubmerge reads safetensors only; convert with save_pretrained(safe_serialization=True)"
+        found = f"only pickle files ({', '.join(pickles[:3])})" if pickles else "no safetensors checkpoint"
+        raise SourceError(
+            f"{self.label}: {self.repo_id}@{self._sha} has {found}", location=self.repo_id, hint=hint
+        )
+
+    def _read_header(self, shard: str) -> None:
+        where = f"{self.repo_id}@{self._sha[:12]}/{shard}"
+        size = self._sizes.get(shard) or 0
+        prefix = self._range(shard, 0, 8)
+        n = header_length(
+            bytes(prefix), file=where, file_size=size or 8 + int.from_bytes(prefix[:8], "little")
+        )
+        header = parse_header(bytes(self._range(shard, 8, 8 + n)), file=where, file_size=size or 1 << 62)
+        for name, info in header.tensors.items():
+            if self._weight_map is not None and self._weight_map.get(name) != shard:
+                continue
+            if name in self.tensors:
+                raise HeaderError(
+                    f"{self.label}: tensor '{name}' appears in two shards of {self.repo_id}",
+                    location=self.repo_id,
+                )
+            self.tensors[name] = TensorInfo(name, info.dtype, info.shape, shard, info.start, info.end)
+
+    def _range(self, filename: str, start: int, end: int) -> bytearray:
+        """Bytes ``[start, end)`` of a file at the pinned commit."""
+        from huggingface_hub import hf_hub_url
+        from huggingface_hub.utils._headers import build_hf_headers
+        from huggingface_hub.utils._http import get_session, hf_raise_for_status
+
+        url = hf_hub_url(self.repo_id, filename, revision=self._sha)
+        headers = build_hf_headers(token=self.api.token) | {"Range": f"bytes={start}-{end - 1}"}
+
+        def get() -> bytearray:
+            buf = bytearray(end - start)
+            with get_session().stream("GET", url, headers=headers, follow_redirects=True) as response:
+                hf_raise_for_status(response)
+                skip = start if response.status_code == 200 else 0  # a server that ignores Range
+                pos = 0
+                for chunk in response.iter_bytes(CHUNK):
+                    if skip:
+                        cut = min(skip, len(chunk))
+                        chunk, skip = chunk[cut:], skip - cut
+                    take = chunk[: len(buf) - pos]
+                    buf[pos : pos + len(take)] = take
+                    pos += len(take)
+                    if pos == len(buf):
+                        break
+            if pos != len(buf):
+                raise OSError(f"short read: got {pos} of {len(buf)} bytes")
+            return buf
+
+        return hub_call(
+            get, repo_id=self.repo_id, revision=self._sha, what=f"{filename} bytes {start}-{end - 1}"
+        )
+
+    def read(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        from .tensors import row_bytes, view_bytes
+
+        if self.transfer == "shards":
+            return view_bytes(self._shard_map(info.file), info, rows)
+        start, end, shape = info.start, info.end, info.shape
+        if rows is not None:
+            start, end = start + rows[0] * row_bytes(info), start + rows[1] * row_bytes(info)
+            shape = (rows[1] - rows[0], *info.shape[1:])
+        future = self._pending.pop((info.file, start, end), None)
+        data = future.result() if future is not None else self._range(info.file, start, end)
+        return view_bytes(data, TensorInfo(info.name, info.dtype, shape, info.file, 0, end - start), None)
+
+    def prefetch(self, infos: Sequence[TensorInfo]) -> None:
+        if self.transfer == "shards":
+            return
+        for info in infos:
+            key = (info.file, info.start, info.end)
+            if info.nbytes <= PREFETCH_LIMIT and key not in self._pending and len(self._pending) < IN_FLIGHT:
+                self._pending[key] = self._pool.submit(self._range, *key)
+
+    def _shard_map(self, shard: str) -> mmap.mmap:
+        if self._shard is not None and self._shard[0] == shard:
+            return self._shard[1]
+        self._evict()
+        if self._shard_dir is None:
+            self._shard_dir = Path(tempfile.mkdtemp(prefix="hubmerge-shards-"))
+        path = self._shard_dir / shard.replace("/", "_")
+        size = self._sizes.get(shard) or 0
+        with open(path, "wb") as f:
+            for start in range(0, size, 64 * CHUNK):
+                f.write(self._range(shard, start, min(size, start + 64 * CHUNK)))
+        with open(path, "rb") as f:
+            self._shard = (shard, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY))
+        log.debug("%s: downloaded %s (%d bytes)", self.label, shard, size)
+        return self._shard[1]
+
+    def _evict(self) -> None:
+        if self._shard is None:
+            return
+        name, mm = self._shard
+        try:
+            mm.close()
+        except BufferError:
+            pass  # a tensor still views it; the mapping goes when that tensor does
+        assert self._shard_dir is not None
+        (self._shard_dir / name.replace("/", "_")).unlink(missing_ok=True)
+        self._shard = None
+
+    def files(self) -> list[str]:
+        return sorted(self._sizes)
+
+    def fetch(self, filename: str) -> Path | None:
+        from huggingface_hub import hf_hub_download
+
+        if filename not in self._sizes:
+            return None
+        path = hub_call(
+            lambda: hf_hub_download(self.repo_id, filename, revision=self._sha, token=self.api.token),
+            repo_id=self.repo_id,
+            revision=self._sha,
+            what=filename,
+        )
+        return Path(path)
+
+    def close(self) -> None:
+        for future in self._pending.values():
+            future.cancel()
+        self._pending.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._evict()
+        if self._shard_dir is not None:
+            shutil.rmtree(self._shard_dir, ignore_errors=True)

@@ -1,0 +1,273 @@
+"""Hub in and out against the real Hub-compatible server over HTTP: stream sources, publish, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard
+from safetensors.torch import load_file
+
+import hubmerge
+from hubmerge.errors import RecipeError, RepoNotFoundError, RevisionNotFoundError
+from hubmerge.hubserver import HubServer
+
+from .util import random_tensors, save_model
+
+transformers = pytest.importorskip("transformers")
+
+LICENSED = "---\nlicense: apache-2.0\n---\n# A fine-tune\n"
+
+
+def _llama(seed: int, directory: Path) -> Path:
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    (directory / "README.md").write_text(LICENSED)
+    return directory
+
+
+def _publish(api: HfApi, repo_id: str, directory: Path, *, private: bool = False) -> str:
+    api.create_repo(repo_id, private=private)
+    return api.upload_folder(folder_path=directory, repo_id=repo_id).oid
+
+
+def _cli(*args: str, endpoint: str, token: str | None, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"} | {"HF_ENDPOINT": endpoint} | env
+    if token is not None:
+        environ["HF_TOKEN"] = token
+    return subprocess.run(
+        [sys.executable, "-m", "hubmerge.cli", *args], capture_output=True, text=True, env=environ
+    )
+
+
+@pytest.fixture()
+def sources(tmp_path: Path, hub: HubServer, hub_token: str, repo_name: str) -> dict[str, object]:
+    api = HfApi(token=hub_token)
+    local = [_llama(i, tmp_path / f"ft{i}") for i in range(2)]
+    ids = [f"{repo_name}-ft{i}" for i in range(2)]
+    commits = [_publish(api, repo_id, path) for repo_id, path in zip(ids, local, strict=True)]
+    return {"api": api, "local": local, "ids": ids, "commits": commits}
+
+
+def test_merge_from_hub_and_push(
+    tmp_path: Path, hub: HubServer, hub_token: str, repo_name: str, sources: dict[str, object]
+) -> None:
+    ids, local, commits = sources["ids"], sources["local"], sources["commits"]
+    assert isinstance(ids, list) and isinstance(local, list) and isinstance(commits, list)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"method: linear\nmodels: [{ids[0]}, 'hf://{ids[1]}@main']\nparameters: {{t: 0.3}}\n"
+        "output: {max_shard_size: 40KB}\n"
+    )
+    target = f"{repo_name}-merged"
+    done = _cli(
+        str(recipe), "--out", str(tmp_path / "out"), "--push", target, endpoint=hub.url, token=hub_token
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"pushed to {hub.url}/{target}/commit/" in done.stdout
+    api = HfApi(token=hub_token)
+    files = set(api.list_repo_files(target))
+    assert {"model.safetensors.index.json", "config.json", "README.md", "hubmerge.json"} <= files
+    shards = sorted(f for f in files if f.endswith(".safetensors"))
+    assert len(shards) > 1 and len(api.list_repo_commits(target)) == 2  # the initial commit, then ONE commit
+    merged = transformers.AutoModelForCausalLM.from_pretrained(target, token=hub_token)
+    reference = hubmerge.merge(
+        {"method": "linear", "models": [str(p) for p in local], "parameters": {"t": 0.3}}, tmp_path / "local"
+    )
+    expected = load_file(str(reference.out / "model.safetensors"))
+    state = merged.state_dict()
+    for name, value in expected.items():
+        torch.testing.assert_close(state[name], value, rtol=0, atol=0)
+    card = ModelCard.load(target, token=hub_token)
+    assert card.data.base_model == ids and card.data.base_model_relation == "merge"
+    assert card.data.license == "apache-2.0" and card.data.pipeline_tag == "text-generation"
+    assert {"merge", "hubmerge", "linear"} <= set(card.data.tags)
+    assert all(commit in card.text for commit in commits) and f'from_pretrained("{target}")' in card.text
+    manifest = json.loads(Path(api.hf_hub_download(target, "hubmerge.json")).read_text())
+    assert [s["commit"] for s in manifest["sources"]] == commits
+
+
+def test_plan_reads_headers_only(hub: HubServer, sources: dict[str, object]) -> None:
+    ids, local = sources["ids"], sources["local"]
+    assert isinstance(ids, list) and isinstance(local, list)
+    hub.reset_stats()
+    plan = hubmerge.plan({"method": "centroid", "models": ids})
+    assert [s.commit for s in plan.sources] == sources["commits"]
+    header_bytes = 0
+    for path in local:
+        raw = (path / "model.safetensors").read_bytes()
+        header_bytes += 8 + struct.unpack("<Q", raw[:8])[0]
+    served = {k: v for k, v in hub.bytes_served_by_path.items() if k.endswith(".safetensors")}
+    assert sum(served.values()) == header_bytes
+
+
+def test_shard_transfer_and_pinned_revisions(
+    tmp_path: Path, hub: HubServer, hub_token: str, sources: dict[str, object]
+) -> None:
+    ids, commits = sources["ids"], sources["commits"]
+    assert isinstance(ids, list) and isinstance(commits, list)
+    api = HfApi(token=hub_token)
+    pinned = {"method": "centroid", "models": [f"{ids[0]}@{commits[0]}", ids[1]]}
+    ranges = hubmerge.merge(pinned, tmp_path / "ranges")
+    # The branch moves on; the pinned commit still serves the old bytes.
+    api.upload_file(path_or_fileobj=b"moved", path_in_repo="note.txt", repo_id=ids[0])
+    save_model(tmp_path / "other", random_tensors(0))
+    shards = hubmerge.merge(pinned, tmp_path / "shards", transfer="shards")
+    assert (ranges.out / "model.safetensors").read_bytes() == (shards.out / "model.safetensors").read_bytes()
+    with pytest.raises(RevisionNotFoundError, match="revision 'nope' not found"):
+        hubmerge.plan({"method": "centroid", "models": [f"{ids[0]}@nope"]})
+
+
+def test_private_source_needs_a_token(
+    tmp_path: Path, hub: HubServer, hub_token: str, repo_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = HfApi(token=hub_token)
+    _publish(api, f"{repo_name}-private", _llama(3, tmp_path / "p"), private=True)
+    with pytest.raises(RepoNotFoundError, match="private") as info:
+        hubmerge.plan({"method": "centroid", "models": [f"{repo_name}-private"]})
+    assert info.value.hint is not None and "HF_TOKEN" in info.value.hint
+    cli = _cli("plan", "--json", "/dev/null", endpoint=hub.url, token=None)
+    assert cli.returncode == 2
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: centroid\nmodels: [{repo_name}-private]\n")
+    refused = _cli("plan", str(recipe), endpoint=hub.url, token=None)
+    assert refused.returncode == 2 and "HF_TOKEN" in refused.stderr and "Traceback" not in refused.stderr
+    monkeypatch.setenv("HF_TOKEN", hub_token)
+    assert hubmerge.plan({"method": "centroid", "models": [f"{repo_name}-private"]}).jobs
+
+
+def test_differing_licenses_fail_at_plan_time(tmp_path: Path, hub_token: str, repo_name: str) -> None:
+    api = HfApi(token=hub_token)
+    mit = _llama(4, tmp_path / "mit")
+    (mit / "README.md").write_text("---\nlicense: mit\n---\n")
+    ids = [f"{repo_name}-a", f"{repo_name}-b"]
+    _publish(api, ids[0], _llama(5, tmp_path / "apache"))
+    _publish(api, ids[1], mit)
+    with pytest.raises(RecipeError, match=r"different licenses \(models.0: apache-2.0, models.1: mit\)"):
+        hubmerge.plan({"method": "centroid", "models": ids})
+    plan = hubmerge.plan({"method": "centroid", "models": ids, "card": {"license": "mit"}})
+    assert plan.jobs
+
+
+def _serve(storage: Path, token: str) -> tuple[subprocess.Popen[bytes], str]:
+    """``hubmerge hub serve`` in its own process, so a test can kill it like a crashed server."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hubmerge.cli",
+        "hub",
+        "serve",
+        "--root",
+        str(storage),
+        "--port",
+        str(port),
+        "--token",
+        f"{token}=alice",
+    ]
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with socket.socket() as client:
+            if client.connect_ex(("127.0.0.1", port)) == 0:
+                return process, url
+        time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("hub server did not start")
+
+
+def test_interrupted_push_resumes_without_reuploading(tmp_path: Path, hub_token: str) -> None:
+    bigger = [
+        {k: v.repeat(64, 1) if v.dim() == 2 else v for k, v in random_tensors(i).items()} for i in range(2)
+    ]
+    local = [save_model(tmp_path / f"m{i}", tensors) for i, tensors in enumerate(bigger)]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"method: centroid\nmodels: [{local[0]}, {local[1]}]\noutput: {{max_shard_size: 20KB}}\n"
+    )
+    n_shards = len(hubmerge.plan(recipe).shards)
+    assert n_shards >= 3
+    storage, out = tmp_path / "hub-storage", tmp_path / "out"
+    server, url = _serve(storage, hub_token)
+    blobs = storage / "blobs" / "sha256"
+
+    def kill_after_first_upload() -> None:
+        deadline = time.monotonic() + 60
+        while (
+            not (blobs.exists() and any(p.is_file() for p in blobs.rglob("*")))
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.001)
+        server.send_signal(signal.SIGKILL)
+
+    watcher = threading.Thread(target=kill_after_first_upload)
+    watcher.start()
+    failed = _cli(
+        str(recipe),
+        "--out",
+        str(out),
+        "--push",
+        "alice/resumed",
+        endpoint=url,
+        token=hub_token,
+        HUBMERGE_HUB_RETRIES="2",
+    )
+    watcher.join()
+    server.wait()
+    assert failed.returncode == 2, failed.stderr
+    assert "--resume" in failed.stderr and "Traceback" not in failed.stderr
+    assert hub_token not in failed.stderr + failed.stdout
+    uploaded_before = len([p for p in blobs.rglob("*") if p.is_file()])
+    assert 1 <= uploaded_before < n_shards
+    with HubServer(storage, tokens={hub_token: "alice"}) as second:
+        args = (str(recipe), "--out", str(out), "--push", "alice/resumed", "--resume")
+        done = _cli(*args, endpoint=second.url, token=hub_token)
+        assert done.returncode == 0, done.stderr
+        assert second.stats.requests["lfs_upload"] == n_shards - uploaded_before
+        api = HfApi(endpoint=second.url, token=hub_token)
+        assert len([f for f in api.list_repo_files("alice/resumed") if f.startswith("model-")]) == n_shards
+    assert (out / "model.safetensors.index.json").exists()
+
+
+def test_delete_local_keeps_only_small_files(
+    tmp_path: Path, hub: HubServer, hub_token: str, repo_name: str
+) -> None:
+    local = [save_model(tmp_path / f"m{i}", random_tensors(i)) for i in range(2)]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"method: centroid\nmodels: [{local[0]}, {local[1]}]\noutput: {{max_shard_size: 300}}\n"
+        f"push: {{repo: {repo_name}, private: true, delete_local: true}}\n"
+    )
+    done = _cli(str(recipe), "--out", str(tmp_path / "out"), endpoint=hub.url, token=hub_token)
+    assert done.returncode == 0, done.stderr
+    assert not list((tmp_path / "out").glob("*.safetensors"))
+    api = HfApi(token=hub_token)
+    assert api.model_info(repo_name).private
+    shards = [f for f in api.list_repo_files(repo_name) if f.endswith(".safetensors")]
+    merged: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        merged |= load_file(api.hf_hub_download(repo_name, shard))
+    a, b = random_tensors(0), random_tensors(1)
+    torch.testing.assert_close(merged["layer.0.weight"], (a["layer.0.weight"] + b["layer.0.weight"]) / 2)

@@ -1,0 +1,366 @@
+"""The Hub server at the HTTP level (ranges, headers, errors, keep-alive, uploads) and its pure parts."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import io
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from huggingface_hub import CommitOperationAdd, CommitOperationCopy, HfApi
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+from huggingface_hub.hf_api import RepoFile
+
+from hubmerge.hubserver import HubServer
+from hubmerge.hubserver.app import split_revision
+from hubmerge.hubserver.body import Body
+from hubmerge.hubserver.cards import front_matter, validate_card
+from hubmerge.hubserver.protocol import RangeNotSatisfiable, parse_range
+from hubmerge.hubserver.routes_upload import upload_mode
+
+DATA = bytes(range(256)) * 40  # 10240 bytes, stored with LFS (binary)
+TEXT = b'{"hello": "world"}\n'  # stored as a regular file
+
+Reply = tuple[int, dict[str, str], bytes]
+
+
+def connect(hub: HubServer) -> http.client.HTTPConnection:
+    address = urlsplit(hub.url)
+    return http.client.HTTPConnection(address.hostname or "", address.port, timeout=10)
+
+
+def ask(
+    conn: http.client.HTTPConnection,
+    method: str,
+    path: str,
+    body: bytes | Iterable[bytes] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Reply:
+    conn.request(
+        method, path, body=body, headers=headers or {}, encode_chunked=not isinstance(body, bytes | None)
+    )
+    response = conn.getresponse()
+    data = response.read()
+    return response.status, {name.lower(): value for name, value in response.getheaders()}, data
+
+
+def call(
+    hub: HubServer, method: str, path: str, body: bytes | None = None, token: str | None = None
+) -> Reply:
+    conn = connect(hub)
+    try:
+        return ask(conn, method, path, body, {"Authorization": f"Bearer {token}"} if token else {})
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def repo(hub: HubServer, hub_token: str, repo_name: str) -> str:
+    api = HfApi(token=hub_token)
+    api.create_repo(repo_name)
+    operations = [CommitOperationAdd("data.bin", DATA), CommitOperationAdd("dir/hello.json", TEXT)]
+    api.create_commit(repo_name, operations, commit_message="data")
+    return repo_name
+
+
+@pytest.mark.parametrize(
+    ("header", "span"),
+    [
+        ("bytes=0-9", (0, 10)),
+        ("bytes=10-", (10, len(DATA))),
+        ("bytes=-16", (len(DATA) - 16, len(DATA))),
+        ("bytes=100-99999999", (100, len(DATA))),
+        ("bytes=-99999999", (0, len(DATA))),
+    ],
+)
+def test_range_requests_answer_206(hub: HubServer, repo: str, header: str, span: tuple[int, int]) -> None:
+    conn = connect(hub)
+    try:
+        status, headers, body = ask(conn, "GET", f"/{repo}/resolve/main/data.bin", headers={"Range": header})
+    finally:
+        conn.close()
+    start, end = span
+    assert (status, body) == (206, DATA[start:end])
+    assert headers["content-range"] == f"bytes {start}-{end - 1}/{len(DATA)}"
+    assert headers["content-length"] == str(end - start)
+
+
+@pytest.mark.parametrize("header", ["bytes=10240-", "bytes=20000-20010", "bytes=-0"])
+def test_unsatisfiable_range_answers_416(hub: HubServer, repo: str, header: str) -> None:
+    conn = connect(hub)
+    try:
+        status, headers, _ = ask(conn, "GET", f"/{repo}/resolve/main/data.bin", headers={"Range": header})
+    finally:
+        conn.close()
+    assert status == 416 and headers["content-range"] == f"bytes */{len(DATA)}"
+
+
+def test_head_carries_what_hf_hub_download_needs(hub: HubServer, repo: str) -> None:
+    sha = HfApi().model_info(repo).sha
+    status, lfs, body = call(hub, "HEAD", f"/{repo}/resolve/main/data.bin")
+    digest = hashlib.sha256(DATA).hexdigest()
+    assert (status, body, lfs["x-repo-commit"], lfs["content-length"]) == (200, b"", sha, str(len(DATA)))
+    assert lfs["etag"] == lfs["x-linked-etag"] == f'"{digest}"' and lfs["x-linked-size"] == str(len(DATA))
+    assert lfs["accept-ranges"] == "bytes"
+    status, regular, _ = call(hub, "HEAD", f"/{repo}/resolve/{sha}/dir%2Fhello.json")
+    git_oid = hashlib.sha1(b"blob %d\0" % len(TEXT) + TEXT).hexdigest()
+    assert (status, regular["etag"], regular["content-length"]) == (200, f'"{git_oid}"', str(len(TEXT)))
+    assert "x-linked-etag" not in regular
+    status, missing, _ = call(hub, "HEAD", f"/{repo}/resolve/main/nope.txt")
+    assert (status, missing["x-error-code"], missing["x-repo-commit"]) == (404, "EntryNotFound", sha)
+
+
+def test_errors_are_json_with_error_codes(hub: HubServer, repo: str, hub_token: str) -> None:
+    status, headers, body = call(hub, "GET", "/api/models/alice/does-not-exist")
+    assert (status, headers["x-error-code"]) == (401, "RepoNotFound") and "not found" in json.loads(body)[
+        "error"
+    ]
+    status, headers, _ = call(hub, "GET", "/api/models/alice/does-not-exist", token=hub_token)
+    assert (status, headers["x-error-code"]) == (404, "RepoNotFound")
+    status, headers, _ = call(hub, "GET", f"/api/models/{repo}", token="forged")
+    assert (status, headers["x-error-message"]) == (401, "Invalid credentials in Authorization header")
+    status, headers, _ = call(hub, "GET", f"/api/models/{repo}/revision/nope")
+    assert (status, headers["x-error-code"]) == (404, "RevisionNotFound")
+    assert call(hub, "GET", "/api/datasets/alice/x")[0] == 404
+    status, headers, _ = call(hub, "DELETE", f"/api/models/{repo}/refs")
+    assert (status, headers["allow"]) == (405, "GET")
+
+
+def test_keep_alive_survives_errors_and_unread_bodies(hub: HubServer, repo: str, hub_token: str) -> None:
+    conn = connect(hub)
+    auth = {"Authorization": f"Bearer {hub_token}"}
+    try:
+        for _ in range(3):
+            assert ask(conn, "GET", f"/api/models/{repo}")[0] == 200
+            # Refused before its body is read: the server must still consume it to keep the connection usable.
+            assert ask(conn, "POST", "/api/models/alice/missing/commit/main", b"x" * 50_000, auth)[0] == 404
+            status, _, body = ask(
+                conn, "GET", f"/{repo}/resolve/main/data.bin", headers={"Range": "bytes=0-3"}
+            )
+            assert (status, body) == (206, DATA[:4])
+    finally:
+        conn.close()
+
+
+def lfs_upload_url(hub: HubServer, repo: str, token: str, data: bytes) -> str | None:
+    request = {
+        "operation": "upload",
+        "transfers": ["basic"],
+        "ref": {"name": "main"},
+        "objects": [{"oid": hashlib.sha256(data).hexdigest(), "size": len(data)}],
+    }
+    status, headers, body = call(
+        hub, "POST", f"/{repo}.git/info/lfs/objects/batch", json.dumps(request).encode(), token
+    )
+    assert status == 200 and headers["content-type"] == "application/vnd.git-lfs+json"
+    (answer,) = json.loads(body)["objects"]
+    actions = answer.get("actions")
+    return None if actions is None else str(actions["upload"]["href"])
+
+
+def test_lfs_put_streams_chunked_bodies_and_checks_the_hash(
+    hub: HubServer, repo: str, hub_token: str
+) -> None:
+    data = b"new object " * 50_000
+    href = lfs_upload_url(hub, repo, hub_token, data)
+    assert href is not None and href.startswith(hub.url)
+    path = href[len(hub.url) :]
+    conn = connect(hub)
+    try:
+        assert ask(conn, "PUT", path.replace("signature=", "signature=0"), data)[0] == 403
+        assert ask(conn, "PUT", path, data[:-1] + b"!")[0] == 400  # wrong bytes: refused, not stored
+        assert lfs_upload_url(hub, repo, hub_token, data) is not None
+        chunks = (data[i : i + 7000] for i in range(0, len(data), 7000))
+        assert ask(conn, "PUT", path, chunks)[0] == 200  # Transfer-Encoding: chunked
+    finally:
+        conn.close()
+    assert lfs_upload_url(hub, repo, hub_token, data) is None  # stored: no upload action any more
+    assert call(hub, "POST", f"/{repo}.git/info/lfs/objects/batch", b"{}", "forged")[0] == 401
+
+
+def test_concurrent_commits_to_one_branch_all_land(hub: HubServer, repo_name: str, hub_token: str) -> None:
+    api = HfApi(token=hub_token)
+    api.create_repo(repo_name)
+
+    def commit(index: int) -> str:
+        operation = CommitOperationAdd(f"file-{index}.txt", f"{index}".encode())
+        return api.create_commit(repo_name, [operation], commit_message=f"commit {index}").oid
+
+    with ThreadPoolExecutor(8) as pool:
+        oids = list(pool.map(commit, range(16)))
+    history = [c.commit_id for c in api.list_repo_commits(repo_name)]
+    assert len(set(oids)) == 16 and set(oids) <= set(history) and len(history) == 17
+    assert sorted(api.list_repo_files(repo_name)) == sorted(
+        [".gitattributes", *(f"file-{i}.txt" for i in range(16))]
+    )
+
+
+def test_module_entry_point_prints_the_url_and_serves(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "hubmerge.hubserver", "--root", str(tmp_path), "--token", "t0k=carol"]
+    with subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, text=True) as process:
+        try:
+            assert process.stdout is not None
+            url = process.stdout.readline().strip()
+            address = urlsplit(url)
+            conn = http.client.HTTPConnection(address.hostname or "", address.port, timeout=10)
+            status, _, body = ask(conn, "GET", "/api/whoami-v2", headers={"Authorization": "Bearer t0k"})
+            conn.close()
+            assert (status, json.loads(body)["name"]) == (200, "carol")
+        finally:
+            process.send_signal(2)  # SIGINT: the server stops cleanly
+            process.wait(timeout=10)
+    assert process.returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("header", "size", "expected"),
+    [
+        (None, 10, None),
+        ("bytes=0-0", 10, (0, 1)),
+        ("bytes=2-", 10, (2, 10)),
+        ("bytes=-3", 10, (7, 10)),
+        ("bytes=5-2", 10, None),
+        ("items=0-1", 10, None),
+        ("bytes=0-1,4-5", 10, None),
+        ("bytes=x-1", 10, None),
+    ],
+)
+def test_parse_range(header: str | None, size: int, expected: tuple[int, int] | None) -> None:
+    assert parse_range(header, size) == expected
+
+
+@pytest.mark.parametrize(("header", "size"), [("bytes=10-", 10), ("bytes=-0", 10), ("bytes=-5", 0)])
+def test_parse_range_refuses_ranges_outside_the_file(header: str, size: int) -> None:
+    with pytest.raises(RangeNotSatisfiable):
+        parse_range(header, size)
+
+
+@pytest.mark.parametrize(
+    ("card", "problem"),
+    [
+        ("no metadata at all", None),
+        ("---\nlicense: mit\nbase_model: a/b\ntags: [x]\n---\ntext", None),
+        ("---\n---\ntext", None),
+        ("---\nbase_model: [a/b, c/d]\nbase_model_relation: merge\n---\n", None),
+        ("---\nlicense: [mit]\n---\n", '"license" must be a string'),
+        ("---\nbase_model: 3\n---\n", '"base_model" must be a string or a list of strings'),
+        ("---\ntags: merge\n---\n", '"tags" must be a list of strings'),
+        ("---\nbase_model_relation: merge\n---\n", '"base_model_relation" requires "base_model"'),
+        ("---\nlicense: [unclosed\n---\n", "cannot be parsed"),
+        ("---\n- a\n---\n", "must be a mapping"),
+    ],
+)
+def test_validate_card(card: str, problem: str | None) -> None:
+    errors = validate_card(card)
+    assert (problem is None and errors == []) or (problem is not None and any(problem in e for e in errors))
+
+
+def test_front_matter_is_read_from_the_top_only() -> None:
+    assert front_matter("---\nlicense: mit\n---\n# Title\n---\nnot: yaml\n---\n") == {"license": "mit"}
+    assert front_matter("# Title\n---\nlicense: mit\n---\n") is None
+
+
+@pytest.mark.parametrize(
+    ("path", "size", "sample", "mode"),
+    [
+        ("config.json", 20, b'{"a": 1}', "regular"),
+        ("model.safetensors", 20, b"{}", "lfs"),
+        ("big.txt", 20_000_000, b"text", "lfs"),
+        ("blob", 20, b"\x00\x01", "lfs"),
+        ("tok.model", 20, b"\xff\xfe", "lfs"),
+        ("cut.txt", 3, "é".encode()[:1], "regular"),
+    ],
+)
+def test_upload_mode(path: str, size: int, sample: bytes, mode: str) -> None:
+    assert upload_mode(path, size, sample) == mode
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("main/a/b.txt", ("main", "a/b.txt")),
+        ("refs%2Fpr%2F1/x", ("refs/pr/1", "x")),
+        ("refs/pr/2/x/y", ("refs/pr/2", "x/y")),
+        ("v1.0", ("v1.0", "")),
+        ("main/a%2Fb%20c", ("main", "a/b c")),
+    ],
+)
+def test_split_revision(raw: str, expected: tuple[str, str]) -> None:
+    assert split_revision(raw) == expected
+
+
+def test_body_decodes_chunked_encoding_and_lines() -> None:
+    wire = b"5\r\nab\ncd\r\n3;ext=1\r\ne\nf\r\n0\r\nTrailer: x\r\n\r\nNEXT REQUEST"
+    stream = io.BufferedReader(io.BytesIO(wire))
+    body = Body(stream, None, chunked=True)
+    assert [body.readline(), body.readline(), body.readline(), body.readline()] == [
+        b"ab\n",
+        b"cde\n",
+        b"f",
+        b"",
+    ]
+    assert body.exhausted and stream.read() == b"NEXT REQUEST"
+    sized = Body(io.BufferedReader(io.BytesIO(b"0123456789rest")), 10, chunked=False)
+    assert b"".join(sized.iter_chunks()) == b"0123456789" and sized.exhausted
+
+
+def test_stop_ends_idle_keep_alive_connections(fresh_hub: HubServer) -> None:
+    conn = connect(fresh_hub)
+    assert ask(conn, "GET", "/api/models/a/b")[0] == 401
+    stopper = threading.Thread(target=fresh_hub.stop)  # must not wait for the idle connection to close
+    stopper.start()
+    stopper.join(timeout=5)
+    conn.close()
+    assert not stopper.is_alive()
+    fresh_hub.stop()  # a second stop is harmless
+
+
+def test_organisation_members_write_to_its_namespace(
+    tmp_path: Path, hub_token: str, other_token: str
+) -> None:
+    tokens = {hub_token: "alice", other_token: "bob"}
+    with HubServer(tmp_path, tokens=tokens, orgs={"team": ["alice"]}) as server:
+        alice, bob = (
+            HfApi(endpoint=server.url, token=hub_token),
+            HfApi(endpoint=server.url, token=other_token),
+        )
+        assert [org["name"] for org in alice.whoami()["orgs"]] == ["team"] and bob.whoami()["orgs"] == []
+        alice.create_repo("team/shared", private=True)
+        alice.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id="team/shared")
+        with pytest.raises(RepositoryNotFoundError):
+            bob.model_info("team/shared")
+        with pytest.raises(HfHubHTTPError) as forbidden:
+            bob.create_repo("team/other")
+        assert forbidden.value.response.status_code == 403
+
+
+def test_copy_inside_a_repository_reuses_the_lfs_object(hub: HubServer, repo: str, hub_token: str) -> None:
+    api = HfApi(token=hub_token)
+    hub.reset_stats()
+    copy = CommitOperationCopy(src_path_in_repo="data.bin", path_in_repo="copies/data.bin")
+    api.create_commit(repo, [copy], commit_message="copy")
+    assert hub.stats.requests["lfs_upload"] == 0
+    (entry,) = api.get_paths_info(repo, ["copies/data.bin"])
+    assert isinstance(entry, RepoFile) and entry.lfs is not None
+    assert entry.lfs.sha256 == hashlib.sha256(DATA).hexdigest() and entry.size == len(DATA)
+
+
+def test_upload_urls_survive_a_restart_on_the_same_storage(tmp_path: Path, hub_token: str) -> None:
+    data = b"survivor" * 1000
+    with HubServer(tmp_path, tokens={hub_token: "alice"}) as first:
+        HfApi(endpoint=first.url, token=hub_token).create_repo("alice/r")
+        href = lfs_upload_url(first, "alice/r", hub_token, data)
+        assert href is not None
+        path = href[len(first.url) :]
+    with HubServer(tmp_path, tokens={hub_token: "alice"}) as second:
+        assert call(second, "PUT", path, data)[0] == 200
+        assert lfs_upload_url(second, "alice/r", hub_token, data) is None
