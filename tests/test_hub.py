@@ -19,7 +19,7 @@ from huggingface_hub import HfApi, ModelCard
 from safetensors.torch import load_file
 
 import hubmerge
-from hubmerge.errors import RecipeError, RepoNotFoundError, RevisionNotFoundError
+from hubmerge.errors import GatedRepoError, RecipeError, RepoNotFoundError, RevisionNotFoundError
 from hubmerge.hubserver import HubServer
 
 from .util import random_tensors, save_model
@@ -271,3 +271,60 @@ def test_delete_local_keeps_only_small_files(
         merged |= load_file(api.hf_hub_download(repo_name, shard))
     a, b = random_tensors(0), random_tensors(1)
     torch.testing.assert_close(merged["layer.0.weight"], (a["layer.0.weight"] + b["layer.0.weight"]) / 2)
+
+
+def test_gated_source_is_a_clear_error(
+    tmp_path: Path, hub_token: str, other_token: str, repo_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = HfApi(token=hub_token)
+    _publish(api, repo_name, save_model(tmp_path / "g", random_tensors(0)))
+    api.update_repo_settings(repo_name, gated="auto")
+    monkeypatch.setenv("HF_TOKEN", other_token)
+    with pytest.raises(GatedRepoError, match="is gated") as info:
+        hubmerge.plan({"method": "centroid", "models": [repo_name]})
+    assert info.value.hint is not None and "request access" in info.value.hint
+
+
+def test_lost_source_connection_then_resume(tmp_path: Path, hub_token: str) -> None:
+    many = {
+        f"layer.{i}.weight": torch.randn(16, 16, generator=torch.Generator().manual_seed(i))
+        for i in range(150)
+    }
+    other = {name: value + 1 for name, value in many.items()}
+    storage = tmp_path / "hub-storage"
+    server, url = _serve(storage, hub_token)
+    api = HfApi(endpoint=url, token=hub_token)
+    for name, tensors in (("alice/one", many), ("alice/two", other)):
+        api.create_repo(name)
+        api.upload_folder(folder_path=save_model(tmp_path / name, tensors), repo_id=name)
+    recipe = tmp_path / "r.yaml"
+    # hf:// forces a Hub reference even though ./alice/one exists next to the recipe.
+    recipe.write_text("method: linear\nmodels: ['hf://alice/one', 'hf://alice/two']\nparameters: {t: 0.25}\n")
+    out = tmp_path / "out"
+    journal = tmp_path / ".out.hubmerge-partial" / ".hubmerge-progress" / "journal"
+
+    def kill_mid_merge() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if journal.exists() and journal.read_text().count("\n") >= 10:
+                break
+            time.sleep(0.001)
+        server.send_signal(signal.SIGKILL)
+
+    watcher = threading.Thread(target=kill_mid_merge)
+    watcher.start()
+    failed = _cli(str(recipe), "--out", str(out), endpoint=url, token=hub_token, HUBMERGE_HUB_RETRIES="2")
+    watcher.join()
+    server.wait()
+    assert failed.returncode == 2, failed.stderr
+    last = failed.stderr.strip().splitlines()[-1]
+    assert "lost the connection to the Hub" in last and "--resume" in last
+    finished = journal.read_text().count("\n")
+    assert 10 <= finished < len(many)
+    with HubServer(storage, tokens={hub_token: "alice"}) as again:
+        done = _cli(str(recipe), "--out", str(out), "--resume", endpoint=again.url, token=hub_token)
+    assert done.returncode == 0, done.stderr
+    assert f"{finished} tensors resumed" in done.stdout
+    merged = load_file(str(out / "model.safetensors"))
+    for name, value in many.items():
+        torch.testing.assert_close(merged[name], 0.75 * value + 0.25 * other[name])
