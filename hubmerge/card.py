@@ -100,6 +100,13 @@ def front_matter(
     return {k: v for k, v in meta.items() if v is not None}
 
 
+def _card_yaml(meta: dict[str, Any]) -> str:
+    """Front matter through huggingface_hub's ModelCardData, the structure the Hub itself validates."""
+    from huggingface_hub import ModelCardData
+
+    return ModelCardData(**meta).to_yaml() + "\n"
+
+
 def render_card(plan: MergePlan, meta: dict[str, Any], *, out_name: str, repo_id: str | None = None) -> str:
     """The whole README.md of the merge."""
     recipe = plan.recipe
@@ -150,7 +157,7 @@ def render_card(plan: MergePlan, meta: dict[str, Any], *, out_name: str, repo_id
     )
     template = Template(resources.files("hubmerge").joinpath("templates/card.md").read_text(encoding="utf-8"))
     return template.substitute(
-        front_matter=yaml.safe_dump(meta, sort_keys=False),
+        front_matter=_card_yaml(meta),
         title=repo_id.split("/")[-1] if repo_id else out_name,
         description=recipe.card.description
         or f"A {plan.method} merge of {len(recipe.models)} fine-tuned models.",
