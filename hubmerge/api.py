@@ -245,6 +245,9 @@ def finish_output(
         render_card(plan, meta, out_name=out_name, repo_id=repo_id), encoding="utf-8"
     )
     files.append("README.md")
+    header = f"# made with hubmerge {__version__}; rerun with `hubmerge recipe.yaml`\n"
+    (dest / "recipe.yaml").write_text(header + recipe.to_yaml(), encoding="utf-8")
+    files.append("recipe.yaml")
     write_json(dest / MANIFEST, manifest(plan))
     files.append(MANIFEST)
     return files

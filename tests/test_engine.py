@@ -231,8 +231,10 @@ def test_same_recipe_same_bytes(tmp_path: Path, three: list[Path]) -> None:
     recipe = {"method": "weighted", "models": [str(p) for p in three], "dtype": "bfloat16"}
     first = hubmerge.merge(recipe, tmp_path / "a" / "out").out
     second = hubmerge.merge(recipe, tmp_path / "b" / "out").out
-    for name in ("model.safetensors", "hubmerge.json", "README.md", "config.json"):
+    for name in ("model.safetensors", "hubmerge.json", "README.md", "config.json", "recipe.yaml"):
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    reloaded = hubmerge.load_recipe(first / "recipe.yaml")
+    assert reloaded.sha256() == hubmerge.load_recipe(recipe).sha256()
 
 
 KILL_AFTER = """
