@@ -328,3 +328,24 @@ def test_lost_source_connection_then_resume(tmp_path: Path, hub_token: str) -> N
     merged = load_file(str(out / "model.safetensors"))
     for name, value in many.items():
         torch.testing.assert_close(merged[name], 0.75 * value + 0.25 * other[name])
+
+
+def test_push_to_a_branch_and_as_a_pull_request(
+    tmp_path: Path, hub_token: str, repo_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hubmerge.publish import PushTarget
+
+    monkeypatch.setenv("HF_TOKEN", hub_token)
+    local = [str(save_model(tmp_path / f"m{i}", random_tensors(i), card=LICENSED)) for i in range(2)]
+    recipe = {"method": "centroid", "models": local, "card": {"description": "Branch test."}}
+    on_branch = hubmerge.merge(recipe, tmp_path / "a", push=PushTarget(repo_name, branch="dev"))
+    api = HfApi(token=hub_token)
+    assert on_branch.commit_url is not None
+    assert "model.safetensors" in api.list_repo_files(repo_name, revision="dev")
+    assert "model.safetensors" not in api.list_repo_files(repo_name)
+    card = ModelCard.load(api.hf_hub_download(repo_name, "README.md", revision="dev"))
+    assert card.data.license == "apache-2.0" and "Branch test." in card.text
+    proposal = hubmerge.merge(recipe, tmp_path / "b", push=PushTarget(repo_name, create_pr=True))
+    assert proposal.commit_url is not None and "/discussions/" in proposal.commit_url
+    assert "model.safetensors" in api.list_repo_files(repo_name, revision="refs/pr/1")
+    assert "model.safetensors" not in api.list_repo_files(repo_name)
