@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-from . import __version__
 from .errors import PlanError
+from .layout import Job, Shard, lay_out, out_chunk, with_chunks, working_set
 from .params import resolve_params, seed_of
 from .recipe import Recipe, Rule, parse_size
 from .refs import ModelRef
 from .sources import TensorSource
 from .sources.header import DTYPE_CODES, DTYPE_NAMES, DTYPE_SIZES, FLOAT_DTYPES, TensorInfo
+
+__all__ = ["DEFAULT_MEMORY_BUDGET", "WRITE_QUEUE", "Job", "MergePlan", "Shard", "SourceInfo", "build_plan"]
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes of compute buffers per tensor before merging it in row chunks
 WRITE_QUEUE = 2  # merged tensors waiting for the writer thread
@@ -33,40 +34,6 @@ class SourceInfo:
     label: str
     ref: ModelRef
     commit: str | None
-
-
-@dataclass(frozen=True)
-class Job:
-    """One output tensor: what to read, what to do, where its bytes go.
-
-    ``inputs[i]`` is read from ``plan.sources[sources[i]]``; for ``merge`` they are the models in order, for
-    ``copy`` the first input is written and any others must hold equal values (integer buffers).
-    """
-
-    name: str
-    action: Literal["merge", "copy"]
-    inputs: tuple[TensorInfo, ...]
-    sources: tuple[int, ...]
-    base: TensorInfo | None
-    base_source: int | None
-    params: dict[str, Any]
-    dtype: str
-    shape: tuple[int, ...]
-    shard: int
-    offset: int
-    nbytes: int
-    chunk_rows: int | None
-    seed: int
-
-
-@dataclass(frozen=True)
-class Shard:
-    """An output file: its name, the exact header bytes that start it, and its total size."""
-
-    filename: str
-    header: bytes
-    size: int
-    jobs: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -241,8 +208,8 @@ def build_plan(
         raise PlanError(
             "no tensors to write: every tensor is skipped", hint="check the `rules:` of the recipe"
         )
-    jobs, shards = _layout(specs, recipe, sha, parse_size(recipe.output.max_shard_size), seed)
-    jobs = [_with_chunks(job, compute_size, memory_budget, spec.elementwise) for job in jobs]
+    jobs, shards = lay_out(specs, sha, parse_size(recipe.output.max_shard_size), seed)
+    jobs = [with_chunks(job, compute_size, memory_budget, spec.elementwise) for job in jobs]
     notices = []
     if mixed:
         target = recipe.compute_dtype
@@ -270,8 +237,8 @@ def build_plan(
         compute_dtype=recipe.compute_dtype,
         bytes_read=sum(i.nbytes for j in jobs for i in (*j.inputs, *([j.base] if j.base else []))),
         bytes_written=sum(s.size for s in shards),
-        peak_memory=max(_working_set(j, compute_size) for j in jobs)
-        + WRITE_QUEUE * max(_out_chunk(j) for j in jobs),
+        peak_memory=max(working_set(j, compute_size) for j in jobs)
+        + WRITE_QUEUE * max(out_chunk(j) for j in jobs),
         total_size=sum(j.nbytes for j in jobs),
         memory_budget=memory_budget,
     )
@@ -304,96 +271,3 @@ def _present_everywhere(name: str, models: Sequence[TensorSource]) -> list[Tenso
             f"`- {{tensors: '{name}', take: N}}`, or `skip: true` to leave it out",
         )
     return [src.tensors[name] for src in models]
-
-
-def _layout(
-    specs: list[dict[str, Any]], recipe: Recipe, sha: str, max_shard: int, seed: int
-) -> tuple[list[Job], list[Shard]]:
-    groups: list[list[dict[str, Any]]] = [[]]
-    size = 0
-    for spec in specs:
-        nbytes = _numel(spec["inputs"][0].shape) * DTYPE_SIZES[spec["dtype"]]
-        spec["nbytes"] = nbytes
-        if groups[-1] and size + nbytes > max_shard:
-            groups.append([])
-            size = 0
-        groups[-1].append(spec)
-        size += nbytes
-    count = len(groups)
-    jobs: list[Job] = []
-    shards: list[Shard] = []
-    metadata = {"format": "pt", "hubmerge_version": __version__, "recipe_sha256": sha}
-    for s, group in enumerate(groups):
-        filename = "model.safetensors" if count == 1 else f"model-{s + 1:05d}-of-{count:05d}.safetensors"
-        entries: dict[str, Any] = {"__metadata__": metadata}
-        begin = 0
-        for spec in group:
-            entries[spec["name"]] = {
-                "dtype": spec["dtype"],
-                "shape": list(spec["inputs"][0].shape),
-                "data_offsets": [begin, begin + spec["nbytes"]],
-            }
-            spec["data_offset"] = begin
-            begin += spec["nbytes"]
-        text = json.dumps(entries, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % 8)  # the spec pads the header with spaces to an 8-byte boundary
-        header = len(text).to_bytes(8, "little") + text
-        first = len(jobs)
-        for spec in group:
-            jobs.append(
-                Job(
-                    name=spec["name"],
-                    action=spec["action"],
-                    inputs=spec["inputs"],
-                    sources=spec["sources"],
-                    base=spec.get("base"),
-                    base_source=spec.get("base_source"),
-                    params=spec["params"],
-                    dtype=spec["dtype"],
-                    shape=spec["inputs"][0].shape,
-                    shard=s,
-                    offset=len(header) + spec["data_offset"],
-                    nbytes=spec["nbytes"],
-                    chunk_rows=None,
-                    seed=_tensor_seed(seed, spec["name"]),
-                )
-            )
-        shards.append(Shard(filename, header, len(header) + begin, tuple(range(first, len(jobs)))))
-    return jobs, shards
-
-
-def _tensor_seed(seed: int, name: str) -> int:
-    """A seed from (recipe seed, tensor name): random methods never depend on processing order."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _with_chunks(job: Job, compute_size: int, budget: int, elementwise: bool) -> Job:
-    if job.action != "merge" or not elementwise or len(job.shape) == 0 or job.shape[0] < 2:
-        return job
-    buffers = len(job.inputs) + (job.base is not None) + 2
-    row = _numel(job.shape[1:]) * compute_size * buffers
-    if row * job.shape[0] <= budget:
-        return job
-    rows = max(1, budget // max(row, 1))
-    return Job(**{**job.__dict__, "chunk_rows": int(rows)})
-
-
-def _working_set(job: Job, compute_size: int) -> int:
-    rows = job.chunk_rows or (job.shape[0] if job.shape else 1)
-    per_row = _numel(job.shape[1:]) if job.shape else 1
-    if job.action == "copy":
-        return 0
-    return (len(job.inputs) + (job.base is not None) + 2) * rows * per_row * compute_size
-
-
-def _out_chunk(job: Job) -> int:
-    if job.chunk_rows is None or not job.shape:
-        return job.nbytes
-    return job.nbytes // job.shape[0] * job.chunk_rows

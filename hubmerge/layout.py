@@ -1,0 +1,149 @@
+"""The output layout: which shard each tensor goes to, the exact header bytes of each shard, byte offsets,
+row chunks, and memory estimates. Pure functions of the planned tensors; no I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from . import __version__
+from .sources.header import DTYPE_SIZES, TensorInfo
+
+
+@dataclass(frozen=True)
+class Job:
+    """One output tensor: what to read, what to do, where its bytes go.
+
+    ``inputs[i]`` is read from ``plan.sources[sources[i]]``; for ``merge`` they are the models in order, for
+    ``copy`` the first input is written and any others must hold equal values (integer buffers).
+    """
+
+    name: str
+    action: Literal["merge", "copy"]
+    inputs: tuple[TensorInfo, ...]
+    sources: tuple[int, ...]
+    base: TensorInfo | None
+    base_source: int | None
+    params: dict[str, Any]
+    dtype: str
+    shape: tuple[int, ...]
+    shard: int
+    offset: int
+    nbytes: int
+    chunk_rows: int | None
+    seed: int
+
+
+@dataclass(frozen=True)
+class Shard:
+    """An output file: its name, the exact header bytes that start it, and its total size."""
+
+    filename: str
+    header: bytes
+    size: int
+    jobs: tuple[int, ...]
+
+
+def lay_out(
+    specs: list[dict[str, Any]], sha: str, max_shard: int, seed: int
+) -> tuple[list[Job], list[Shard]]:
+    """Group planned tensors into shards of at most ``max_shard`` bytes (a bigger tensor gets its own shard),
+    in the given order, and fix each shard's header bytes and each tensor's absolute offset.
+
+    Returns:
+        The jobs, in output order, and the shards.
+    """
+    groups: list[list[dict[str, Any]]] = [[]]
+    size = 0
+    for spec in specs:
+        nbytes = _numel(spec["inputs"][0].shape) * DTYPE_SIZES[spec["dtype"]]
+        spec["nbytes"] = nbytes
+        if groups[-1] and size + nbytes > max_shard:
+            groups.append([])
+            size = 0
+        groups[-1].append(spec)
+        size += nbytes
+    count = len(groups)
+    jobs: list[Job] = []
+    shards: list[Shard] = []
+    metadata = {"format": "pt", "hubmerge_version": __version__, "recipe_sha256": sha}
+    for s, group in enumerate(groups):
+        filename = "model.safetensors" if count == 1 else f"model-{s + 1:05d}-of-{count:05d}.safetensors"
+        entries: dict[str, Any] = {"__metadata__": metadata}
+        begin = 0
+        for spec in group:
+            entries[spec["name"]] = {
+                "dtype": spec["dtype"],
+                "shape": list(spec["inputs"][0].shape),
+                "data_offsets": [begin, begin + spec["nbytes"]],
+            }
+            spec["data_offset"] = begin
+            begin += spec["nbytes"]
+        text = json.dumps(entries, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the spec pads the header with spaces to an 8-byte boundary
+        header = len(text).to_bytes(8, "little") + text
+        first = len(jobs)
+        for spec in group:
+            jobs.append(
+                Job(
+                    name=spec["name"],
+                    action=spec["action"],
+                    inputs=spec["inputs"],
+                    sources=spec["sources"],
+                    base=spec.get("base"),
+                    base_source=spec.get("base_source"),
+                    params=spec["params"],
+                    dtype=spec["dtype"],
+                    shape=spec["inputs"][0].shape,
+                    shard=s,
+                    offset=len(header) + spec["data_offset"],
+                    nbytes=spec["nbytes"],
+                    chunk_rows=None,
+                    seed=tensor_seed(seed, spec["name"]),
+                )
+            )
+        shards.append(Shard(filename, header, len(header) + begin, tuple(range(first, len(jobs)))))
+    return jobs, shards
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A seed from (recipe seed, tensor name): random methods never depend on processing order."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def with_chunks(job: Job, compute_size: int, budget: int, elementwise: bool) -> Job:
+    """The job with ``chunk_rows`` set when its compute buffers would exceed ``budget`` bytes."""
+    if job.action != "merge" or not elementwise or len(job.shape) == 0 or job.shape[0] < 2:
+        return job
+    buffers = len(job.inputs) + (job.base is not None) + 2
+    row = _numel(job.shape[1:]) * compute_size * buffers
+    if row * job.shape[0] <= budget:
+        return job
+    rows = max(1, budget // max(row, 1))
+    return Job(**{**job.__dict__, "chunk_rows": int(rows)})
+
+
+def working_set(job: Job, compute_size: int) -> int:
+    """Estimated compute-buffer bytes while merging ``job`` (one chunk of it)."""
+    rows = job.chunk_rows or (job.shape[0] if job.shape else 1)
+    per_row = _numel(job.shape[1:]) if job.shape else 1
+    if job.action == "copy":
+        return 0
+    return (len(job.inputs) + (job.base is not None) + 2) * rows * per_row * compute_size
+
+
+def out_chunk(job: Job) -> int:
+    """Bytes of one merged chunk of ``job`` waiting for the writer."""
+    if job.chunk_rows is None or not job.shape:
+        return job.nbytes
+    return job.nbytes // job.shape[0] * job.chunk_rows
