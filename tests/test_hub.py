@@ -22,27 +22,11 @@ import hubmerge
 from hubmerge.errors import GatedRepoError, RecipeError, RepoNotFoundError, RevisionNotFoundError
 from hubmerge.hubserver import HubServer
 
-from .util import random_tensors, save_model
+from .util import random_tensors, save_model, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
 LICENSED = "---\nlicense: apache-2.0\n---\n# A fine-tune\n"
-
-
-def _llama(seed: int, directory: Path) -> Path:
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    transformers.LlamaForCausalLM(config).save_pretrained(directory)
-    (directory / "README.md").write_text(LICENSED)
-    return directory
 
 
 def _publish(api: HfApi, repo_id: str, directory: Path, *, private: bool = False) -> str:
@@ -62,7 +46,7 @@ def _cli(*args: str, endpoint: str, token: str | None, **env: str) -> subprocess
 @pytest.fixture()
 def sources(tmp_path: Path, hub: HubServer, hub_token: str, repo_name: str) -> dict[str, object]:
     api = HfApi(token=hub_token)
-    local = [_llama(i, tmp_path / f"ft{i}") for i in range(2)]
+    local = [tiny_llama(i, tmp_path / f"ft{i}", card=LICENSED) for i in range(2)]
     ids = [f"{repo_name}-ft{i}" for i in range(2)]
     commits = [_publish(api, repo_id, path) for repo_id, path in zip(ids, local, strict=True)]
     return {"api": api, "local": local, "ids": ids, "commits": commits}
@@ -141,7 +125,7 @@ def test_private_source_needs_a_token(
     tmp_path: Path, hub: HubServer, hub_token: str, repo_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     api = HfApi(token=hub_token)
-    _publish(api, f"{repo_name}-private", _llama(3, tmp_path / "p"), private=True)
+    _publish(api, f"{repo_name}-private", tiny_llama(3, tmp_path / "p", card=LICENSED), private=True)
     with pytest.raises(RepoNotFoundError, match="private") as info:
         hubmerge.plan({"method": "centroid", "models": [f"{repo_name}-private"]})
     assert info.value.hint is not None and "HF_TOKEN" in info.value.hint
@@ -157,10 +141,10 @@ def test_private_source_needs_a_token(
 
 def test_differing_licenses_fail_at_plan_time(tmp_path: Path, hub_token: str, repo_name: str) -> None:
     api = HfApi(token=hub_token)
-    mit = _llama(4, tmp_path / "mit")
+    mit = tiny_llama(4, tmp_path / "mit", card=LICENSED)
     (mit / "README.md").write_text("---\nlicense: mit\n---\n")
     ids = [f"{repo_name}-a", f"{repo_name}-b"]
-    _publish(api, ids[0], _llama(5, tmp_path / "apache"))
+    _publish(api, ids[0], tiny_llama(5, tmp_path / "apache", card=LICENSED))
     _publish(api, ids[1], mit)
     with pytest.raises(RecipeError, match=r"different licenses \(models.0: apache-2.0, models.1: mit\)"):
         hubmerge.plan({"method": "centroid", "models": ids})

@@ -10,28 +10,11 @@ import torch
 
 from hubmerge.cli import main
 
+from .util import tiny_llama
+
 transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.slow
-
-
-def _llama(seed: int, directory: Path, *, shard: str | None = None) -> Path:
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    model = transformers.LlamaForCausalLM(config)
-    kwargs = {"max_shard_size": shard} if shard else {}
-    model.save_pretrained(directory, **kwargs)
-    transformers.GenerationConfig(max_new_tokens=4).save_pretrained(directory)
-    return directory
 
 
 def _bert(seed: int, directory: Path) -> Path:
@@ -55,8 +38,8 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def test_llama_linear_endpoints_and_midpoint(tmp_path: Path) -> None:
-    a = _llama(0, tmp_path / "a", shard="40KB")
-    b = _llama(1, tmp_path / "b")
+    a = tiny_llama(0, tmp_path / "a", shard="40KB")
+    b = tiny_llama(1, tmp_path / "b")
     assert (a / "model.safetensors.index.json").exists()
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
     model_a = transformers.LlamaForCausalLM.from_pretrained(a)

@@ -60,3 +60,26 @@ def random_tensors(seed: int, *, dtype: torch.dtype = torch.float32) -> dict[str
 def write_recipe(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def tiny_llama(seed: int, directory: Path, *, shard: str | None = None, card: str | None = None) -> Path:
+    """A real (tiny, random) Llama causal LM with tied embeddings, saved with save_pretrained."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    kwargs = {"max_shard_size": shard} if shard else {}
+    transformers.LlamaForCausalLM(config).save_pretrained(directory, **kwargs)
+    transformers.GenerationConfig(max_new_tokens=4).save_pretrained(directory)
+    if card is not None:
+        (directory / "README.md").write_text(card)
+    return directory
