@@ -12,6 +12,12 @@ from typing import Any, Literal
 from . import __version__
 from .sources.header import DTYPE_SIZES, TensorInfo
 
+# How the run loop cuts a tensor (hubmerge/run.py); here so that planning can estimate memory without torch.
+BLOCK = 1 << 18  # elements per merge step: 1 MiB per float32 buffer, so a step's buffers stay in L2
+BATCH_BYTES = 1 << 20  # output bytes per batch: one task for a worker, one write, still in cache when written
+READ_BYTES = 64 << 20  # input bytes per read of one input (a view of a local file; a download from the Hub)
+WRITE_QUEUE = 2  # merged batches waiting for the writer thread
+
 
 @dataclass(frozen=True)
 class Job:
@@ -121,9 +127,10 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def with_chunks(job: Job, compute_size: int, budget: int, elementwise: bool) -> Job:
-    """The job with ``chunk_rows`` set when its compute buffers would exceed ``budget`` bytes."""
-    if job.action != "merge" or not elementwise or len(job.shape) == 0 or job.shape[0] < 2:
+def with_chunks(job: Job, compute_size: int, budget: int, blockwise: bool) -> Job:
+    """The job with ``chunk_rows`` set when its compute buffers would exceed ``budget`` bytes (the run loop
+    then caps its batches at that many rows)."""
+    if job.action != "merge" or not blockwise or len(job.shape) == 0 or job.shape[0] < 2:
         return job
     buffers = len(job.inputs) + (job.base is not None) + 2
     row = _numel(job.shape[1:]) * compute_size * buffers
@@ -133,17 +140,19 @@ def with_chunks(job: Job, compute_size: int, budget: int, elementwise: bool) -> 
     return Job(**{**job.__dict__, "chunk_rows": int(rows)})
 
 
-def working_set(job: Job, compute_size: int) -> int:
-    """Estimated compute-buffer bytes while merging ``job`` (one chunk of it)."""
-    rows = job.chunk_rows or (job.shape[0] if job.shape else 1)
-    per_row = _numel(job.shape[1:]) if job.shape else 1
+def working_set(job: Job, compute_size: int, *, workers: int, hub_inputs: int, blockwise: bool) -> int:
+    """Estimated anonymous memory while merging ``job``.
+
+    Blockwise methods hold a few block-sized buffers per worker and a few output batches, whatever the tensor
+    size; other methods (and tensors of at most one block) hold every input and the result in the compute
+    dtype. Hub sources add one read (up to ``READ_BYTES``) per input; local inputs are memory-mapped.
+    """
+    numel = _numel(job.shape)
+    inputs = len(job.inputs) + (job.base is not None)
+    reads = hub_inputs * min(READ_BYTES, max(i.nbytes for i in job.inputs))
     if job.action == "copy":
-        return 0
-    return (len(job.inputs) + (job.base is not None) + 2) * rows * per_row * compute_size
-
-
-def out_chunk(job: Job) -> int:
-    """Bytes of one merged chunk of ``job`` waiting for the writer."""
-    if job.chunk_rows is None or not job.shape:
-        return job.nbytes
-    return job.nbytes // job.shape[0] * job.chunk_rows
+        return reads
+    if blockwise and numel > BLOCK:
+        per_worker = (inputs + 8) * BLOCK * compute_size
+        return workers * per_worker + (WRITE_QUEUE + 2 * workers) * BATCH_BYTES + reads
+    return (inputs + 2) * numel * compute_size + reads

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import PlanError
-from .layout import Job, Shard, lay_out, out_chunk, with_chunks, working_set
+from .layout import WRITE_QUEUE, Job, Shard, lay_out, with_chunks, working_set
 from .params import resolve_params, seed_of
 from .recipe import Recipe, Rule, parse_size
 from .refs import ModelRef
@@ -24,7 +25,6 @@ from .sources.header import DTYPE_CODES, DTYPE_NAMES, DTYPE_SIZES, FLOAT_DTYPES,
 __all__ = ["DEFAULT_MEMORY_BUDGET", "WRITE_QUEUE", "Job", "MergePlan", "Shard", "SourceInfo", "build_plan"]
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes of compute buffers per tensor before merging it in row chunks
-WRITE_QUEUE = 2  # merged tensors waiting for the writer thread
 
 
 @dataclass(frozen=True)
@@ -209,7 +209,7 @@ def build_plan(
             "no tensors to write: every tensor is skipped", hint="check the `rules:` of the recipe"
         )
     jobs, shards = lay_out(specs, sha, parse_size(recipe.output.max_shard_size), seed)
-    jobs = [with_chunks(job, compute_size, memory_budget, spec.elementwise) for job in jobs]
+    jobs = [with_chunks(job, compute_size, memory_budget, spec.blockwise) for job in jobs]
     notices = []
     if mixed:
         target = recipe.compute_dtype
@@ -237,8 +237,16 @@ def build_plan(
         compute_dtype=recipe.compute_dtype,
         bytes_read=sum(i.nbytes for j in jobs for i in (*j.inputs, *([j.base] if j.base else []))),
         bytes_written=sum(s.size for s in shards),
-        peak_memory=max(working_set(j, compute_size) for j in jobs)
-        + WRITE_QUEUE * max(out_chunk(j) for j in jobs),
+        peak_memory=max(
+            working_set(
+                j,
+                compute_size,
+                workers=os.cpu_count() or 1,
+                blockwise=spec.blockwise,
+                hub_inputs=sum(sources[s].ref.is_hub for s in j.sources),
+            )
+            for j in jobs
+        ),
         total_size=sum(j.nbytes for j in jobs),
         memory_budget=memory_budget,
     )

@@ -1,22 +1,37 @@
 """The one loop: for each planned tensor, read the inputs, merge, cast, and hand the result to the sinks.
 
-Reads are memory-mapped views (local) or ranged reads (Hub); the next tensor is prefetched while this one is
-merged, and a writer thread drains results to the sinks so disk writes overlap the math. Memory stays at one
-tensor (or one row chunk of one) per input, plus at most ``WRITE_QUEUE`` results waiting to be written.
+A tensor is merged in *blocks* of about ``BLOCK`` elements, so the float32 temporaries of one block stay in
+the core's cache instead of streaming through memory once per arithmetic step; the blocks of a *batch* (about
+``BATCH_BYTES`` of output) are merged by a pool of worker threads, one torch thread each, into the batch's
+output buffer, which a writer thread hands to the sinks while the next batch is merged. Reads are
+memory-mapped views (local) or ranged reads (Hub). Memory is a few blocks per worker plus at most
+``WRITE_QUEUE + 1`` batches, whatever the size of the tensor.
+
+Methods that are not elementwise but have ``passes`` (TIES, SLERP, Model Stock) read the tensor block by block
+first to find their whole-tensor quantities, then merge block by block like the others. Random methods draw
+from a generator seeded per block from (tensor seed, block index); blocks depend only on the tensor's shape,
+so the bytes never depend on the memory budget, the batch size or the number of threads.
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
+import math
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 
 from .errors import MergeError
-from .methods import MethodSpec, get_method
-from .plan import WRITE_QUEUE, Job, MergePlan
+from .layout import BATCH_BYTES, BLOCK, READ_BYTES, WRITE_QUEUE
+from .methods import MethodSpec, Pass, get_method
+from .plan import Job, MergePlan
 from .sources import TensorSource
 from .sources.tensors import TORCH_DTYPES
 from .writer import Sink
@@ -24,6 +39,19 @@ from .writer import Sink
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int], None]
+
+SEED_STRIDE = 1_000_003  # block k of a tensor draws from seed + k * SEED_STRIDE
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
+
+
+@dataclass(frozen=True)
+class _Context:
+    spec: MethodSpec
+    sources: Sequence[TensorSource]
+    compute: torch.dtype
+    device: str
+    pool: ThreadPoolExecutor | None
+    workers: int
 
 
 def execute(
@@ -43,20 +71,30 @@ def execute(
         sinks: receivers of merged tensors, called from one writer thread in job order.
         done: names of tensors already written (resume).
         device: where the arithmetic runs (``cpu`` or ``cuda``).
-        progress: called with the number of input bytes consumed after each chunk.
+        progress: called with the number of input bytes consumed after each batch.
 
     Raises:
         MergeError: integer tensors disagree across models, or a method failed on a tensor.
     """
     spec = get_method(plan.method)
     compute = TORCH_DTYPES["F64" if plan.compute_dtype == "float64" else "F32"]
+    workers = max(1, torch.get_num_threads()) if device == "cpu" else 1
     left = [sum(plan.jobs[j].name not in done for j in shard.jobs) for shard in plan.shards]
     pending: deque[Future[None]] = deque()
-    with ThreadPoolExecutor(1, thread_name_prefix="hubmerge-writer") as writer:
-        for shard, remaining in enumerate(left):
-            if remaining == 0:  # finished by an earlier run: tell the sinks (an uploader may still need it)
-                pending.append(writer.submit(_shard_done, sinks, shard))
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="hubmerge-writer") as writer,
+        ThreadPoolExecutor(
+            workers, thread_name_prefix="hubmerge-merge", initializer=_one_torch_thread
+        ) as pool,
+    ):
+        ctx = _Context(spec, sources, compute, device, pool if workers > 1 else None, workers)
+        threads = torch.get_num_threads()
+        _retain_freed_memory(True)
+        collecting = gc.isenabled()
+        gc.disable()  # the loop makes no reference cycles; collections would stall every thread at the GIL
         try:
+            if workers > 1:
+                _one_torch_thread()  # this thread only sums statistics and merges small tensors
             for index, job in enumerate(plan.jobs):
                 if job.name in done:
                     if progress:
@@ -64,7 +102,7 @@ def execute(
                     continue
                 if index + 1 < len(plan.jobs):
                     _prefetch(plan.jobs[index + 1], sources)
-                for row, result, consumed in _results(job, spec, sources, compute, device):
+                for row, result, consumed in _results(job, ctx):
                     pending.append(writer.submit(_deliver, sinks, job, row, result))
                     while len(pending) > WRITE_QUEUE:
                         pending.popleft().result()
@@ -75,8 +113,38 @@ def execute(
             while pending:
                 pending.popleft().result()
         finally:
+            torch.set_num_threads(threads)
+            _retain_freed_memory(False)
+            if collecting:
+                gc.enable()
             for future in pending:
                 future.cancel()
+
+
+def _retain_freed_memory(retain: bool) -> None:
+    """Tell glibc's malloc to keep freed memory (``retain``), or go back to its defaults and trim.
+
+    Every block allocates and frees a few MiB of temporaries. With the default thresholds malloc hands that
+    memory back to the kernel after each block and the next block faults it in again, page by page, zeroed:
+    that churn alone cost as much system time as the whole merge. Other C libraries are left alone.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    if retain:
+        mallopt(_M_MMAP_THRESHOLD, 64 << 20)
+        mallopt(_M_TRIM_THRESHOLD, 512 << 20)
+    else:
+        mallopt(_M_MMAP_THRESHOLD, 128 << 10)
+        mallopt(_M_TRIM_THRESHOLD, 128 << 10)
+        libc.malloc_trim(0)
+
+
+def _one_torch_thread() -> None:
+    # The pool is the parallelism: one intra-op thread per worker avoids fork-join on every small op.
+    torch.set_num_threads(1)
 
 
 def _deliver(sinks: Sequence[Sink], job: Job, row: int, data: torch.Tensor) -> None:
@@ -91,11 +159,6 @@ def _finish(sinks: Sequence[Sink], job: Job, shard_complete: bool) -> None:
             sink.shard_done(job.shard)
 
 
-def _shard_done(sinks: Sequence[Sink], shard: int) -> None:
-    for sink in sinks:
-        sink.shard_done(shard)
-
-
 def _prefetch(job: Job, sources: Sequence[TensorSource]) -> None:
     for src, info in zip(job.sources, job.inputs, strict=True):
         sources[src].prefetch([info])
@@ -107,52 +170,212 @@ def _input_bytes(job: Job) -> int:
     return sum(i.nbytes for i in job.inputs) + (job.base.nbytes if job.base else 0)
 
 
-def _row_ranges(job: Job) -> Iterator[tuple[int, int] | None]:
-    if job.chunk_rows is None:
-        yield None
-        return
-    for start in range(0, job.shape[0], job.chunk_rows):
-        yield (start, min(start + job.chunk_rows, job.shape[0]))
+@dataclass(frozen=True)
+class _Grid:
+    """How a tensor's rows are cut: blocks (the cache unit) inside batches (the unit of work and of writes)
+    inside reads (one ``read`` per input). Blocks depend only on the shape, so random draws do too."""
+
+    block: int
+    batch: int
+    read: int
 
 
-def _results(
-    job: Job, spec: MethodSpec, sources: Sequence[TensorSource], compute: torch.dtype, device: str
-) -> Iterator[tuple[int, torch.Tensor, int]]:
-    """Yield (first row, output tensor on the CPU, input bytes consumed) for each chunk of ``job``."""
-    out_dtype = TORCH_DTYPES[job.dtype]
+def _grid(job: Job, device: str) -> _Grid:
+    row_elems = math.prod(job.shape[1:])
+    out_row = max(1, job.nbytes // max(job.shape[0], 1))
+    in_row = max(1, max(i.nbytes for i in job.inputs) // max(job.shape[0], 1))
+    block = max(1, BLOCK // max(row_elems, 1))
+    per_batch = max(1, BATCH_BYTES // (block * out_row))
+    if job.chunk_rows is not None:  # the plan's memory budget
+        per_batch = min(per_batch, max(1, job.chunk_rows // block))
+    if device != "cpu":
+        block *= per_batch  # a GPU wants big steps; its memory is not the cache we are saving
+        per_batch = 1
+    batch = block * per_batch
+    return _Grid(block, batch, batch * max(1, READ_BYTES // (batch * in_row)))
+
+
+def _spans(total: int, step: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, total, step):
+        yield start, min(start + step, total)
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """Rows ``[at, at + len)`` of a tensor: views of its inputs and, when merging, its output buffer."""
+
+    at: int
+    views: list[torch.Tensor]
+    base: torch.Tensor | None
+    out: torch.Tensor | None
+
+
+def _results(job: Job, ctx: _Context) -> Iterator[tuple[int, torch.Tensor, int]]:
+    """Yield (first row, output tensor on the CPU, input bytes consumed) for each batch of ``job``."""
     if job.action == "copy":
-        first = sources[job.sources[0]].read(job.inputs[0])
+        yield from _copy(job, ctx)
+        return
+    spec = ctx.spec
+    numel = math.prod(job.shape)
+    if not job.shape or numel <= BLOCK or not spec.blockwise:
+        yield 0, _merge_whole(job, ctx), _input_bytes(job)
+        return
+    grid = _grid(job, ctx.device)
+    kwargs: dict[str, Any] = dict(job.params)
+    fn = spec.fn
+    if not spec.elementwise:
+        assert spec.block_fn is not None  # blockwise and not elementwise
+        for p in spec.passes:
+            if not p.active(kwargs):
+                continue
+            total: torch.Tensor | None = None
+            step = partial(_stats_batch, p, kwargs, ctx, grid)
+            for _, part in _ordered(ctx, step, _batches(job, ctx, grid, None)):
+                if part is not None:
+                    total = part if total is None else total.add_(part)
+            assert total is not None
+            kwargs |= p.finish(total, numel, ctx.compute, kwargs)
+        kwargs = {k: v for k, v in kwargs.items() if not k.startswith("_")}
+        fn = spec.block_fn
+    row_bytes = _input_bytes(job) // job.shape[0]
+    merge = partial(_merge_batch, job, fn, kwargs, ctx, grid)
+    for batch, _ in _ordered(ctx, merge, _batches(job, ctx, grid, TORCH_DTYPES[job.dtype])):
+        assert batch.out is not None
+        yield batch.at, batch.out, batch.out.shape[0] * row_bytes
+
+
+def _batches(job: Job, ctx: _Context, grid: _Grid, out_dtype: torch.dtype | None) -> Iterator[_Batch]:
+    """The batches of ``job`` in order, reading the inputs a few batches at a time."""
+    for start, stop in _spans(job.shape[0], grid.read):
+        views, base = _read(job, ctx, (start, stop))
+        for a, b in _spans(stop - start, grid.batch):
+            out = torch.empty((b - a, *job.shape[1:]), dtype=out_dtype) if out_dtype else None
+            yield _Batch(start + a, [v[a:b] for v in views], base[a:b] if base is not None else None, out)
+
+
+def _ordered(
+    ctx: _Context, fn: Callable[[_Batch], Any], batches: Iterator[_Batch]
+) -> Iterator[tuple[_Batch, Any]]:
+    """``(batch, fn(batch))`` in order, computed on the pool with a few batches in flight."""
+    if ctx.pool is None:
+        for batch in batches:
+            yield batch, fn(batch)
+        return
+    window = 2 * ctx.workers
+    flight: deque[tuple[_Batch, Future[Any]]] = deque()
+    try:
+        for batch in batches:
+            flight.append((batch, ctx.pool.submit(fn, batch)))
+            if len(flight) >= window:
+                done, future = flight.popleft()
+                yield done, future.result()
+        while flight:
+            done, future = flight.popleft()
+            yield done, future.result()
+    finally:
+        for _, future in flight:
+            future.cancel()
+
+
+def _stats_batch(
+    p: Pass, kwargs: dict[str, Any], ctx: _Context, grid: _Grid, batch: _Batch
+) -> torch.Tensor | None:
+    """The sum of ``p.step`` over the batch's blocks."""
+    total: torch.Tensor | None = None
+    for span in _spans(batch.views[0].shape[0], grid.block):
+        tensors, base = _block(batch.views, batch.base, span, ctx)
+        part = p.step(tensors, base, kwargs)
+        total = part if total is None else total.add_(part)
+    return total
+
+
+def _merge_batch(
+    job: Job,
+    fn: Callable[..., torch.Tensor],
+    kwargs: dict[str, Any],
+    ctx: _Context,
+    grid: _Grid,
+    batch: _Batch,
+) -> None:
+    """Merge a batch block by block into its output buffer; a random method draws per block."""
+    assert batch.out is not None
+    for span in _spans(batch.out.shape[0], grid.block):
+        tensors, base = _block(batch.views, batch.base, span, ctx)
+        block_kwargs = dict(kwargs)
+        if base is not None:
+            block_kwargs["base"] = base
+        if ctx.spec.random:
+            generator = torch.Generator(device=ctx.device)
+            index = (batch.at + span[0]) // grid.block
+            generator.manual_seed((job.seed + index * SEED_STRIDE) % (1 << 63))
+            block_kwargs["generator"] = generator
+        batch.out[span[0] : span[1]].copy_(_call(job, ctx.spec.name, fn, tensors, block_kwargs))
+
+
+def _read(job: Job, ctx: _Context, rows: tuple[int, int]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    views = [ctx.sources[s].read(i, rows) for s, i in zip(job.sources, job.inputs, strict=True)]
+    base = None
+    if ctx.spec.needs_base:
+        assert job.base is not None and job.base_source is not None  # guaranteed by build_plan
+        base = ctx.sources[job.base_source].read(job.base, rows)
+    return views, base
+
+
+def _block(
+    views: list[torch.Tensor], base: torch.Tensor | None, span: tuple[int, int], ctx: _Context
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    a, b = span
+    tensors = [v[a:b].to(device=ctx.device, dtype=ctx.compute) for v in views]
+    return tensors, (base[a:b].to(device=ctx.device, dtype=ctx.compute) if base is not None else None)
+
+
+def _call(
+    job: Job, method: str, fn: Callable[..., torch.Tensor], tensors: list[torch.Tensor], kwargs: Any
+) -> torch.Tensor:
+    try:
+        return fn(tensors, **kwargs)
+    except (ValueError, RuntimeError) as exc:
+        raise MergeError(f"method '{method}' failed on tensor '{job.name}': {exc}", tensor=job.name) from exc
+
+
+def _merge_whole(job: Job, ctx: _Context) -> torch.Tensor:
+    """A tensor in one step: small ones, and methods that need the whole tensor at once."""
+    views, base = _read(job, ctx, (0, job.shape[0])) if job.shape else _read_scalar(job, ctx)
+    tensors = [v.to(device=ctx.device, dtype=ctx.compute) for v in views]
+    kwargs: dict[str, Any] = dict(job.params)
+    if base is not None:
+        kwargs["base"] = base.to(device=ctx.device, dtype=ctx.compute)
+    if ctx.spec.random:
+        generator = torch.Generator(device=ctx.device)
+        generator.manual_seed(job.seed % (1 << 63))
+        kwargs["generator"] = generator
+    result = _call(job, ctx.spec.name, ctx.spec.fn, tensors, kwargs)
+    return result.to(dtype=TORCH_DTYPES[job.dtype], device="cpu")
+
+
+def _read_scalar(job: Job, ctx: _Context) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    views = [ctx.sources[s].read(i) for s, i in zip(job.sources, job.inputs, strict=True)]
+    base = None
+    if ctx.spec.needs_base:
+        assert job.base is not None and job.base_source is not None  # guaranteed by build_plan
+        base = ctx.sources[job.base_source].read(job.base)
+    return views, base
+
+
+def _copy(job: Job, ctx: _Context) -> Iterator[tuple[int, torch.Tensor, int]]:
+    """Copied tensors (integer buffers, ``take`` rules), batch by batch; integer ones must agree."""
+    out_dtype = TORCH_DTYPES[job.dtype]
+    spans = list(_spans(job.shape[0], _grid(job, "cpu").batch)) if job.shape else [None]
+    row_bytes = _input_bytes(job) // job.shape[0] if job.shape else _input_bytes(job)
+    for rows in spans:
+        first = ctx.sources[job.sources[0]].read(job.inputs[0], rows)
         for src, info in zip(job.sources[1:], job.inputs[1:], strict=True):
-            if not torch.equal(first, sources[src].read(info)):
+            if not torch.equal(first, ctx.sources[src].read(info, rows)):
                 raise MergeError(
-                    f"integer tensor '{job.name}' differs between {sources[job.sources[0]].label} and "
-                    f"{sources[src].label}; integer tensors are copied, never averaged",
+                    f"integer tensor '{job.name}' differs between {ctx.sources[job.sources[0]].label} and "
+                    f"{ctx.sources[src].label}; integer tensors are copied, never averaged",
                     tensor=job.name,
                     hint=f"add a rule `- {{tensors: '{job.name}', take: N}}` to pick one model's values",
                 )
-        yield 0, first.to(out_dtype), _input_bytes(job)
-        return
-    for chunk, rows in enumerate(_row_ranges(job)):
-        tensors = [
-            sources[s].read(i, rows).to(device=device, dtype=compute)
-            for s, i in zip(job.sources, job.inputs, strict=True)
-        ]
-        kwargs = dict(job.params)
-        consumed = sum(
-            t.numel() * i.nbytes // max(i.numel, 1) for t, i in zip(tensors, job.inputs, strict=True)
-        )
-        if spec.needs_base:
-            assert job.base is not None and job.base_source is not None  # guaranteed by build_plan
-            kwargs["base"] = sources[job.base_source].read(job.base, rows).to(device=device, dtype=compute)
-            consumed += kwargs["base"].numel() * job.base.nbytes // max(job.base.numel, 1)
-        if spec.random:
-            generator = torch.Generator(device=device)
-            generator.manual_seed((job.seed + chunk * 1_000_003) % (1 << 63))
-            kwargs["generator"] = generator
-        try:
-            result = spec.fn(tensors, **kwargs)
-        except (ValueError, RuntimeError) as exc:
-            raise MergeError(
-                f"method '{spec.name}' failed on tensor '{job.name}': {exc}", tensor=job.name
-            ) from exc
-        yield (rows[0] if rows else 0), result.to(dtype=out_dtype, device="cpu"), consumed
+        count = rows[1] - rows[0] if rows else 1
+        yield (rows[0] if rows else 0), first.to(out_dtype), count * row_bytes

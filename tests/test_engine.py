@@ -285,3 +285,69 @@ def test_resume_after_kill_gives_identical_bytes(tmp_path: Path) -> None:
     for shard in fresh.plan.shards:
         assert (out / shard.filename).read_bytes() == (fresh.out / shard.filename).read_bytes()
     assert not partial.exists()
+
+
+BIG = {"big.weight": (3000, 700), "wide.weight": (3, 200_001), "vec": (600_000,), "small": (7, 9)}
+
+
+def _big_models(tmp_path: Path) -> tuple[list[Path], list[dict[str, torch.Tensor]]]:
+    base = {
+        n: torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, (n, s) in enumerate(BIG.items())
+    }
+    sds = []
+    for m in range(4):
+        g = torch.Generator().manual_seed(100 + m)
+        sds.append(
+            {n: (t + 0.1 * torch.randn(t.shape, generator=g) if m else t).bfloat16() for n, t in base.items()}
+        )
+    return [save_model(tmp_path / f"big{m}", sd, shards=1 + m % 2) for m, sd in enumerate(sds)], sds
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_blocked_merges_match_whole_tensor_math(tmp_path: Path, method: str) -> None:
+    """Tensors far larger than one block go through the blocked engine (and passes for ties, slerp,
+    model_stock); the result must equal the method's whole-tensor function."""
+    from hubmerge.layout import BLOCK
+
+    spec = METHODS[method]
+    dirs, sds = _big_models(tmp_path)
+    n = spec.max_models or 3
+    recipe: dict[str, object] = {"method": method, "models": [str(d) for d in dirs[1 : 1 + n]],
+                                 "dtype": "float32", "parameters": {"seed": 3}}  # fmt: skip
+    if spec.needs_base:
+        recipe["base"] = str(dirs[0])
+    if any(p.name == "t" for p in spec.params):
+        recipe["parameters"] = {"seed": 3, "t": 0.3}
+    outputs = []
+    for budget in (256 * 2**20, 4096):
+        result = hubmerge.merge(recipe, tmp_path / f"out-{budget}", memory_budget=budget)
+        outputs.append((result.out / "model.safetensors").read_bytes())
+    assert outputs[0] == outputs[1], "output bytes depend on the memory budget"
+    merged = load_file(str(tmp_path / "out-4096" / "model.safetensors"))
+    assert max(t.numel() for t in merged.values()) > 4 * BLOCK
+    for name in BIG:
+        inputs = [sd[name].float() for sd in sds[1 : 1 + n]]
+        job = next(j for j in result.plan.jobs if j.name == name)
+        kwargs = dict(job.params)
+        if spec.needs_base:
+            kwargs["base"] = sds[0][name].float()
+        if spec.random:
+            if merged[name].numel() < 10_000:
+                continue  # too few elements for the statistics below
+            base, density = sds[0][name].float(), job.params["densities"][0]
+            changed = (merged[name] != base).double().mean().item()
+            kept_any = 1 - (1 - density) ** n  # an element keeps the base only when every model drops it
+            assert abs(changed - kept_any) < 0.02, (name, changed, kept_any)
+            continue
+        expected = spec.fn(inputs, **kwargs)
+        if method in ("slerp", "model_stock"):
+            # Whole-tensor angles and norms come from sums of millions of float32 products: the blocked and
+            # the whole-tensor results may differ in rounding, so both are held to float64 math, where the
+            # blocked one must do at least as well.
+            wide = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+            reference = spec.fn([t.double() for t in inputs], **wide).float()
+            whole_error = (expected - reference).abs().max()
+            assert (merged[name] - reference).abs().max() <= max(whole_error, 1e-6), f"{method}: {name}"
+            continue
+        tol = {"rtol": 0, "atol": 0} if method == "ties" else {"rtol": 1e-5, "atol": 1e-5}
+        torch.testing.assert_close(merged[name], expected, **tol, msg=f"{method}: {name}")

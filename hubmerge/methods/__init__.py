@@ -8,11 +8,19 @@ from __future__ import annotations
 
 from hubmerge.errors import RecipeError
 from hubmerge.methods.basic import centroid, linear, weighted
+from hubmerge.methods.blocks import (
+    SLERP_PASSES,
+    STOCK_PASSES,
+    TIES_PASSES,
+    model_stock_block,
+    slerp_block,
+    ties_block,
+)
 from hubmerge.methods.geometric import model_stock, slerp
-from hubmerge.methods.spec import MethodSpec, ParamSpec
+from hubmerge.methods.spec import MethodSpec, ParamSpec, Pass
 from hubmerge.methods.task_vectors import dare_linear, dare_ties, task_arithmetic, ties
 
-__all__ = ["METHODS", "MethodSpec", "ParamSpec", "get_method"]
+__all__ = ["METHODS", "MethodSpec", "ParamSpec", "Pass", "get_method"]
 
 _T = ParamSpec("t", "t", float, None, False, "interpolation factor: 0 gives the first model, 1 the second")
 _WEIGHT = ParamSpec("weight", "weights", float, 1.0, True, "weight of each model")
@@ -91,6 +99,8 @@ METHODS: dict[str, MethodSpec] = {
             random=False,
             paper="https://arxiv.org/abs/2306.01708",
             summary="trim task vectors by magnitude, elect a sign per element, merge the agreeing entries",
+            passes=TIES_PASSES,
+            block_fn=ties_block,
         ),
         MethodSpec(
             name="dare_linear",
@@ -137,6 +147,8 @@ METHODS: dict[str, MethodSpec] = {
             random=False,
             paper="https://arxiv.org/abs/2403.13257",
             summary="spherical interpolation between two models along the arc joining them",
+            passes=SLERP_PASSES,
+            block_fn=slerp_block,
         ),
         MethodSpec(
             name="model_stock",
@@ -149,6 +161,8 @@ METHODS: dict[str, MethodSpec] = {
             random=False,
             paper="https://arxiv.org/abs/2403.19522",
             summary="move from the base toward the models' mean by a ratio set by their task vectors' angle",
+            passes=STOCK_PASSES,
+            block_fn=model_stock_block,
         ),
     )
 }

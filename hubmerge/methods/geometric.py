@@ -50,13 +50,43 @@ def slerp(tensors: Sequence[torch.Tensor], *, t: float, eps: float = 5e-4) -> to
         ValueError: not exactly two tensors.
     """
     check_count(tensors, "slerp", 2, 2)
-    a, b = tensors
-    cos = cosine(a, b)
+    return slerp_mix(tensors, slerp_coefficients(cosine(*tensors), t, eps), t)
+
+
+def slerp_coefficients(cos: float | None, t: float, eps: float) -> tuple[float, float] | None:
+    """SLERP's weights of A and B for the cosine of their angle; None where it falls back to linear.
+
+    Args:
+        cos: cosine of the angle between A and B, None when either is zero.
+        t: position along the arc.
+        eps: fall back when ``1 - |cos| < eps``.
+
+    Returns:
+        ``(sin((1 - t) * theta) / sin(theta), sin(t * theta) / sin(theta))``, or None.
+    """
     if cos is None or 1.0 - abs(cos) < eps:
-        return torch.lerp(a, b, t)
+        return None
     theta = math.acos(cos)
     sin_theta = math.sin(theta)
-    return weighted_sum(tensors, [math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta])
+    return math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
+
+
+def slerp_mix(
+    tensors: Sequence[torch.Tensor], coefficients: tuple[float, float] | None, t: float
+) -> torch.Tensor:
+    """Mix A and B with SLERP's weights, or interpolate linearly when ``coefficients`` is None.
+
+    Args:
+        tensors: A and B, or the same block of each.
+        coefficients: from :func:`slerp_coefficients`.
+        t: position between A and B for the linear fallback.
+
+    Returns:
+        A new tensor.
+    """
+    if coefficients is None:
+        return torch.lerp(tensors[0], tensors[1], t)
+    return weighted_sum(tensors, list(coefficients))
 
 
 def model_stock(tensors: Sequence[torch.Tensor], *, base: torch.Tensor) -> torch.Tensor:
@@ -81,11 +111,40 @@ def model_stock(tensors: Sequence[torch.Tensor], *, base: torch.Tensor) -> torch
     n = len(tensors)
     deltas = [torch.sub(x, base).reshape(-1) for x in tensors]
     norms = [float(torch.linalg.vector_norm(d)) for d in deltas]
+    dots = {(i, j): float(torch.dot(deltas[i], deltas[j])) for i, j in combinations(range(n), 2)}
+    del deltas  # free the task vectors before the result is allocated
+    return stock_mix(tensors, base, stock_ratio(norms, dots))
+
+
+def stock_ratio(norms: Sequence[float], dots: dict[tuple[int, int], float]) -> float:
+    """Model Stock's ratio ``t = N * cos / (1 + (N - 1) * cos)`` from the task vectors' norms and dots.
+
+    Args:
+        norms: the norm of each task vector.
+        dots: ``dots[i, j]`` is the dot product of task vectors ``i < j``.
+
+    Returns:
+        The ratio, in [0, 1].
+    """
+    n = len(norms)
     total = 0.0
     for i, j in combinations(range(n), 2):
         if norms[i] > 0.0 and norms[j] > 0.0:
-            total += float(torch.dot(deltas[i], deltas[j])) / (norms[i] * norms[j])
-    del deltas  # free the task vectors before the result is allocated
+            total += dots[i, j] / (norms[i] * norms[j])
     cos = min(1.0, max(0.0, total / (n * (n - 1) / 2)))
-    ratio = n * cos / (1.0 + (n - 1) * cos)
+    return n * cos / (1.0 + (n - 1) * cos)
+
+
+def stock_mix(tensors: Sequence[torch.Tensor], base: torch.Tensor, ratio: float) -> torch.Tensor:
+    """``ratio * mean(tensors) + (1 - ratio) * base``.
+
+    Args:
+        tensors: the fine-tuned tensors, or the same block of each.
+        base: the base tensor (or block).
+        ratio: from :func:`stock_ratio`.
+
+    Returns:
+        A new tensor.
+    """
+    n = len(tensors)
     return weighted_sum([base, *tensors], [1.0 - ratio, *([ratio / n] * n)])

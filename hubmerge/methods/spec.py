@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -26,6 +27,26 @@ class ParamSpec:
     high: float | None = None
 
 
+def _always(kwargs: Mapping[str, Any]) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Pass:
+    """A read over a whole tensor, block by block, for a method whose result needs whole-tensor statistics.
+
+    ``step(tensors, base, kwargs)`` maps one block of the inputs (in the compute dtype) to a tensor of
+    statistics, int64 or float64 and of one shape for every block; the engine sums them over the blocks in
+    order, then ``finish(total, numel, dtype, kwargs)`` turns the sum into new keyword arguments
+    (``numel``: the whole tensor's, ``dtype``: the compute dtype). ``kwargs`` holds the method's parameters
+    and what earlier passes found; ``active(kwargs)`` says whether this pass is needed at all.
+    """
+
+    step: Callable[[Sequence[torch.Tensor], torch.Tensor | None, Mapping[str, Any]], torch.Tensor]
+    finish: Callable[[torch.Tensor, int, torch.dtype, Mapping[str, Any]], dict[str, Any]]
+    active: Callable[[Mapping[str, Any]], bool] = _always
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """One merge method: its function and everything the engine needs to call it.
@@ -33,6 +54,11 @@ class MethodSpec:
     The engine calls ``fn(tensors, **kwargs)`` with the models' tensors in the compute dtype, every
     parameter under its ``kwarg``, plus ``base=`` when ``needs_base`` and ``generator=`` when ``random``.
     ``elementwise`` means ``result[i]`` depends only on the inputs at ``i``, so rows may be merged in chunks.
+
+    A method that is not elementwise may still be merged block by block in bounded memory: its ``passes`` read
+    the tensor first and derive whole-tensor quantities (a magnitude threshold, norms and angles), then
+    ``block_fn(tensors, **kwargs, **derived)`` is elementwise. ``fn`` stays the reference on whole tensors;
+    for any blocking the two agree up to float rounding of the derived quantities.
     """
 
     name: str
@@ -45,6 +71,13 @@ class MethodSpec:
     random: bool
     paper: str
     summary: str
+    passes: tuple[Pass, ...] = ()
+    block_fn: Callable[..., torch.Tensor] | None = None
+
+    @property
+    def blockwise(self) -> bool:
+        """Whether the engine may merge a tensor block by block (directly, or after ``passes``)."""
+        return self.elementwise or self.block_fn is not None
 
 
 def check_count(tensors: Sequence[torch.Tensor], method: str, low: int, high: int | None = None) -> None:

@@ -8,6 +8,7 @@ Functions ending in ``_`` write into tensors this module allocated itself, never
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -17,6 +18,7 @@ from hubmerge.methods.spec import check_count, check_densities, normalizer, per_
 
 # Integer type of each float width, and the right shift that keeps its top 15 to 20 bits as a bucket index.
 _RADIX: dict[int, tuple[torch.dtype, int]] = {2: (torch.int16, 0), 4: (torch.int32, 16), 8: (torch.int64, 44)}
+_LANES = 1 << 16  # values of one 16-bit lane of a random draw
 
 
 def kth_largest_magnitude(values: torch.Tensor, k: int, scratch: torch.Tensor) -> torch.Tensor:
@@ -64,22 +66,52 @@ def magnitude_prune_(
         return delta.mul_(scale)
     if k <= 0:
         return delta.zero_()
-    threshold = kth_largest_magnitude(delta, k, scratch)
-    return delta.mul_(torch.abs(delta, out=scratch).ge_(threshold).mul_(scale))
+    return prune_at_(delta, kth_largest_magnitude(delta, k, scratch), scale, scratch)
+
+
+def prune_at_(
+    delta: torch.Tensor, threshold: float | torch.Tensor, scale: float, scratch: torch.Tensor
+) -> torch.Tensor:
+    """Zero the entries of ``delta`` smaller in magnitude than ``threshold``, multiply the rest by ``scale``.
+
+    Args:
+        delta: a task vector (or block of one) this module owns; overwritten.
+        threshold: the smallest magnitude kept; NaN keeps nothing.
+        scale: factor applied to the kept entries.
+        scratch: a contiguous tensor like ``delta`` to work in; overwritten.
+
+    Returns:
+        ``delta``.
+    """
+    if isinstance(threshold, float) and math.isnan(threshold):
+        return delta.zero_()
+    keep = torch.abs(delta, out=scratch).ge_(threshold)
+    return delta.mul_(keep if scale == 1.0 else keep.mul_(scale))
 
 
 def keep_mask_(scratch: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
-    """DARE's random mask: 1.0 with probability ``density``, else 0.0.
+    """DARE's random mask: 1.0 with probability ``density`` (rounded to a multiple of 2**-16), else 0.0.
+
+    Each 64-bit draw from the generator gives four 16-bit lanes, each compared with the density's cut:
+    a quarter of the draws of one uniform float per entry, and the random numbers are the slow part of DARE.
 
     Args:
-        scratch: a tensor shaped like the task vector; overwritten with the mask.
+        scratch: a contiguous tensor shaped like the task vector; overwritten with the mask.
         density: keep probability, in [0, 1].
-        generator: the only source of randomness; exactly ``numel`` uniform draws are taken from it.
+        generator: the only source of randomness; ``ceil(numel / 4)`` 64-bit draws are taken from it.
 
     Returns:
         ``scratch``.
     """
-    return scratch.uniform_(generator=generator).lt_(density)
+    cut = round(density * _LANES)
+    if cut >= _LANES:
+        return scratch.fill_(1.0)
+    if cut <= 0:
+        return scratch.zero_()
+    n = scratch.numel()
+    draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=scratch.device)
+    lanes = draws.random_(-(2**63), None, generator=generator).view(torch.int16)[:n].view(scratch.shape)
+    return torch.lt(lanes, cut - _LANES // 2, out=scratch)
 
 
 def rescale(density: float) -> float:
@@ -103,7 +135,12 @@ def elect_sign(weighted_deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     Returns:
         A new tensor of signs.
     """
-    return weighted_sum(weighted_deltas, [1.0] * len(weighted_deltas)).sign_()
+    if len(weighted_deltas) == 1:
+        return torch.sign(weighted_deltas[0])
+    total = torch.add(weighted_deltas[0], weighted_deltas[1])
+    for delta in weighted_deltas[2:]:
+        total.add_(delta)
+    return total.sign_()
 
 
 def disjoint_merge(
@@ -125,16 +162,21 @@ def disjoint_merge(
     Returns:
         A new tensor.
     """
-    out = torch.zeros_like(sign)
-    divisor = torch.zeros_like(sign) if normalize else None
+    out: torch.Tensor | None = None
+    divisor: torch.Tensor | None = None
     for delta, weight in zip(weighted_deltas, weights, strict=True):
         agree = torch.sign(delta, out=scratch).eq_(sign)
+        if out is None:
+            out = torch.mul(delta, agree)
+            divisor = torch.mul(agree, weight) if normalize else None
+            continue
         out.addcmul_(delta, agree)
         if divisor is not None:
             divisor.add_(agree, alpha=weight)
+    assert out is not None  # at least one model
     if divisor is not None:
         # Where no model agrees the sum is 0 already; dividing by 1 keeps it 0 instead of NaN.
-        out.div_(divisor.masked_fill_(divisor == 0, 1.0))
+        out.div_(divisor.add_(divisor == 0))
     return out
 
 

@@ -138,7 +138,7 @@ class HubSource:
         self._sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
         self.tensors: dict[str, TensorInfo] = {}
         self._pool = ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix=f"hubmerge-{label}")
-        self._pending: dict[tuple[str, int, int], Future[bytearray]] = {}
+        self._pending: dict[str, Future[bytearray]] = {}
         self._shard_dir: Path | None = None
         self._shard: tuple[str, mmap.mmap] | None = None
         for shard in self._shards():
@@ -230,21 +230,31 @@ class HubSource:
 
         if self.transfer == "shards":
             return view_bytes(self._shard_map(info.file), info, rows)
+        local = TensorInfo(info.name, info.dtype, info.shape, info.file, 0, info.nbytes)
+        future = self._pending.get(info.name)
+        if future is not None:
+            # The run loop reads a tensor in row ranges, in order: the prefetched copy serves them all and
+            # is dropped with the last one.
+            if rows is None or rows[1] >= (info.shape[0] if info.shape else 1):
+                del self._pending[info.name]
+            return view_bytes(future.result(), local, rows)
         start, end, shape = info.start, info.end, info.shape
         if rows is not None:
             start, end = start + rows[0] * row_bytes(info), start + rows[1] * row_bytes(info)
             shape = (rows[1] - rows[0], *info.shape[1:])
-        future = self._pending.pop((info.file, start, end), None)
-        data = future.result() if future is not None else self._range(info.file, start, end)
+        data = self._range(info.file, start, end)
         return view_bytes(data, TensorInfo(info.name, info.dtype, shape, info.file, 0, end - start), None)
 
     def prefetch(self, infos: Sequence[TensorInfo]) -> None:
         if self.transfer == "shards":
             return
         for info in infos:
-            key = (info.file, info.start, info.end)
-            if info.nbytes <= PREFETCH_LIMIT and key not in self._pending and len(self._pending) < IN_FLIGHT:
-                self._pending[key] = self._pool.submit(self._range, *key)
+            if (
+                info.nbytes <= PREFETCH_LIMIT
+                and info.name not in self._pending
+                and len(self._pending) < IN_FLIGHT
+            ):
+                self._pending[info.name] = self._pool.submit(self._range, info.file, info.start, info.end)
 
     def _shard_map(self, shard: str) -> mmap.mmap:
         if self._shard is not None and self._shard[0] == shard:

@@ -1,0 +1,210 @@
+"""The Hub path of the benchmark: merging from a Hub server, and merging + pushing, against the local merge.
+
+A ``hubmerge hub serve`` process on 127.0.0.1 holds the three fine-tunes of a family; the same merge then
+runs, alternating, from local files, from the Hub by ranged reads, from the Hub one shard at a time, and from
+the Hub with ``--push`` to a new repository. Reported: median and spread of wall time, the ratios to the local
+merge and to the Hub merge, peak anonymous memory, and peak disk used while merging (the drop of free space
+on the output's file system, sampled every 20 ms) against the output size plus one input shard per model.
+
+    python bench/hub.py --data bench/data --family small --runs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import gen  # noqa: E402
+import measure  # noqa: E402
+
+TOKEN = "hubmerge-bench-token"
+MARK_BEGIN, MARK_END = "<!-- hub:begin -->", "<!-- hub:end -->"
+
+
+def serve(storage: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """Start ``hubmerge hub serve`` on a free port; return the process and its URL once it accepts."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hubmerge.cli",
+        "hub",
+        "serve",
+        "--root",
+        str(storage),
+        "--port",
+        str(port),
+        "--token",
+        f"{TOKEN}=bench",
+    ]
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(300):
+        with socket.socket() as client:
+            if client.connect_ex(("127.0.0.1", port)) == 0:
+                return process, f"http://127.0.0.1:{port}"
+        time.sleep(0.05)
+    process.kill()
+    raise SystemExit("hub server did not start")
+
+
+def upload(url: str, dirs: list[Path], env: dict[str, str]) -> list[str]:
+    """Publish the model directories (in a subprocess, so this process never imports huggingface_hub)."""
+    ids = [f"bench/{d.name}" for d in dirs]
+    script = (
+        "import sys\nfrom huggingface_hub import HfApi\napi = HfApi()\n"
+        "for folder, repo in zip(sys.argv[1::2], sys.argv[2::2]):\n"
+        "    api.create_repo(repo, exist_ok=True)\n"
+        "    api.upload_folder(folder_path=folder, repo_id=repo)\n"
+    )
+    args = [a for d, i in zip(dirs, ids, strict=True) for a in (str(d), i)]
+    subprocess.run([sys.executable, "-c", script, *args], env=env, check=True)
+    return ids
+
+
+def timed(cmd: list[str], env: dict[str, str], watch: Path) -> tuple[measure.Sample, int]:
+    """Run ``cmd`` with :func:`measure.run`, sampling the drop of free disk space where ``watch`` lives."""
+    start_free = shutil.disk_usage(watch).free
+    lowest = [start_free]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            lowest[0] = min(lowest[0], shutil.disk_usage(watch).free)
+            time.sleep(measure.INTERVAL)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        result = measure.run(cmd, env=env)
+    finally:
+        stop.set()
+        sampler.join()
+    return result, start_free - lowest[0]
+
+
+def main() -> None:
+    """Run the Hub-path cases and write their table into bench/RESULTS.md."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path("bench/data"))
+    parser.add_argument("--family", default="small", choices=sorted(gen.FAMILIES))
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "RESULTS.md")
+    args = parser.parse_args()
+    dirs = gen.ensure(args.data, args.family)[1:4]
+    work = args.data / "work" / "hub"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env |= {
+        "HF_TOKEN": TOKEN,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HOME": str(work / "hf-home"),
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
+    server, url = serve(work / "storage")
+    env["HF_ENDPOINT"] = url
+    try:
+        ids = upload(url, dirs, env)
+        local = {"method": "centroid", "models": [{"path": str(d)} for d in dirs], "dtype": "bfloat16"}
+        hub = {"method": "centroid", "models": [{"repo": i} for i in ids], "dtype": "bfloat16"}
+        recipes = {}
+        for name, doc in (("local", local), ("hub", hub)):
+            recipes[name] = work / f"{name}.json.yaml"
+            recipes[name].write_text(json.dumps(doc))  # JSON is YAML
+        out = work / "out"
+        base = [sys.executable, "-m", "hubmerge.cli"]
+        flags = ["--out", str(out), "--force", "-q"]
+        cases: dict[str, list[str]] = {
+            "local": [*base, str(recipes["local"]), *flags],
+            "hub (ranges)": [*base, str(recipes["hub"]), *flags],
+            "hub (shards)": [*base, str(recipes["hub"]), *flags, "--hub-transfer", "shards"],
+        }
+        samples: dict[str, list[tuple[measure.Sample, int]]] = {name: [] for name in [*cases, "hub + push"]}
+        measure.warm(dirs)
+        for round_ in range(args.runs):
+            for name, cmd in cases.items():
+                samples[name].append(timed(cmd, env, work))
+                shutil.rmtree(out, ignore_errors=True)
+            push = [*cases["hub (ranges)"], "--push", f"bench/merged-{round_}"]
+            samples["hub + push"].append(timed(push, env, work))
+            shutil.rmtree(out, ignore_errors=True)
+            print(
+                f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1][0].wall:.2f} s" for k, v in samples.items())
+            )
+    finally:
+        server.terminate()
+        server.wait()
+    model_bytes = sum(f.stat().st_size for d in dirs for f in d.glob("*.safetensors"))
+    largest_shard = max(f.stat().st_size for d in dirs for f in d.glob("*.safetensors"))
+    output_bytes = gen.model_bytes(gen.FAMILIES[args.family].config)
+    write(args, samples, model_bytes, output_bytes, largest_shard, len(dirs))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def write(
+    args: argparse.Namespace,
+    samples: dict[str, list[tuple[measure.Sample, int]]],
+    model_bytes: int,
+    output_bytes: int,
+    largest_shard: int,
+    n_models: int,
+) -> None:
+    """The markdown table, between the hub markers of RESULTS.md (appended if absent)."""
+    med = {k: statistics.median(s.wall for s, _ in v) for k, v in samples.items()}
+    allowance = output_bytes + n_models * largest_shard
+    lines = [
+        MARK_BEGIN,
+        f"### Hub path: centroid of 3 `{args.family}` models ({model_bytes / 1e9:.2f} GB in), "
+        f"{args.runs} runs each",
+        "",
+        "| case | median s | spread s | GB/s in | x local | peak anon MB | peak disk MB |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, runs in samples.items():
+        walls = [s.wall for s, _ in runs]
+        anon = max(s.peak_anon for s, _ in runs) / 2**20
+        disk = max(d for _, d in runs) / 2**20
+        lines.append(
+            f"| {name} | {med[name]:.2f} | {min(walls):.2f}-{max(walls):.2f} "
+            f"| {model_bytes / 1e9 / med[name]:.2f} | {med[name] / med['local']:.2f} "
+            f"| {anon:.0f} | {disk:.0f} |"
+        )
+    ranges, shards, push = med["hub (ranges)"], med["hub (shards)"], med["hub + push"]
+    worst_disk = max(d for name in ("hub (ranges)", "hub (shards)") for _, d in samples[name])
+    lines += [
+        "",
+        f"- merging from the Hub: {ranges / med['local']:.2f}x the local merge by ranged reads, "
+        f"{shards / med['local']:.2f}x by shard downloads (target: at most 1.5x)",
+        f"- merge + push: {push / ranges:.2f}x the Hub merge alone (target: at most 1.3x; the server runs on "
+        "this machine, so its hashing and writing compete for the same 2 cores)",
+        f"- peak disk while merging from the Hub: {worst_disk / 2**20:.0f} MB; output + one shard per input: "
+        f"{allowance / 2**20:.0f} MB (target: under it; the push runs also grow the server's storage and "
+        "are not counted)",
+        MARK_END,
+    ]
+    text = args.results.read_text() if args.results.exists() else "# Benchmark results\n"
+    if MARK_BEGIN in text:
+        head, rest = text.split(MARK_BEGIN, 1)
+        text = head + "\n".join(lines) + rest.split(MARK_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
+    args.results.write_text(text)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
