@@ -77,18 +77,11 @@ def inputs(method: Method, dirs: list[Path]) -> list[Path]:
 
 
 def model_ref(path: Path, source: str) -> dict[str, str]:
-    """How a recipe names a model. The hook for the Hub path (issue part 3).
-
-    ``local`` reads the checkpoint directory. ``hub`` is to name the same checkpoint as a repository of a
-    local Hub server (``hubmerge hub serve --root ...``, with ``HF_ENDPOINT`` pointing at it) once hubmerge
-    reads Hub sources; until then it stops with a message.
-    """
+    """How a recipe names a model. The Hub path has its own script, bench/hub.py (a local Hub server, then
+    the same merge from local files, by ranged reads, by shard downloads, and with --push)."""
     if source == "local":
         return {"path": str(path)}
-    raise SystemExit(
-        "--source hub is the Hub path of the benchmark (issue part 3): upload bench/data to a "
-        "`hubmerge hub serve` root and return {'repo': 'bench/<family>-<model>'} here"
-    )
+    raise SystemExit("the Hub path is measured by bench/hub.py (make bench runs it after the local cases)")
 
 
 def hubmerge_recipe(method: Method, dirs: list[Path], source: str) -> dict[str, Any]:

@@ -103,8 +103,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "RESULTS.md")
     args = parser.parse_args()
-    dirs = gen.ensure(args.data, args.family)[1:4]
-    work = args.data / "work" / "hub"
+    dirs = [d.resolve() for d in gen.ensure(args.data, args.family)[1:4]]
+    work = (args.data / "work" / "hub").resolve()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}

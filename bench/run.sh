@@ -29,4 +29,10 @@ if [ ! -d "$data/mid" ] && [ "$free_gb" -lt "$need_gb" ]; then
     exit 1
 fi
 
-exec "$HUBMERGE_PY" bench/bench.py --data "$data" "$@"
+"$HUBMERGE_PY" bench/bench.py --data "$data" "$@"
+# Part 3, the Hub path: the same merge through a local Hub server, with and without --push.
+case " $* " in
+    *" --quick "*) "$HUBMERGE_PY" bench/hub.py --data "$data" --family small --runs 3 ;;
+    *" --no-results "*) ;;
+    *) "$HUBMERGE_PY" bench/hub.py --data "$data" --family mid --runs 3 ;;
+esac
