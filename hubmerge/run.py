@@ -95,6 +95,11 @@ def execute(
         try:
             if workers > 1:
                 _one_torch_thread()  # this thread only sums statistics and merges small tensors
+            for shard, remaining in enumerate(left):
+                if (
+                    remaining == 0
+                ):  # finished by an earlier run: the sinks still hear of it (an upload may be due)
+                    pending.append(writer.submit(_shard_done, sinks, shard))
             for index, job in enumerate(plan.jobs):
                 if job.name in done:
                     if progress:
@@ -145,6 +150,11 @@ def _retain_freed_memory(retain: bool) -> None:
 def _one_torch_thread() -> None:
     # The pool is the parallelism: one intra-op thread per worker avoids fork-join on every small op.
     torch.set_num_threads(1)
+
+
+def _shard_done(sinks: Sequence[Sink], shard: int) -> None:
+    for sink in sinks:
+        sink.shard_done(shard)
 
 
 def _deliver(sinks: Sequence[Sink], job: Job, row: int, data: torch.Tensor) -> None:

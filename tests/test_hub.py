@@ -183,6 +183,8 @@ def _serve(storage: Path, token: str) -> tuple[subprocess.Popen[bytes], str]:
 
 
 def test_interrupted_push_resumes_without_reuploading(tmp_path: Path, hub_token: str) -> None:
+    """With --delete-local: the shards uploaded before the server died are gone locally, and the resumed
+    push commits them from what the first run recorded, re-uploading nothing that the Hub has."""
     bigger = [
         {k: v.repeat(64, 1) if v.dim() == 2 else v for k, v in random_tensors(i).items()} for i in range(2)
     ]
@@ -197,16 +199,16 @@ def test_interrupted_push_resumes_without_reuploading(tmp_path: Path, hub_token:
     server, url = _serve(storage, hub_token)
     blobs = storage / "blobs" / "sha256"
 
-    def kill_after_first_upload() -> None:
+    def kill_after_second_upload() -> None:
         deadline = time.monotonic() + 60
         while (
-            not (blobs.exists() and any(p.is_file() for p in blobs.rglob("*")))
+            not (blobs.exists() and sum(p.is_file() for p in blobs.rglob("*")) >= 2)
             and time.monotonic() < deadline
         ):
             time.sleep(0.001)
         server.send_signal(signal.SIGKILL)
 
-    watcher = threading.Thread(target=kill_after_first_upload)
+    watcher = threading.Thread(target=kill_after_second_upload)
     watcher.start()
     failed = _cli(
         str(recipe),
@@ -214,6 +216,7 @@ def test_interrupted_push_resumes_without_reuploading(tmp_path: Path, hub_token:
         str(out),
         "--push",
         "alice/resumed",
+        "--delete-local",
         endpoint=url,
         token=hub_token,
         HUBMERGE_HUB_RETRIES="2",
@@ -224,15 +227,24 @@ def test_interrupted_push_resumes_without_reuploading(tmp_path: Path, hub_token:
     assert "--resume" in failed.stderr and "Traceback" not in failed.stderr
     assert hub_token not in failed.stderr + failed.stdout
     uploaded_before = len([p for p in blobs.rglob("*") if p.is_file()])
-    assert 1 <= uploaded_before < n_shards
+    assert 2 <= uploaded_before < n_shards
+    partial = tmp_path / ".out.hubmerge-partial"
+    assert not (partial / f"model-00001-of-{n_shards:05d}.safetensors").exists()  # uploaded, deleted
     with HubServer(storage, tokens={hub_token: "alice"}) as second:
-        args = (str(recipe), "--out", str(out), "--push", "alice/resumed", "--resume")
+        args = (str(recipe), "--out", str(out), "--push", "alice/resumed", "--resume", "--delete-local")
         done = _cli(*args, endpoint=second.url, token=hub_token)
         assert done.returncode == 0, done.stderr
         assert second.stats.requests["lfs_upload"] == n_shards - uploaded_before
         api = HfApi(endpoint=second.url, token=hub_token)
-        assert len([f for f in api.list_repo_files("alice/resumed") if f.startswith("model-")]) == n_shards
-    assert (out / "model.safetensors.index.json").exists()
+        shards = sorted(f for f in api.list_repo_files("alice/resumed") if f.startswith("model-"))
+        assert len(shards) == n_shards
+        merged: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            merged |= load_file(api.hf_hub_download("alice/resumed", shard))
+    assert (out / "model.safetensors.index.json").exists() and not list(out.glob("model-*.safetensors"))
+    for name, value in bigger[0].items():
+        expected = (value + bigger[1][name]) / 2 if value.is_floating_point() else value
+        torch.testing.assert_close(merged[name], expected)
 
 
 def test_delete_local_keeps_only_small_files(
