@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,36 +27,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 import gen  # noqa: E402
 import measure  # noqa: E402
 
+from hubmerge.hubserver.process import spawn  # noqa: E402
+
 TOKEN = "hubmerge-bench-token"
 MARK_BEGIN, MARK_END = "<!-- hub:begin -->", "<!-- hub:end -->"
-
-
-def serve(storage: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """Start ``hubmerge hub serve`` on a free port; return the process and its URL once it accepts."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "hubmerge.cli",
-        "hub",
-        "serve",
-        "--root",
-        str(storage),
-        "--port",
-        str(port),
-        "--token",
-        f"{TOKEN}=bench",
-    ]
-    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(300):
-        with socket.socket() as client:
-            if client.connect_ex(("127.0.0.1", port)) == 0:
-                return process, f"http://127.0.0.1:{port}"
-        time.sleep(0.05)
-    process.kill()
-    raise SystemExit("hub server did not start")
 
 
 def upload(url: str, dirs: list[Path], env: dict[str, str]) -> list[str]:
@@ -115,7 +88,7 @@ def main() -> None:
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
         "HF_HUB_DISABLE_TELEMETRY": "1",
     }
-    server, url = serve(work / "storage")
+    server, url = spawn(work / "storage", {TOKEN: "bench"})
     env["HF_ENDPOINT"] = url
     try:
         ids = upload(url, dirs, env)

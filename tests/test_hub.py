@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from safetensors.torch import load_file
 import hubmerge
 from hubmerge.errors import GatedRepoError, RecipeError, RepoNotFoundError, RevisionNotFoundError
 from hubmerge.hubserver import HubServer
+from hubmerge.hubserver.process import spawn
 
 from .util import random_tensors, save_model, tiny_llama
 
@@ -152,36 +152,6 @@ def test_differing_licenses_fail_at_plan_time(tmp_path: Path, hub_token: str, re
     assert plan.jobs
 
 
-def _serve(storage: Path, token: str) -> tuple[subprocess.Popen[bytes], str]:
-    """``hubmerge hub serve`` in its own process, so a test can kill it like a crashed server."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "hubmerge.cli",
-        "hub",
-        "serve",
-        "--root",
-        str(storage),
-        "--port",
-        str(port),
-        "--token",
-        f"{token}=alice",
-    ]
-    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with socket.socket() as client:
-            if client.connect_ex(("127.0.0.1", port)) == 0:
-                return process, url
-        time.sleep(0.05)
-    process.kill()
-    raise RuntimeError("hub server did not start")
-
-
 def test_interrupted_push_resumes_without_reuploading(tmp_path: Path, hub_token: str) -> None:
     """With --delete-local: the shards uploaded before the server died are gone locally, and the resumed
     push commits them from what the first run recorded, re-uploading nothing that the Hub has."""
@@ -196,7 +166,7 @@ def test_interrupted_push_resumes_without_reuploading(tmp_path: Path, hub_token:
     n_shards = len(hubmerge.plan(recipe).shards)
     assert n_shards >= 3
     storage, out = tmp_path / "hub-storage", tmp_path / "out"
-    server, url = _serve(storage, hub_token)
+    server, url = spawn(storage, {hub_token: "alice"})
     blobs = storage / "blobs" / "sha256"
 
     def kill_after_second_upload() -> None:
@@ -288,7 +258,7 @@ def test_lost_source_connection_then_resume(tmp_path: Path, hub_token: str) -> N
     }
     other = {name: value + 1 for name, value in many.items()}
     storage = tmp_path / "hub-storage"
-    server, url = _serve(storage, hub_token)
+    server, url = spawn(storage, {hub_token: "alice"})
     api = HfApi(endpoint=url, token=hub_token)
     for name, tensors in (("alice/one", many), ("alice/two", other)):
         api.create_repo(name)
