@@ -105,8 +105,8 @@ def execute(
                     if progress:
                         progress(_input_bytes(job))
                     continue
-                if index + 1 < len(plan.jobs):
-                    _prefetch(plan.jobs[index + 1], sources)
+                if index + 1 < len(plan.jobs) and plan.jobs[index + 1].name not in done:
+                    _prefetch(plan.jobs[index + 1], sources)  # a skipped job's prefetch would never be read
                 for row, result, consumed in _results(job, ctx):
                     pending.append(writer.submit(_deliver, sinks, job, row, result))
                     while len(pending) > WRITE_QUEUE:
