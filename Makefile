@@ -7,7 +7,7 @@ LINT_PATHS := hubmerge tests bench demo
 
 .PHONY: install demo test lint typecheck unit bench clean
 
-$(BIN)/hubmerge: pyproject.toml
+$(BIN)/hubmerge: pyproject.toml setup.py hubmerge/_kernels.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"

@@ -22,12 +22,13 @@ import math
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
 import torch
 
+from . import kernels
 from .errors import MergeError
 from .layout import BATCH_BYTES, BLOCK, READ_BYTES, WRITE_QUEUE
 from .methods import MethodSpec, Pass, get_method
@@ -52,6 +53,7 @@ class _Context:
     device: str
     pool: ThreadPoolExecutor | None
     workers: int
+    kernels: bool  # fused CPU kernels may run (see hubmerge.kernels); each call may still decline
 
 
 def execute(
@@ -87,7 +89,10 @@ def execute(
             workers, thread_name_prefix="hubmerge-merge", initializer=_one_torch_thread
         ) as pool,
     ):
-        ctx = _Context(spec, sources, compute, device, pool if workers > 1 else None, workers)
+        fused = device == "cpu" and compute == torch.float32 and kernels.available()
+        arithmetic = f"fused CPU kernels ({kernels.variant()})" if fused else f"torch on {device}"
+        log.debug("arithmetic: %s", arithmetic)
+        ctx = _Context(spec, sources, compute, device, pool if workers > 1 else None, workers, fused)
         threads = torch.get_num_threads()
         _retain_freed_memory(True)
         collecting = gc.isenabled()
@@ -239,8 +244,12 @@ def _results(job: Job, ctx: _Context) -> Iterator[tuple[int, torch.Tensor, int]]
             if not p.active(kwargs):
                 continue
             total: torch.Tensor | None = None
-            step = partial(_stats_batch, p, kwargs, ctx, grid)
-            for _, part in _ordered(ctx, step, _batches(job, ctx, grid, None)):
+            # Statistics need no output buffer, so a pass takes bigger batches: a few per worker and read.
+            stats = replace(
+                grid, batch=max(grid.batch, grid.read // (2 * ctx.workers) // grid.block * grid.block)
+            )
+            step = partial(_stats_batch, p, kwargs, ctx, stats)
+            for _, part in _ordered(ctx, step, _batches(job, ctx, stats, None)):
                 if part is not None:
                     total = part if total is None else total.add_(part)
             assert total is not None
@@ -291,6 +300,10 @@ def _stats_batch(
     p: Pass, kwargs: dict[str, Any], ctx: _Context, grid: _Grid, batch: _Batch
 ) -> torch.Tensor | None:
     """The sum of ``p.step`` over the batch's blocks."""
+    if ctx.kernels and p.kernel is not None:
+        fused = p.kernel(batch.views, batch.base, kwargs)
+        if fused is not None:
+            return fused
     total: torch.Tensor | None = None
     for span in _spans(batch.views[0].shape[0], grid.block):
         tensors, base = _block(batch.views, batch.base, span, ctx)
@@ -309,6 +322,14 @@ def _merge_batch(
 ) -> None:
     """Merge a batch block by block into its output buffer; a random method draws per block."""
     assert batch.out is not None
+    if ctx.kernels and ctx.spec.kernel is not None:
+        try:
+            if ctx.spec.kernel(batch.views, batch.base, batch.out, kwargs):
+                return
+        except (ValueError, RuntimeError) as exc:
+            raise MergeError(
+                f"method '{ctx.spec.name}' failed on tensor '{job.name}': {exc}", tensor=job.name
+            ) from exc
     for span in _spans(batch.out.shape[0], grid.block):
         tensors, base = _block(batch.views, batch.base, span, ctx)
         block_kwargs = dict(kwargs)

@@ -7,7 +7,7 @@ convention); a variant is a new row here, not new code in the engine.
 from __future__ import annotations
 
 from hubmerge.errors import RecipeError
-from hubmerge.methods.basic import centroid, linear, weighted
+from hubmerge.methods.basic import centroid, centroid_kernel, linear, linear_kernel, weighted, weighted_kernel
 from hubmerge.methods.blocks import (
     SLERP_PASSES,
     STOCK_PASSES,
@@ -15,10 +15,17 @@ from hubmerge.methods.blocks import (
     model_stock_block,
     slerp_block,
     ties_block,
+    ties_kernel,
 )
 from hubmerge.methods.geometric import model_stock, slerp
 from hubmerge.methods.spec import MethodSpec, ParamSpec, Pass
-from hubmerge.methods.task_vectors import dare_linear, dare_ties, task_arithmetic, ties
+from hubmerge.methods.task_vectors import (
+    dare_linear,
+    dare_ties,
+    task_arithmetic,
+    task_arithmetic_kernel,
+    ties,
+)
 
 __all__ = ["METHODS", "MethodSpec", "ParamSpec", "Pass", "get_method"]
 
@@ -51,6 +58,7 @@ METHODS: dict[str, MethodSpec] = {
             random=False,
             paper="https://arxiv.org/abs/2211.12092",
             summary="(1 - t) * A + t * B; t outside [0, 1] extrapolates",
+            kernel=linear_kernel,
         ),
         MethodSpec(
             name="weighted",
@@ -63,6 +71,7 @@ METHODS: dict[str, MethodSpec] = {
             random=False,
             paper="https://arxiv.org/abs/2203.05482",
             summary="weighted average of the models (model soup)",
+            kernel=weighted_kernel,
         ),
         MethodSpec(
             name="centroid",
@@ -75,6 +84,7 @@ METHODS: dict[str, MethodSpec] = {
             random=False,
             paper="https://arxiv.org/abs/2302.04863",
             summary="uniform mean of the models",
+            kernel=centroid_kernel,
         ),
         MethodSpec(
             name="task_arithmetic",
@@ -87,6 +97,7 @@ METHODS: dict[str, MethodSpec] = {
             random=False,
             paper="https://arxiv.org/abs/2212.04089",
             summary="base + lambda * weighted sum of task vectors (model - base)",
+            kernel=task_arithmetic_kernel,
         ),
         MethodSpec(
             name="ties",
@@ -101,6 +112,7 @@ METHODS: dict[str, MethodSpec] = {
             summary="trim task vectors by magnitude, elect a sign per element, merge the agreeing entries",
             passes=TIES_PASSES,
             block_fn=ties_block,
+            kernel=ties_kernel,
         ),
         MethodSpec(
             name="dare_linear",

@@ -1,11 +1,17 @@
-"""Merges that average the models' weights directly: linear, weighted and centroid."""
+"""Merges that average the models' weights directly: linear, weighted and centroid.
+
+Each also has a ``*_kernel`` form for the engine: the same coefficients, handed to the fused CPU kernel
+(:mod:`hubmerge.kernels`), which computes the same float32 operations straight from the stored inputs.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
+from hubmerge import kernels
 from hubmerge.methods.spec import check_count, normalizer, per_model
 
 
@@ -33,13 +39,22 @@ def linear(tensors: Sequence[torch.Tensor], *, t: float) -> torch.Tensor:
         t: position between A (0) and B (1); outside [0, 1] extrapolates.
 
     Returns:
-        A new tensor. ``t=0`` gives A and ``t=1`` gives B exactly.
+        A new tensor. ``t=0`` gives A and ``t=1`` gives B (up to the sign of zeros); the sum is rounded
+        once, as a fused multiply-add.
 
     Raises:
         ValueError: not exactly two tensors.
     """
     check_count(tensors, "linear", 2, 2)
-    return torch.lerp(tensors[0], tensors[1], t)
+    return weighted_sum(tensors, [1.0 - t, t])
+
+
+def linear_kernel(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor | None, out: torch.Tensor, kwargs: Mapping[str, Any]
+) -> bool:
+    """:func:`linear` into ``out`` by the fused kernel; False if it cannot run."""
+    t = kwargs["t"]
+    return len(tensors) == 2 and kernels.weighted_sum(tensors, [1.0 - t, t], out)
 
 
 def weighted(
@@ -59,11 +74,23 @@ def weighted(
         ValueError: no tensors, a wrong number of weights, or weights summing to 0 with ``normalize``.
     """
     check_count(tensors, "weighted", 1)
-    ws = per_model(weights, len(tensors), 1.0, "weight")
+    return weighted_sum(tensors, _weighted_coefficients(len(tensors), weights, normalize))
+
+
+def _weighted_coefficients(n: int, weights: Sequence[float] | None, normalize: bool) -> list[float]:
+    ws = per_model(weights, n, 1.0, "weight")
     if normalize:
         total = normalizer(ws, "weighted")
         ws = [w / total for w in ws]
-    return weighted_sum(tensors, ws)
+    return ws
+
+
+def weighted_kernel(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor | None, out: torch.Tensor, kwargs: Mapping[str, Any]
+) -> bool:
+    """:func:`weighted` into ``out`` by the fused kernel; False if it cannot run."""
+    coefficients = _weighted_coefficients(len(tensors), kwargs.get("weights"), kwargs.get("normalize", True))
+    return kernels.weighted_sum(tensors, coefficients, out)
 
 
 def centroid(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -86,3 +113,10 @@ def centroid(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     for tensor in tensors[2:]:
         out.add_(tensor)
     return out.div_(len(tensors))
+
+
+def centroid_kernel(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor | None, out: torch.Tensor, kwargs: Mapping[str, Any]
+) -> bool:
+    """:func:`centroid` into ``out`` by the fused kernel; False if it cannot run."""
+    return len(tensors) > 1 and kernels.weighted_sum(tensors, [1.0] * len(tensors), out, len(tensors))

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from hubmerge import kernels
 from hubmerge.methods.geometric import slerp_mix, stock_mix, stock_ratio
 from hubmerge.methods.spec import Pass, check_count, check_densities, per_model
 from hubmerge.methods.task_vectors import disjoint_merge, elect_sign, prune_at_
@@ -58,6 +59,20 @@ def _ties_step(level: int) -> Any:
         return hist
 
     return step
+
+
+def _ties_kernel(level: int) -> Any:
+    def kernel(
+        tensors: Sequence[torch.Tensor], base: torch.Tensor | None, kwargs: Mapping[str, Any]
+    ) -> torch.Tensor | None:
+        """``step`` on a span of stored rows, by the fused kernel (float32 magnitudes: levels 0 and 1)."""
+        if base is None or level > 1:
+            return None
+        prefixes = kwargs.get("_ties_prefixes", [0] * len(tensors))
+        done = kwargs.get("_ties_done", [False] * len(tensors))
+        return kernels.ties_hist(tensors, base, level, prefixes, done)
+
+    return kernel
 
 
 def _ties_finish(level: int) -> Any:
@@ -112,7 +127,8 @@ def _ties_pending(kwargs: Mapping[str, Any]) -> bool:
 
 # Four passes cover float64; float32 needs two, and the others find the thresholds known already.
 TIES_PASSES = tuple(
-    Pass(_ties_step(level), _ties_finish(level), _ties_pending) for level in range(64 // LEVEL_BITS)
+    Pass(_ties_step(level), _ties_finish(level), _ties_pending, _ties_kernel(level))
+    for level in range(64 // LEVEL_BITS)
 )
 
 
@@ -148,6 +164,23 @@ def ties_block(
     ]
     merged = disjoint_merge(deltas, ws, elect_sign(deltas), normalize, scratch)
     return torch.add(base, merged, alpha=lambda_, out=merged)
+
+
+def ties_kernel(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor | None, out: torch.Tensor, kwargs: Mapping[str, Any]
+) -> bool:
+    """:func:`ties_block` on a span of stored rows, into ``out``, by the fused kernel; False if it cannot."""
+    if base is None:
+        return False
+    return kernels.ties_merge(
+        tensors,
+        base,
+        out,
+        thresholds=kwargs["thresholds"],
+        weights=per_model(kwargs.get("weights"), len(tensors), 1.0, "weight"),
+        lambda_=kwargs.get("lambda_", 1.0),
+        normalize=kwargs.get("normalize", True),
+    )
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -40,11 +40,18 @@ class Pass:
     order, then ``finish(total, numel, dtype, kwargs)`` turns the sum into new keyword arguments
     (``numel``: the whole tensor's, ``dtype``: the compute dtype). ``kwargs`` holds the method's parameters
     and what earlier passes found; ``active(kwargs)`` says whether this pass is needed at all.
+
+    ``kernel(tensors, base, kwargs)``, when set, computes ``step``'s sum over a whole span of rows straight
+    from the stored inputs (bfloat16 or float32, not yet cast) with a fused CPU kernel, or returns None when
+    it cannot, and the engine falls back to ``step``.
     """
 
     step: Callable[[Sequence[torch.Tensor], torch.Tensor | None, Mapping[str, Any]], torch.Tensor]
     finish: Callable[[torch.Tensor, int, torch.dtype, Mapping[str, Any]], dict[str, Any]]
     active: Callable[[Mapping[str, Any]], bool] = _always
+    kernel: (
+        Callable[[Sequence[torch.Tensor], torch.Tensor | None, Mapping[str, Any]], torch.Tensor | None] | None
+    ) = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,10 @@ class MethodSpec:
     the tensor first and derive whole-tensor quantities (a magnitude threshold, norms and angles), then
     ``block_fn(tensors, **kwargs, **derived)`` is elementwise. ``fn`` stays the reference on whole tensors;
     for any blocking the two agree up to float rounding of the derived quantities.
+
+    ``kernel(tensors, base, out, kwargs)``, when set, merges a span of rows of the stored inputs into ``out``
+    with a fused CPU kernel (float32 arithmetic, the same operations as ``block_fn`` or ``fn``) and returns
+    True, or returns False when it cannot (see :mod:`hubmerge.kernels`).
     """
 
     name: str
@@ -73,6 +84,9 @@ class MethodSpec:
     summary: str
     passes: tuple[Pass, ...] = ()
     block_fn: Callable[..., torch.Tensor] | None = None
+    kernel: (
+        Callable[[Sequence[torch.Tensor], torch.Tensor | None, torch.Tensor, Mapping[str, Any]], bool] | None
+    ) = None
 
     @property
     def blockwise(self) -> bool:

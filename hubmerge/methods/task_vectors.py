@@ -9,10 +9,12 @@ Functions ending in ``_`` write into tensors this module allocated itself, never
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
+from hubmerge import kernels
 from hubmerge.methods.basic import weighted_sum
 from hubmerge.methods.spec import check_count, check_densities, normalizer, per_model
 
@@ -204,12 +206,33 @@ def task_arithmetic(
         ValueError: no tensors, a wrong number of weights, or weights summing to 0 with ``normalize``.
     """
     check_count(tensors, "task_arithmetic", 1)
-    ws = per_model(weights, len(tensors), 1.0, "weight")
+    return weighted_sum([base, *tensors], _task_coefficients(len(tensors), weights, lambda_, normalize))
+
+
+def _task_coefficients(
+    n: int, weights: Sequence[float] | None, lambda_: float, normalize: bool
+) -> list[float]:
+    """Coefficients of [base, x_1, ...]: task arithmetic expanded to ``(1 - sum c_i) * base + sum c_i * x_i``.
+
+    One pass per model and no task-vector temporaries; the cancellation costs a few float32 ulps, below the
+    precision of any half-precision output.
+    """
+    ws = per_model(weights, n, 1.0, "weight")
     scale = lambda_ / normalizer(ws, "task_arithmetic") if normalize else lambda_
     coefficients = [scale * w for w in ws]
-    # Expanded to (1 - sum c_i) * base + sum c_i * x_i: one pass per model and no task-vector temporaries.
-    # The cancellation costs a few float32 ulps, below the precision of any half-precision output.
-    return weighted_sum([base, *tensors], [1.0 - sum(coefficients), *coefficients])
+    return [1.0 - sum(coefficients), *coefficients]
+
+
+def task_arithmetic_kernel(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor | None, out: torch.Tensor, kwargs: Mapping[str, Any]
+) -> bool:
+    """:func:`task_arithmetic` into ``out`` by the fused kernel; False if it cannot run."""
+    if base is None:
+        return False
+    coefficients = _task_coefficients(
+        len(tensors), kwargs.get("weights"), kwargs.get("lambda_", 1.0), kwargs.get("normalize", False)
+    )
+    return kernels.weighted_sum([base, *tensors], coefficients, out)
 
 
 def ties(

@@ -1,0 +1,167 @@
+"""The fused CPU kernels (hubmerge/_kernels.c) behind a typed, checked interface.
+
+Each function returns False (or None) when it cannot take the job: the module is not built, kernels are
+turned off with ``HUBMERGE_KERNELS=0``, a tensor is not a contiguous bfloat16 or float32 CPU tensor, or there
+are more models than the kernels hold. The caller then runs the torch path, which computes the same float32
+operations in the same order; tests/test_kernels.py holds the two to bit-equal results.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from types import ModuleType
+
+import torch
+
+_TYPES = {torch.bfloat16: 0, torch.float32: 1}
+
+
+def _load() -> tuple[ModuleType | None, str]:
+    if os.environ.get("HUBMERGE_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None, "off"
+    try:
+        from hubmerge import _kernels  # type: ignore[attr-defined]
+    except ImportError:
+        return None, "not built"
+    return _kernels, str(_kernels.VARIANT)
+
+
+_K, _VARIANT = _load()
+
+
+def available() -> bool:
+    """Whether the fused kernels are built and enabled."""
+    return _K is not None
+
+
+def variant() -> str:
+    """Which kernels run: ``avx2+fma`` or ``baseline``; ``off`` (HUBMERGE_KERNELS=0) or ``not built``."""
+    return _VARIANT if _K is not None else ("off" if _VARIANT == "off" else "not built")
+
+
+def _fits(tensors: Sequence[torch.Tensor], numel: int) -> bool:
+    return all(
+        t.device.type == "cpu" and t.dtype in _TYPES and t.is_contiguous() and t.numel() == numel
+        for t in tensors
+    )
+
+
+def _usable(inputs: Sequence[torch.Tensor], others: Sequence[torch.Tensor]) -> bool:
+    if _K is None or not 1 <= len(inputs) <= _K.MAX_MODELS:
+        return False
+    return _fits([*inputs, *others], inputs[0].numel())
+
+
+def ties_hist(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    level: int,
+    prefixes: Sequence[int],
+    skip: Sequence[bool],
+) -> torch.Tensor | None:
+    """Per model, the 65536-bin histogram of one 16-bit level of ``|x - base|``'s float32 bit pattern.
+
+    Level 0 counts the top 16 bits of every entry; level 1 the low 16 bits of the entries whose top 16 bits
+    equal that model's prefix. The result is that of :func:`hubmerge.methods.blocks` ``_ties_step``.
+
+    Args:
+        tensors: one span of each model's tensor.
+        base: the same span of the base tensor.
+        level: 0 or 1.
+        prefixes: per model, the top 16 bits that level 1 looks inside.
+        skip: per model, leave its row zero (its threshold is known).
+
+    Returns:
+        An int64 tensor of shape (models, 65536), or None where the kernels cannot run.
+    """
+    if level not in (0, 1) or not _usable(tensors, [base]):
+        return None
+    assert _K is not None
+    hist = torch.zeros((len(tensors), 1 << 16), dtype=torch.int64)
+    _K.ties_hist(
+        base.numel(),
+        [t.data_ptr() for t in tensors],
+        [_TYPES[t.dtype] for t in tensors],
+        base.data_ptr(),
+        _TYPES[base.dtype],
+        level,
+        [int(p) for p in prefixes],
+        [bool(s) for s in skip],
+        hist.data_ptr(),
+    )
+    return hist
+
+
+def ties_merge(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    thresholds: Sequence[float],
+    weights: Sequence[float],
+    lambda_: float,
+    normalize: bool,
+) -> bool:
+    """TIES into ``out`` (bfloat16 or float32), as :func:`hubmerge.methods.blocks.ties_block`.
+
+    Args:
+        tensors: one span of each model's tensor.
+        base: the same span of the base tensor.
+        out: where the merged span goes, cast to its dtype.
+        thresholds: per model, the smallest magnitude kept (NaN: none).
+        weights: per model.
+        lambda_: scale of the merged task vector.
+        normalize: divide by the summed weights of the agreeing models.
+
+    Returns:
+        Whether the kernel ran; if False ``out`` is untouched.
+    """
+    if not _usable(tensors, [base, out]):
+        return False
+    assert _K is not None
+    _K.ties_merge(
+        base.numel(),
+        [t.data_ptr() for t in tensors],
+        [_TYPES[t.dtype] for t in tensors],
+        base.data_ptr(),
+        _TYPES[base.dtype],
+        [float(t) for t in thresholds],
+        [float(w) for w in weights],
+        float(lambda_),
+        bool(normalize),
+        out.data_ptr(),
+        _TYPES[out.dtype],
+    )
+    return True
+
+
+def weighted_sum(
+    tensors: Sequence[torch.Tensor], coefficients: Sequence[float], out: torch.Tensor, divisor: float = 1.0
+) -> bool:
+    """``sum_i coefficients[i] * tensors[i] / divisor`` into ``out``, as
+    :func:`hubmerge.methods.basic.weighted_sum` (then ``div_(divisor)`` unless it is 1).
+
+    Args:
+        tensors: one span of each input.
+        coefficients: one finite float per input.
+        out: where the sum goes, cast to its dtype.
+        divisor: divides the sum (as float32) unless it is 1.
+
+    Returns:
+        Whether the kernel ran; if False ``out`` is untouched.
+    """
+    if not _usable(tensors, [out]) or not all(math.isfinite(c) for c in [*coefficients, divisor]):
+        return False
+    assert _K is not None
+    _K.weighted_sum(
+        out.numel(),
+        [t.data_ptr() for t in tensors],
+        [_TYPES[t.dtype] for t in tensors],
+        [float(c) for c in coefficients],
+        float(divisor),
+        out.data_ptr(),
+        _TYPES[out.dtype],
+    )
+    return True

@@ -1,0 +1,189 @@
+"""The fused CPU kernels against the torch functions they replace: bit for bit, and the fallbacks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import hubmerge
+from hubmerge import kernels
+from hubmerge.methods import METHODS
+from hubmerge.methods.basic import weighted_sum
+from hubmerge.methods.blocks import TIES_PASSES, ties_block
+
+from .util import save_model
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("HUBMERGE_KERNELS") == "0", reason="kernels turned off by HUBMERGE_KERNELS=0"
+)
+
+SIZES = (1, 7, 256, 1000, 65_537)
+DTYPES = (torch.bfloat16, torch.float32)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+def _models(
+    n: int, dtype: torch.dtype, count: int = 3, seed: int = 0
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g)
+    xs = [(base + 0.02 * (k + 1) * torch.randn(n, generator=g)).to(dtype) for k in range(count)]
+    base = base.to(dtype)
+    xs[1][: n // 3] = base[: n // 3]  # zero task vectors: signs 0, ties at the threshold
+    return base, xs
+
+
+def _f32(value: float) -> float:
+    return float(torch.tensor(value, dtype=torch.float32))
+
+
+def test_kernels_are_built() -> None:
+    """`make` builds the extension; a missing compiler would silently cost the fast path, so say it here."""
+    assert kernels.available(), (
+        "hubmerge._kernels is not built: reinstall with a C compiler (pip install -e .)"
+    )
+    assert kernels.variant() in ("avx2+fma", "baseline")
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("coefficients", "divisor"),
+    [([0.5, 0.5], 1.0), ([1 / 6, 2 / 6, 3 / 6], 1.0), ([0.3, -0.7, 1.4, 2.0], 1.0), ([1.0, 1.0, 1.0], 3.0)],
+)
+def test_weighted_sum_is_bit_equal_to_torch(
+    n: int, dtype: torch.dtype, out_dtype: torch.dtype, coefficients: list[float], divisor: float
+) -> None:
+    base, xs = _models(n, dtype, count=3)
+    inputs = [base, *xs][: len(coefficients)]
+    out = torch.full((n,), float("nan"), dtype=out_dtype)
+    assert kernels.weighted_sum(inputs, coefficients, out, divisor)
+    expected = weighted_sum([t.float() for t in inputs], coefficients)
+    if divisor != 1.0:
+        expected = expected.div_(divisor)
+    assert torch.equal(_bits(out), _bits(expected.to(out_dtype)))
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("level", [0, 1])
+def test_ties_histograms_equal_the_torch_pass(n: int, dtype: torch.dtype, level: int) -> None:
+    base, xs = _models(n, dtype)
+    # Level 1 looks inside the top-16-bit bucket of each model's median magnitude: a populated one.
+    magnitudes = [(x.float() - base.float()).abs() for x in xs]
+    prefixes = [int(m.median().view(torch.int32)) >> 16 for m in magnitudes]
+    skip = [False, True, False]
+    kwargs = {"_ties_prefixes": prefixes, "_ties_done": skip}
+    fused = kernels.ties_hist(xs, base, level, prefixes, skip)
+    expected = TIES_PASSES[level].step([x.float() for x in xs], base.float(), kwargs)
+    assert fused is not None
+    assert torch.equal(fused, expected)
+    assert int(fused[1].sum()) == 0  # skipped
+    if level == 0:
+        assert int(fused[0].sum()) == n
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("thresholds", "weights", "lambda_", "normalize"),
+    [
+        ([0.01, 0.02, 0.03], [1.0, 1.0, 1.0], 1.0, True),
+        ([0.01, float("nan"), 0.0], [0.3, 1.7, 1.1], 0.8, True),  # keep none, keep all
+        ([0.001, 0.003, 0.0], [0.5, 0.5, 2.0], 1.3, False),
+    ],
+)
+def test_ties_merge_is_bit_equal_to_ties_block(
+    n: int,
+    dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    thresholds: list[float],
+    weights: list[float],
+    lambda_: float,
+    normalize: bool,
+) -> None:
+    base, xs = _models(n, dtype)
+    out = torch.full((n,), float("nan"), dtype=out_dtype)
+    assert kernels.ties_merge(
+        xs, base, out, thresholds=thresholds, weights=weights, lambda_=lambda_, normalize=normalize
+    )
+    expected = ties_block(
+        [x.float() for x in xs],
+        base=base.float(),
+        thresholds=[_f32(t) for t in thresholds],
+        weights=weights,
+        lambda_=lambda_,
+        normalize=normalize,
+    )
+    assert torch.equal(_bits(out), _bits(expected.to(out_dtype)))
+
+
+def test_kernels_decline_what_they_do_not_handle() -> None:
+    base, xs = _models(1000, torch.float32)
+    out = torch.empty(1000)
+    assert not kernels.weighted_sum([x.half() for x in xs], [1.0, 1.0, 1.0], out)  # float16
+    assert not kernels.weighted_sum([x.double() for x in xs], [1.0, 1.0, 1.0], out)  # float64
+    strided = torch.randn(2000)[::2]
+    assert not kernels.weighted_sum([strided, xs[0]], [0.5, 0.5], out)  # not contiguous
+    assert not kernels.weighted_sum([xs[0]] * 17, [1.0] * 17, out)  # more models than the kernels hold
+    assert not kernels.weighted_sum([xs[0], xs[1][:10]], [0.5, 0.5], out)  # lengths differ
+    assert not kernels.weighted_sum(xs[:2], [float("inf"), 0.5], out)
+    assert kernels.ties_hist([x.half() for x in xs], base.half(), 0, [0] * 3, [False] * 3) is None
+    assert kernels.ties_hist(xs, base, 2, [0] * 3, [False] * 3) is None  # float64 levels
+
+
+def test_environment_variable_turns_kernels_off() -> None:
+    code = "from hubmerge import kernels; print(kernels.available(), kernels.variant())"
+    env = {**os.environ, "HUBMERGE_KERNELS": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "off"]
+
+
+KERNEL_METHODS = sorted(name for name, spec in METHODS.items() if spec.kernel is not None)
+
+
+def test_kernel_methods() -> None:
+    assert KERNEL_METHODS == ["centroid", "linear", "task_arithmetic", "ties", "weighted"]
+
+
+@pytest.mark.parametrize("method", KERNEL_METHODS)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_engine_gives_the_same_bytes_with_and_without_kernels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, dtype: str
+) -> None:
+    """The fused path and the torch path write identical files, for tensors of one block and of many."""
+    shapes = {"big.weight": (1500, 700), "odd": (3, 100_003), "vec": (300_001,), "small": (7, 9)}
+    dirs = []
+    for m in range(4):
+        g = torch.Generator().manual_seed(10 + m)
+        sd = {n: torch.randn(s, generator=g).bfloat16() for n, s in shapes.items()}
+        if m == 2:
+            sd = {n: t.float() for n, t in sd.items()}  # a float32 model among bfloat16 ones
+        dirs.append(save_model(tmp_path / f"m{m}", sd))
+    spec = METHODS[method]
+    n = spec.max_models or 3
+    recipe: dict[str, object] = {"method": method, "dtype": dtype, "parameters": {}}
+    recipe["models"] = [{"path": str(d), "weight": 0.5 + k} for k, d in enumerate(dirs[1 : 1 + n])]
+    if method in ("linear", "centroid"):
+        recipe["models"] = [str(d) for d in dirs[1 : 1 + n]]
+    if method == "linear":
+        recipe["parameters"] = {"t": 0.3}
+    if spec.needs_base:
+        recipe["base"] = str(dirs[0])
+    if method in ("ties", "task_arithmetic"):
+        recipe["parameters"] = {"lambda": 0.9}
+    fused = hubmerge.merge(recipe, tmp_path / "fused")
+    monkeypatch.setattr(kernels, "_K", None)
+    plain = hubmerge.merge(recipe, tmp_path / "plain")
+    for shard in fused.plan.shards:
+        assert (fused.out / shard.filename).read_bytes() == (plain.out / shard.filename).read_bytes()
