@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from .app import dispatch
 from .auth import Accounts
-from .body import CHUNK_SIZE, Body
+from .body import Body
 from .context import HubContext, ServerStats
 from .protocol import ApiError, Request, Response, error_response, json_response
 
@@ -88,21 +88,18 @@ class _Handler(BaseHTTPRequestHandler):
             self._stream(source, start, response.content_length, response.stats_key)
 
     def _stream(self, source: BinaryIO, start: int, length: int, stats_key: str | None) -> None:
-        stats, sent = self.server.context.stats, 0
-        source.seek(start)
+        """Send ``length`` bytes of ``source`` from ``start`` by ``sendfile``: no copy through Python."""
+        if stats_key is not None:
+            # Counted before the send: once the client has the last byte, the count is complete.
+            self.server.context.stats.add_bytes(stats_key, length)
         try:
-            while sent < length:
-                chunk = source.read(min(CHUNK_SIZE, length - sent))
-                if not chunk:
-                    raise OSError(f"{source.name} is shorter than its recorded size")
-                if stats_key is not None:
-                    # Counted before the write: once the client has the last byte, the count is complete.
-                    stats.add_bytes(stats_key, len(chunk))
-                self.wfile.write(chunk)
-                sent += len(chunk)
+            sent = self.connection.sendfile(source, offset=start, count=length)
         except OSError:
-            self.close_connection = True  # the client went away, or the file is cut short: end the connection
+            self.close_connection = True  # the client went away: end the connection
             raise
+        if sent != length:
+            self.close_connection = True
+            raise OSError(f"{source.name} is shorter than its recorded size")
 
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("hub server: " + format, *args)

@@ -208,7 +208,9 @@ class HubSource:
                 hf_raise_for_status(response)
                 skip = start if response.status_code == 200 else 0  # a server that ignores Range
                 pos = 0
-                for chunk in response.iter_bytes(CHUNK):
+                # Raw chunks as they arrive, copied once into the buffer, unless the body is compressed.
+                encoded = response.headers.get("content-encoding", "identity") not in ("", "identity")
+                for chunk in response.iter_bytes(CHUNK) if encoded else response.iter_raw():
                     if skip:
                         cut = min(skip, len(chunk))
                         chunk, skip = chunk[cut:], skip - cut
