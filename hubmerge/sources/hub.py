@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypeVar
 
@@ -42,7 +43,18 @@ T = TypeVar("T")
 Transfer = Literal["ranges", "shards"]
 IN_FLIGHT = 4  # ranged reads running ahead of the merge
 PREFETCH_LIMIT = 64 * 2**20  # larger tensors are read when needed, in the row chunks the plan asks for
+SPAN_BYTES = 16 * 2**20  # a prefetch also takes the tensors stored right after, up to this many bytes
 CHUNK = 1 << 20
+
+
+@dataclass
+class _Span:
+    """One ranged read covering consecutive tensors of a file; dropped once each of them has been read."""
+
+    future: Future[bytearray]
+    start: int
+    last: str  # the name of the last tensor it holds
+    unread: set[str]
 
 
 def retries() -> int:
@@ -138,11 +150,17 @@ class HubSource:
         self._sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
         self.tensors: dict[str, TensorInfo] = {}
         self._pool = ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix=f"hubmerge-{label}")
-        self._pending: dict[str, Future[bytearray]] = {}
+        self._pending: dict[str, _Span] = {}  # tensor name -> the read that holds it
+        self._spans: list[_Span] = []  # oldest first
+        self._next: dict[str, TensorInfo] = {}  # tensor name -> the tensor stored right after it
         self._shard_dir: Path | None = None
         self._shard: tuple[str, mmap.mmap] | None = None
         for shard in self._shards():
             self._read_header(shard)
+        stored = sorted(self.tensors.values(), key=lambda i: (i.file, i.start))
+        for a, b in zip(stored, stored[1:], strict=False):
+            if a.file == b.file and a.end == b.start:
+                self._next[a.name] = b
 
     def _shards(self) -> list[str]:
         if INDEX in self._sizes:
@@ -232,14 +250,15 @@ class HubSource:
 
         if self.transfer == "shards":
             return view_bytes(self._shard_map(info.file), info, rows)
-        local = TensorInfo(info.name, info.dtype, info.shape, info.file, 0, info.nbytes)
-        future = self._pending.get(info.name)
-        if future is not None:
-            # The run loop reads a tensor in row ranges, in order: the prefetched copy serves them all and
-            # is dropped with the last one.
+        span = self._pending.get(info.name)
+        if span is not None:
+            # The run loop reads a tensor in row ranges, in order: the prefetched bytes serve them all, and
+            # the tensor is done with at its last one.
             if rows is None or rows[1] >= (info.shape[0] if info.shape else 1):
-                del self._pending[info.name]
-            return view_bytes(future.result(), local, rows)
+                self._done_with(info.name)
+            at = info.start - span.start
+            local = TensorInfo(info.name, info.dtype, info.shape, info.file, at, at + info.nbytes)
+            return view_bytes(span.future.result(), local, rows)
         start, end, shape = info.start, info.end, info.shape
         if rows is not None:
             start, end = start + rows[0] * row_bytes(info), start + rows[1] * row_bytes(info)
@@ -248,15 +267,47 @@ class HubSource:
         return view_bytes(data, TensorInfo(info.name, info.dtype, shape, info.file, 0, end - start), None)
 
     def prefetch(self, infos: Sequence[TensorInfo]) -> None:
+        """Start reading ``infos`` (and the small tensors stored right after them) in the background.
+
+        One request takes a tensor and the ones that follow it in the file, up to ``SPAN_BYTES``: most
+        tensors of a checkpoint (norms, biases, small projections) then cost no request of their own.
+        """
         if self.transfer == "shards":
             return
         for info in infos:
-            if (
-                info.nbytes <= PREFETCH_LIMIT
-                and info.name not in self._pending
-                and len(self._pending) < IN_FLIGHT
+            held = self._pending.get(info.name)
+            if held is not None:
+                # Already on its way: keep one more read going behind the newest one.
+                after = self._next.get(held.last) if held is self._spans[-1] else None
+                if after is None or after.name in self._pending:
+                    continue
+                info = after
+            if info.nbytes > PREFETCH_LIMIT:
+                continue
+            if sum(not s.future.done() for s in self._spans) >= IN_FLIGHT:
+                return
+            names, last, after = {info.name}, info, self._next.get(info.name)
+            while (
+                after is not None and after.end - info.start <= SPAN_BYTES and after.name not in self._pending
             ):
-                self._pending[info.name] = self._pool.submit(self._range, info.file, info.start, info.end)
+                names.add(after.name)
+                last, after = after, self._next.get(after.name)
+            future = self._pool.submit(self._range, info.file, info.start, last.end)
+            span = _Span(future, info.start, last.name, names)
+            self._spans.append(span)
+            self._pending |= dict.fromkeys(names, span)
+            # Tensors a run never asks for (resumed, or not merged) must not pin their reads for ever.
+            while len(self._spans) > 4 * IN_FLIGHT:
+                for name in list(self._spans[0].unread):
+                    self._done_with(name)
+
+    def _done_with(self, name: str) -> None:
+        span = self._pending.pop(name, None)
+        if span is None:
+            return
+        span.unread.discard(name)
+        if not span.unread:
+            self._spans.remove(span)
 
     def _shard_map(self, shard: str) -> mmap.mmap:
         if self._shard is not None and self._shard[0] == shard:
@@ -303,9 +354,10 @@ class HubSource:
         return Path(path)
 
     def close(self) -> None:
-        for future in self._pending.values():
-            future.cancel()
+        for span in self._spans:
+            span.future.cancel()
         self._pending.clear()
+        self._spans.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._evict()
         if self._shard_dir is not None:
