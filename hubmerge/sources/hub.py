@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Transfer = Literal["ranges", "shards"]
 IN_FLIGHT = 4  # ranged reads running ahead of the merge
-PREFETCH_LIMIT = 64 * 2**20  # larger tensors are read when needed, in the row chunks the plan asks for
-SPAN_BYTES = 16 * 2**20  # a prefetch also takes the tensors stored right after, up to this many bytes
+PREFETCH_LIMIT = 32 * 2**20  # larger tensors are read when needed, in the row chunks the plan asks for
+SPAN_BYTES = 8 * 2**20  # a prefetch also takes the tensors stored right after, up to this many bytes
 CHUNK = 1 << 20
 
 
