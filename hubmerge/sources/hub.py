@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Transfer = Literal["ranges", "shards"]
 IN_FLIGHT = 4  # ranged reads running ahead of the merge
+AHEAD_BYTES = 48 * 2**20  # and at most about this many bytes of them (plus one read), per model
 PREFETCH_LIMIT = 32 * 2**20  # larger tensors are read when needed, in the row chunks the plan asks for
 SPAN_BYTES = 8 * 2**20  # a prefetch also takes the tensors stored right after, up to this many bytes
 CHUNK = 1 << 20
@@ -53,6 +54,7 @@ class _Span:
 
     future: Future[bytearray]
     start: int
+    end: int
     last: str  # the name of the last tensor it holds
     unread: set[str]
 
@@ -211,8 +213,13 @@ class HubSource:
                 )
             self.tensors[name] = TensorInfo(name, info.dtype, info.shape, shard, info.start, info.end)
 
-    def _range(self, filename: str, start: int, end: int) -> bytearray:
-        """Bytes ``[start, end)`` of a file at the pinned commit."""
+    def _range(self, filename: str, start: int, end: int, into: bytearray | None = None) -> bytearray:
+        """Bytes ``[start, end)`` of a file at the pinned commit, in ``into`` if given.
+
+        Prefetches pass a buffer allocated on the merge loop's thread: while merging, malloc keeps freed
+        memory for reuse (run.py), and buffers allocated on each download thread would each stay in that
+        thread's own arena (several hundred MB in all); on one thread they are reused.
+        """
         from huggingface_hub import hf_hub_url
         from huggingface_hub.utils._headers import build_hf_headers
         from huggingface_hub.utils._http import get_session, hf_raise_for_status
@@ -221,7 +228,7 @@ class HubSource:
         headers = build_hf_headers(token=self.api.token) | {"Range": f"bytes={start}-{end - 1}"}
 
         def get() -> bytearray:
-            buf = bytearray(end - start)
+            buf = into if into is not None and len(into) == end - start else bytearray(end - start)
             with get_session().stream("GET", url, headers=headers, follow_redirects=True) as response:
                 hf_raise_for_status(response)
                 skip = start if response.status_code == 200 else 0  # a server that ignores Range
@@ -284,7 +291,9 @@ class HubSource:
                 info = after
             if info.nbytes > PREFETCH_LIMIT:
                 continue
-            if sum(not s.future.done() for s in self._spans) >= IN_FLIGHT:
+            # Bounded read-ahead: a few requests at a time, and only so many bytes on their way.
+            flying = [s for s in self._spans if not s.future.done()]
+            if flying and (len(flying) >= IN_FLIGHT or sum(s.end - s.start for s in flying) > AHEAD_BYTES):
                 return
             names, last, after = {info.name}, info, self._next.get(info.name)
             while (
@@ -292,8 +301,9 @@ class HubSource:
             ):
                 names.add(after.name)
                 last, after = after, self._next.get(after.name)
-            future = self._pool.submit(self._range, info.file, info.start, last.end)
-            span = _Span(future, info.start, last.name, names)
+            buffer = bytearray(last.end - info.start)
+            future = self._pool.submit(self._range, info.file, info.start, last.end, buffer)
+            span = _Span(future, info.start, last.end, last.name, names)
             self._spans.append(span)
             self._pending |= dict.fromkeys(names, span)
             # Tensors a run never asks for (resumed, or not merged) must not pin their reads for ever.
