@@ -48,6 +48,11 @@ def _fits(tensors: Sequence[torch.Tensor], numel: int) -> bool:
     )
 
 
+def _addresses(tensors: Sequence[torch.Tensor]) -> tuple[list[int], list[int]]:
+    """The tensors' data addresses and element-type codes, as the C functions take them."""
+    return [t.data_ptr() for t in tensors], [_TYPES[t.dtype] for t in tensors]
+
+
 def _usable(inputs: Sequence[torch.Tensor], others: Sequence[torch.Tensor]) -> bool:
     if _K is None or not 1 <= len(inputs) <= _K.MAX_MODELS:
         return False
@@ -82,8 +87,7 @@ def ties_hist(
     hist = torch.zeros((len(tensors), 1 << 16), dtype=torch.int64)
     _K.ties_hist(
         base.numel(),
-        [t.data_ptr() for t in tensors],
-        [_TYPES[t.dtype] for t in tensors],
+        *_addresses(tensors),
         base.data_ptr(),
         _TYPES[base.dtype],
         level,
@@ -123,8 +127,7 @@ def ties_merge(
     assert _K is not None
     _K.ties_merge(
         base.numel(),
-        [t.data_ptr() for t in tensors],
-        [_TYPES[t.dtype] for t in tensors],
+        *_addresses(tensors),
         base.data_ptr(),
         _TYPES[base.dtype],
         [float(t) for t in thresholds],
@@ -157,8 +160,7 @@ def weighted_sum(
     assert _K is not None
     _K.weighted_sum(
         out.numel(),
-        [t.data_ptr() for t in tensors],
-        [_TYPES[t.dtype] for t in tensors],
+        *_addresses(tensors),
         [float(c) for c in coefficients],
         float(divisor),
         out.data_ptr(),
