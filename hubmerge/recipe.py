@@ -6,6 +6,7 @@ translated first. Errors name the YAML path of the field (``models.1.weight``), 
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
@@ -256,15 +257,33 @@ def _read_yaml(source: str | Path, base_dir: Path | None) -> tuple[Any, Path | N
         raise RecipeError(f"recipe is not valid YAML{where}: {problem}", hint="fix the YAML syntax") from None
 
 
+# Keys people bring from mergekit configs and model cards, and what hubmerge calls them.
+_INSTEAD = {
+    "model": "`path:` for a local directory or `repo:` for a Hub repository",
+    "base_model": "`base:`",
+    "merge_method": "`method:`",
+    "out_dtype": "`dtype:`",
+    "revision_id": "`revision:`",
+}
+
+
+def _unknown_key_hint(key: str) -> str:
+    if key in _INSTEAD:
+        return f"use {_INSTEAD[key]}"
+    known = {name for cls in (Recipe, ModelEntry, Rule, Output, Push, Card) for name in cls.model_fields}
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    if close:
+        return f"did you mean `{close[0]}`?"
+    return "check the spelling; per-model and method parameters are listed by `hubmerge methods`"
+
+
 def _recipe_error(exc: ValidationError) -> RecipeError:
     err = exc.errors()[0]
     path = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal[", "union[")))
     path = re.sub(r"\.(str|int|float|bool|list\[.*?\]|ModelEntry)(?=\.|$)", "", path)
     kind, msg = err["type"], err["msg"].removeprefix("Value error, ")
     if kind == "extra_forbidden":
-        return RecipeError(
-            "unknown key", path=path, hint="check the spelling; `hubmerge methods` lists parameters"
-        )
+        return RecipeError("unknown key", path=path, hint=_unknown_key_hint(str(err["loc"][-1])))
     if kind == "missing":
         return RecipeError("required field is missing", path=path, hint="add it to the recipe")
     if kind == "literal_error":

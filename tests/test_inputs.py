@@ -64,10 +64,19 @@ def test_recipe_errors_name_the_field(pair: list[str]) -> None:
     )
     _recipe_error({"method": "centroid", "models": pair, "dtype": "float13"}, "float13", "dtype")
     _recipe_error({"method": "centroid", "models": pair, "colour": 1}, "unknown key", "colour")
-    _recipe_error(
+    misspelt = _recipe_error(
         {"method": "centroid", "models": [{"path": pair[0], "wieght": 2}, pair[1]]},
         "unknown key",
         "models.0.wieght",
+    )
+    assert misspelt.hint == "did you mean `weight`?"
+    mergekit_style = _recipe_error(
+        {"method": "centroid", "models": [{"model": pair[0]}, pair[1]]}, "unknown key", "models.0.model"
+    )
+    assert (
+        mergekit_style.hint is not None
+        and "`path:`" in mergekit_style.hint
+        and "`repo:`" in mergekit_style.hint
     )
     _recipe_error(
         {"method": "centroid", "models": pair, "rules": [{"tensors": "x", "take": 5}]},
