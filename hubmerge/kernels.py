@@ -13,9 +13,9 @@ import os
 from collections.abc import Sequence
 from types import ModuleType
 
-import torch
+from hubmerge._torch import torch
 
-_TYPES = {torch.bfloat16: 0, torch.float32: 1}
+_TYPES = {"torch.bfloat16": 0, "torch.float32": 1}  # by name: building this imports no torch
 
 
 def _load() -> tuple[ModuleType | None, str]:
@@ -43,14 +43,14 @@ def variant() -> str:
 
 def _fits(tensors: Sequence[torch.Tensor], numel: int) -> bool:
     return all(
-        t.device.type == "cpu" and t.dtype in _TYPES and t.is_contiguous() and t.numel() == numel
+        t.device.type == "cpu" and str(t.dtype) in _TYPES and t.is_contiguous() and t.numel() == numel
         for t in tensors
     )
 
 
 def _addresses(tensors: Sequence[torch.Tensor]) -> tuple[list[int], list[int]]:
     """The tensors' data addresses and element-type codes, as the C functions take them."""
-    return [t.data_ptr() for t in tensors], [_TYPES[t.dtype] for t in tensors]
+    return [t.data_ptr() for t in tensors], [_TYPES[str(t.dtype)] for t in tensors]
 
 
 def _usable(inputs: Sequence[torch.Tensor], others: Sequence[torch.Tensor]) -> bool:
@@ -89,7 +89,7 @@ def ties_hist(
         base.numel(),
         *_addresses(tensors),
         base.data_ptr(),
-        _TYPES[base.dtype],
+        _TYPES[str(base.dtype)],
         level,
         [int(p) for p in prefixes],
         [bool(s) for s in skip],
@@ -129,13 +129,13 @@ def ties_merge(
         base.numel(),
         *_addresses(tensors),
         base.data_ptr(),
-        _TYPES[base.dtype],
+        _TYPES[str(base.dtype)],
         [float(t) for t in thresholds],
         [float(w) for w in weights],
         float(lambda_),
         bool(normalize),
         out.data_ptr(),
-        _TYPES[out.dtype],
+        _TYPES[str(out.dtype)],
     )
     return True
 
@@ -164,6 +164,6 @@ def weighted_sum(
         [float(c) for c in coefficients],
         float(divisor),
         out.data_ptr(),
-        _TYPES[out.dtype],
+        _TYPES[str(out.dtype)],
     )
     return True

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,24 @@ def test_cli_flags_override_the_recipe(recipe: Path, tmp_path: Path) -> None:
     assert config["dtype"] == "bfloat16"
     assert main([str(recipe), "--out", str(out), "-q"]) == 2
     assert main([str(recipe), "--out", str(out), "--force", "-q"]) == 0
+
+
+def test_planning_and_listing_methods_import_no_torch(recipe: Path) -> None:
+    """`hubmerge plan` and `hubmerge methods` read headers and the method table: no torch import (1-2 s)."""
+    code = textwrap.dedent(
+        """
+        import sys
+        from hubmerge.cli import main
+        for args in (["plan", sys.argv[1]], ["methods"]):
+            try:
+                main(args)
+            except SystemExit as exit:
+                assert not exit.code, exit.code
+        assert "torch" not in sys.modules, "planning imported torch"
+        import torch
+        from hubmerge.methods import METHODS
+        assert float(METHODS["centroid"].fn([torch.ones(4), torch.zeros(4)]).sum()) == 2.0
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(recipe)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

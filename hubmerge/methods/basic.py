@@ -9,9 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
-
 from hubmerge import kernels
+from hubmerge._torch import torch
 from hubmerge.methods.spec import check_count, normalizer, per_model
 
 

@@ -18,21 +18,24 @@ from collections.abc import Mapping, Sequence
 from itertools import combinations
 from typing import Any
 
-import torch
-
 from hubmerge import kernels
+from hubmerge._torch import torch
 from hubmerge.methods.geometric import slerp_mix, stock_mix, stock_ratio
 from hubmerge.methods.spec import Pass, check_count, check_densities, per_model
 from hubmerge.methods.task_vectors import disjoint_merge, elect_sign, prune_at_
 
 LEVEL_BITS = 16
-_INTS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _int_type(size: int) -> torch.dtype:
+    """The signed integer dtype of ``size`` bytes."""
+    return {2: torch.int16, 4: torch.int32, 8: torch.int64}[size]
 
 
 def _magnitude_bits(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """``|x - base|`` as a flat tensor of integer bit patterns, which order like the magnitudes."""
     delta = torch.sub(x, base).abs_()
-    return delta.view(_INTS[delta.element_size()]).reshape(-1)
+    return delta.view(_int_type(delta.element_size())).reshape(-1)
 
 
 def _ties_step(level: int) -> Any:
@@ -102,7 +105,7 @@ def _ties_finish(level: int) -> Any:
             ranks[i] -= above
             prefixes[i] = (prefixes[i] << LEVEL_BITS) | bucket
             if last:
-                bits = torch.tensor([prefixes[i]], dtype=_INTS[torch.finfo(dtype).bits // 8])
+                bits = torch.tensor([prefixes[i]], dtype=_int_type(torch.finfo(dtype).bits // 8))
                 thresholds[i] = float(bits.view(dtype))
         return _ties_state(ranks, prefixes, thresholds)
 

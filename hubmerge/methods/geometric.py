@@ -6,8 +6,7 @@ import math
 from collections.abc import Sequence
 from itertools import combinations
 
-import torch
-
+from hubmerge._torch import torch
 from hubmerge.methods.basic import weighted_sum
 from hubmerge.methods.spec import check_count
 

@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
+from hubmerge._torch import torch
 
 
 @dataclass(frozen=True)

@@ -12,14 +12,17 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
-
 from hubmerge import kernels
+from hubmerge._torch import torch
 from hubmerge.methods.basic import weighted_sum
 from hubmerge.methods.spec import check_count, check_densities, normalizer, per_model
 
-# Integer type of each float width, and the right shift that keeps its top 15 to 20 bits as a bucket index.
-_RADIX: dict[int, tuple[torch.dtype, int]] = {2: (torch.int16, 0), 4: (torch.int32, 16), 8: (torch.int64, 44)}
+
+def _radix(size: int) -> tuple[torch.dtype, int]:
+    """The integer type of a float width, and the right shift that keeps its top 15 to 20 bits as a bucket."""
+    return {2: (torch.int16, 0), 4: (torch.int32, 16), 8: (torch.int64, 44)}[size]
+
+
 _LANES = 1 << 16  # values of one 16-bit lane of a random draw
 
 
@@ -34,7 +37,7 @@ def kth_largest_magnitude(values: torch.Tensor, k: int, scratch: torch.Tensor) -
     Returns:
         A 0-d tensor holding the magnitude.
     """
-    int_dtype, shift = _RADIX[values.element_size()]
+    int_dtype, shift = _radix(values.element_size())
     # Non-negative IEEE floats order like their bit patterns read as integers, so one histogram pass over
     # the top bits finds the bucket holding the k-th largest magnitude; only that small bucket is then
     # selected. kthvalue or topk over the whole tensor are several times slower on CPU.
