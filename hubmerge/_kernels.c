@@ -369,6 +369,7 @@ PyMODINIT_FUNC PyInit__kernels(void) {
     PyObject *mod = PyModule_Create(&module);
     if (mod != NULL) {
         PyModule_AddStringConstant(mod, "VARIANT", variant);
+        PyModule_AddIntConstant(mod, "ABI", 1); /* bump with any change of the functions' arguments */
         PyModule_AddIntConstant(mod, "MAX_MODELS", MAX_MODELS);
         PyModule_AddIntConstant(mod, "CHUNK", CHUNK);
     }

@@ -8,6 +8,7 @@ operations in the same order; tests/test_kernels.py holds the two to bit-equal r
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -15,6 +16,9 @@ from types import ModuleType
 
 from hubmerge._torch import torch
 
+log = logging.getLogger(__name__)
+
+_ABI = 1  # the _kernels.c interface this module calls (its ABI constant)
 _TYPES = {"torch.bfloat16": 0, "torch.float32": 1}  # by name: building this imports no torch
 
 
@@ -24,6 +28,10 @@ def _load() -> tuple[ModuleType | None, str]:
     try:
         from hubmerge import _kernels  # type: ignore[attr-defined]
     except ImportError:
+        return None, "not built"
+    if getattr(_kernels, "ABI", None) != _ABI:
+        # A build left over from another version of _kernels.c (an editable install not rebuilt).
+        log.warning("hubmerge: the compiled kernels are stale; rebuild them with `pip install -e .`")
         return None, "not built"
     return _kernels, str(_kernels.VARIANT)
 

@@ -187,3 +187,14 @@ def test_engine_gives_the_same_bytes_with_and_without_kernels(
     plain = hubmerge.merge(recipe, tmp_path / "plain")
     for shard in fused.plan.shards:
         assert (fused.out / shard.filename).read_bytes() == (plain.out / shard.filename).read_bytes()
+
+
+def test_a_stale_build_is_not_used(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """An editable install whose extension was built from another _kernels.c falls back to torch, and says so."""
+    from hubmerge import _kernels  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(_kernels, "ABI", kernels._ABI + 1)
+    assert kernels._load() == (None, "not built")
+    assert "stale" in caplog.text
+    monkeypatch.undo()
+    assert kernels._load()[0] is _kernels
