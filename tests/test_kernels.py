@@ -190,7 +190,7 @@ def test_engine_gives_the_same_bytes_with_and_without_kernels(
 
 
 def test_a_stale_build_is_not_used(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    """An editable install whose extension was built from another _kernels.c falls back to torch, and says so."""
+    """A stale build (from another _kernels.c) is not used, and the log says to rebuild."""
     from hubmerge import _kernels  # type: ignore[attr-defined]
 
     monkeypatch.setattr(_kernels, "ABI", kernels._ABI + 1)
