@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -40,6 +40,7 @@ from .writer import Sink
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int], None]
+T = TypeVar("T")
 
 SEED_STRIDE = 1_000_003  # block k of a tensor draws from seed + k * SEED_STRIDE
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
@@ -323,13 +324,8 @@ def _merge_batch(
     """Merge a batch block by block into its output buffer; a random method draws per block."""
     assert batch.out is not None
     if ctx.kernels and ctx.spec.kernel is not None:
-        try:
-            if ctx.spec.kernel(batch.views, batch.base, batch.out, kwargs):
-                return
-        except (ValueError, RuntimeError) as exc:
-            raise MergeError(
-                f"method '{ctx.spec.name}' failed on tensor '{job.name}': {exc}", tensor=job.name
-            ) from exc
+        if _call(job, ctx.spec.name, ctx.spec.kernel, batch.views, batch.base, batch.out, kwargs):
+            return
     for span in _spans(batch.out.shape[0], grid.block):
         tensors, base = _block(batch.views, batch.base, span, ctx)
         block_kwargs = dict(kwargs)
@@ -340,7 +336,7 @@ def _merge_batch(
             index = (batch.at + span[0]) // grid.block
             generator.manual_seed((job.seed + index * SEED_STRIDE) % (1 << 63))
             block_kwargs["generator"] = generator
-        batch.out[span[0] : span[1]].copy_(_call(job, ctx.spec.name, fn, tensors, block_kwargs))
+        batch.out[span[0] : span[1]].copy_(_call(job, ctx.spec.name, fn, tensors, **block_kwargs))
 
 
 def _read(job: Job, ctx: _Context, rows: tuple[int, int]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
@@ -360,11 +356,10 @@ def _block(
     return tensors, (base[a:b].to(device=ctx.device, dtype=ctx.compute) if base is not None else None)
 
 
-def _call(
-    job: Job, method: str, fn: Callable[..., torch.Tensor], tensors: list[torch.Tensor], kwargs: Any
-) -> torch.Tensor:
+def _call(job: Job, method: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)``, its errors reported as the method failing on the job's tensor."""
     try:
-        return fn(tensors, **kwargs)
+        return fn(*args, **kwargs)
     except (ValueError, RuntimeError) as exc:
         raise MergeError(f"method '{method}' failed on tensor '{job.name}': {exc}", tensor=job.name) from exc
 
@@ -380,7 +375,7 @@ def _merge_whole(job: Job, ctx: _Context) -> torch.Tensor:
         generator = torch.Generator(device=ctx.device)
         generator.manual_seed(job.seed % (1 << 63))
         kwargs["generator"] = generator
-    result = _call(job, ctx.spec.name, ctx.spec.fn, tensors, kwargs)
+    result = _call(job, ctx.spec.name, ctx.spec.fn, tensors, **kwargs)
     return result.to(dtype=TORCH_DTYPES[job.dtype], device="cpu")
 
 
