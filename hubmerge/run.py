@@ -106,13 +106,16 @@ def execute(
                     remaining == 0
                 ):  # finished by an earlier run: the sinks still hear of it (an upload may be due)
                     pending.append(writer.submit(_shard_done, sinks, shard))
+            first = next((job for job in plan.jobs if job.name not in done), None)
+            if first is not None:
+                _prefetch(first, ctx)  # later jobs are prefetched while the one before them merges
             for index, job in enumerate(plan.jobs):
                 if job.name in done:
                     if progress:
                         progress(_input_bytes(job))
                     continue
                 if index + 1 < len(plan.jobs) and plan.jobs[index + 1].name not in done:
-                    _prefetch(plan.jobs[index + 1], sources)  # a skipped job's prefetch would never be read
+                    _prefetch(plan.jobs[index + 1], ctx)  # a skipped job's prefetch would never be read
                 for row, result, consumed in _results(job, ctx):
                     pending.append(writer.submit(_deliver, sinks, job, row, result))
                     while len(pending) > WRITE_QUEUE:
@@ -145,7 +148,7 @@ def _retain_freed_memory(retain: bool) -> None:
     except (OSError, AttributeError):
         return
     if retain:
-        mallopt(_M_MMAP_THRESHOLD, 64 << 20)
+        mallopt(_M_MMAP_THRESHOLD, 256 << 20)
         mallopt(_M_TRIM_THRESHOLD, 512 << 20)
     else:
         mallopt(_M_MMAP_THRESHOLD, 128 << 10)
@@ -175,11 +178,25 @@ def _finish(sinks: Sequence[Sink], job: Job, shard_complete: bool) -> None:
             sink.shard_done(job.shard)
 
 
-def _prefetch(job: Job, sources: Sequence[TensorSource]) -> None:
+def _prefetch(job: Job, ctx: _Context) -> None:
+    rows = _first_rows(job, ctx)
     for src, info in zip(job.sources, job.inputs, strict=True):
-        sources[src].prefetch([info])
-    if job.base is not None and job.base_source is not None:
-        sources[job.base_source].prefetch([job.base])
+        ctx.sources[src].prefetch([info], rows)
+    if job.base is not None and job.base_source is not None and ctx.spec.needs_base:
+        ctx.sources[job.base_source].prefetch([job.base], rows)
+
+
+def _first_rows(job: Job, ctx: _Context) -> tuple[int, int] | None:
+    """The rows of each input the loop reads first (as ``_copy`` and ``_batches`` cut them); None: whole."""
+    if not job.shape:
+        return None
+    if job.action == "copy":
+        step = _grid(job, "cpu").batch
+    elif math.prod(job.shape) > BLOCK and ctx.spec.blockwise:
+        step = _grid(job, ctx.device).read
+    else:
+        return None
+    return 0, min(step, job.shape[0])
 
 
 def _input_bytes(job: Job) -> int:

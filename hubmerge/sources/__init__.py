@@ -35,8 +35,11 @@ class TensorSource(Protocol):
         """Return the tensor (or rows ``[a, b)`` of its first dimension), without copying where possible."""
         ...
 
-    def prefetch(self, infos: Sequence[TensorInfo]) -> None:
-        """Hint that these tensors are read next, so I/O can start early. May do nothing."""
+    def prefetch(self, infos: Sequence[TensorInfo], rows: tuple[int, int] | None = None) -> None:
+        """Hint that these tensors are read next, so I/O can start early. May do nothing.
+
+        ``rows`` are the rows the run reads first of each tensor it reads in parts (None: whole tensors).
+        """
         ...
 
     def files(self) -> list[str]:

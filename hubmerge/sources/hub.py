@@ -31,11 +31,16 @@ from ..errors import (
     SourceError,
 )
 from ..refs import ModelRef
+from . import ranged
+from .buffers import buffer, writable
 from .header import TensorInfo, header_length, parse_header, parse_index
 from .local import INDEX, PICKLE_SUFFIXES, SINGLE
+from .ranged import Fallback
 
 if TYPE_CHECKING:
     import torch
+
+    from .buffers import Buffer
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +48,7 @@ T = TypeVar("T")
 Transfer = Literal["ranges", "shards"]
 IN_FLIGHT = 4  # ranged reads running ahead of the merge
 AHEAD_BYTES = 48 * 2**20  # and at most about this many bytes of them (plus one read), per model
-PREFETCH_LIMIT = 32 * 2**20  # larger tensors are read when needed, in the row chunks the plan asks for
+PREFETCH_LIMIT = 32 * 2**20  # larger tensors are read in the row ranges the run asks for, one range ahead
 SPAN_BYTES = 8 * 2**20  # a prefetch also takes the tensors stored right after, up to this many bytes
 CHUNK = 1 << 20
 
@@ -52,7 +57,7 @@ CHUNK = 1 << 20
 class _Span:
     """One ranged read covering consecutive tensors of a file; dropped once each of them has been read."""
 
-    future: Future[bytearray]
+    future: Future[Buffer]
     start: int
     end: int
     last: str  # the name of the last tensor it holds
@@ -155,8 +160,17 @@ class HubSource:
         self._pending: dict[str, _Span] = {}  # tensor name -> the read that holds it
         self._spans: list[_Span] = []  # oldest first
         self._next: dict[str, TensorInfo] = {}  # tensor name -> the tensor stored right after it
+        # A tensor over PREFETCH_LIMIT -> the rows of it read next, on their way (at most two tensors).
+        self._ahead: dict[str, tuple[tuple[int, int], Future[Buffer]]] = {}
         self._shard_dir: Path | None = None
         self._shard: tuple[str, mmap.mmap] | None = None
+        self._direct: ranged.RangeClient | None = None
+        if ranged.enabled():
+            from huggingface_hub import constants
+            from huggingface_hub.utils._headers import build_hf_headers
+
+            headers = build_hf_headers(token=self.api.token)
+            self._direct = ranged.RangeClient(headers, constants.HF_HUB_DOWNLOAD_TIMEOUT)
         for shard in self._shards():
             self._read_header(shard)
         stored = sorted(self.tensors.values(), key=lambda i: (i.file, i.start))
@@ -213,8 +227,8 @@ class HubSource:
                 )
             self.tensors[name] = TensorInfo(name, info.dtype, info.shape, shard, info.start, info.end)
 
-    def _range(self, filename: str, start: int, end: int, into: bytearray | None = None) -> bytearray:
-        """Bytes ``[start, end)`` of a file at the pinned commit, in ``into`` if given.
+    def _range(self, filename: str, start: int, end: int, into: torch.Tensor | None = None) -> Buffer:
+        """Bytes ``[start, end)`` of a file at the pinned commit, in ``into`` (see :func:`buffer`) if given.
 
         Prefetches pass a buffer allocated on the merge loop's thread: while merging, malloc keeps freed
         memory for reuse (run.py), and buffers allocated on each download thread would each stay in that
@@ -227,8 +241,23 @@ class HubSource:
         url = hf_hub_url(self.repo_id, filename, revision=self._sha)
         headers = build_hf_headers(token=self.api.token) | {"Range": f"bytes={start}-{end - 1}"}
 
-        def get() -> bytearray:
-            buf = into if into is not None and len(into) == end - start else bytearray(end - start)
+        def get() -> Buffer:
+            buf: Buffer = into if into is not None else bytearray(end - start)
+            view = writable(buf)
+            assert len(view) == end - start
+            if self._direct is not None:
+                try:
+                    self._direct.read_into(url, start, view)
+                    return buf
+                except Fallback as why:
+                    log.debug(
+                        "%s: %s bytes %d-%d through huggingface_hub: %s",
+                        self.label,
+                        filename,
+                        start,
+                        end - 1,
+                        why,
+                    )
             with get_session().stream("GET", url, headers=headers, follow_redirects=True) as response:
                 hf_raise_for_status(response)
                 skip = start if response.status_code == 200 else 0  # a server that ignores Range
@@ -239,13 +268,13 @@ class HubSource:
                     if skip:
                         cut = min(skip, len(chunk))
                         chunk, skip = chunk[cut:], skip - cut
-                    take = chunk[: len(buf) - pos]
-                    buf[pos : pos + len(take)] = take
+                    take = chunk[: len(view) - pos]
+                    view[pos : pos + len(take)] = take
                     pos += len(take)
-                    if pos == len(buf):
+                    if pos == len(view):
                         break
-            if pos != len(buf):
-                raise OSError(f"short read: got {pos} of {len(buf)} bytes")
+            if pos != len(view):
+                raise OSError(f"short read: got {pos} of {len(view)} bytes")
             return buf
 
         return hub_call(
@@ -266,22 +295,46 @@ class HubSource:
             at = info.start - span.start
             local = TensorInfo(info.name, info.dtype, info.shape, info.file, at, at + info.nbytes)
             return view_bytes(span.future.result(), local, rows)
-        start, end, shape = info.start, info.end, info.shape
-        if rows is not None:
-            start, end = start + rows[0] * row_bytes(info), start + rows[1] * row_bytes(info)
-            shape = (rows[1] - rows[0], *info.shape[1:])
-        data = self._range(info.file, start, end)
+        count = info.shape[0] if info.shape else 1
+        want = rows or (0, count)
+        start, end = info.start + want[0] * row_bytes(info), info.start + want[1] * row_bytes(info)
+        held = self._ahead.pop(info.name, None)
+        if held is not None and held[0] == want:
+            data = held[1].result()
+        else:
+            if held is not None:
+                held[1].cancel()
+            data = self._range(info.file, start, end, buffer(end - start))
+        if rows is not None and rows[1] < count:
+            # The run reads a large tensor's row ranges in order: the next downloads while this one merges.
+            self._read_ahead(info, (rows[1], min(count, 2 * rows[1] - rows[0])))
+        shape = (want[1] - want[0], *info.shape[1:]) if rows is not None else info.shape
         return view_bytes(data, TensorInfo(info.name, info.dtype, shape, info.file, 0, end - start), None)
 
-    def prefetch(self, infos: Sequence[TensorInfo]) -> None:
+    def _read_ahead(self, info: TensorInfo, rows: tuple[int, int]) -> None:
+        """Start reading rows ``[a, b)`` of ``info`` in the background; :meth:`read` takes them when asked."""
+        from .tensors import row_bytes
+
+        start, end = info.start + rows[0] * row_bytes(info), info.start + rows[1] * row_bytes(info)
+        into = buffer(end - start)  # allocated on the loop's thread, as prefetches are (see _range)
+        self._ahead[info.name] = (rows, self._pool.submit(self._range, info.file, start, end, into))
+        while len(self._ahead) > 2:  # a tensor the run never came to read must not hold its bytes for ever
+            self._ahead.pop(next(iter(self._ahead)))[1].cancel()
+
+    def prefetch(self, infos: Sequence[TensorInfo], rows: tuple[int, int] | None = None) -> None:
         """Start reading ``infos`` (and the small tensors stored right after them) in the background.
 
         One request takes a tensor and the ones that follow it in the file, up to ``SPAN_BYTES``: most
         tensors of a checkpoint (norms, biases, small projections) then cost no request of their own.
+        Of a tensor over ``PREFETCH_LIMIT``, only ``rows`` are read, the part the run asks for first.
         """
         if self.transfer == "shards":
             return
         for info in infos:
+            if info.nbytes > PREFETCH_LIMIT:
+                if rows is not None and info.name not in self._ahead and info.name not in self._pending:
+                    self._read_ahead(info, (rows[0], min(rows[1], info.shape[0] if info.shape else 1)))
+                continue
             held = self._pending.get(info.name)
             if held is not None:
                 # Already on its way: keep one more read going behind the newest one.
@@ -289,8 +342,6 @@ class HubSource:
                 if after is None or after.name in self._pending:
                     continue
                 info = after
-            if info.nbytes > PREFETCH_LIMIT:
-                continue
             # Bounded read-ahead: a few requests at a time, and only so many bytes on their way.
             flying = [s for s in self._spans if not s.future.done()]
             if flying and (len(flying) >= IN_FLIGHT or sum(s.end - s.start for s in flying) > AHEAD_BYTES):
@@ -301,8 +352,9 @@ class HubSource:
             ):
                 names.add(after.name)
                 last, after = after, self._next.get(after.name)
-            buffer = bytearray(last.end - info.start)
-            future = self._pool.submit(self._range, info.file, info.start, last.end, buffer)
+            future = self._pool.submit(
+                self._range, info.file, info.start, last.end, buffer(last.end - info.start)
+            )
             span = _Span(future, info.start, last.end, last.name, names)
             self._spans.append(span)
             self._pending |= dict.fromkeys(names, span)
@@ -329,7 +381,7 @@ class HubSource:
         size = self._sizes.get(shard) or 0
         with open(path, "wb") as f:
             for start in range(0, size, 64 * CHUNK):
-                f.write(self._range(shard, start, min(size, start + 64 * CHUNK)))
+                f.write(writable(self._range(shard, start, min(size, start + 64 * CHUNK))))
         with open(path, "rb") as f:
             self._shard = (shard, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY))
         log.debug("%s: downloaded %s (%d bytes)", self.label, shard, size)
@@ -366,9 +418,14 @@ class HubSource:
     def close(self) -> None:
         for span in self._spans:
             span.future.cancel()
+        for _, future in self._ahead.values():
+            future.cancel()
+        self._ahead.clear()
         self._pending.clear()
         self._spans.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._direct is not None:
+            self._direct.close()
         self._evict()
         if self._shard_dir is not None:
             shutil.rmtree(self._shard_dir, ignore_errors=True)

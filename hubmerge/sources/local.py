@@ -150,7 +150,7 @@ class LocalSource:
 
         return view_bytes(self._maps[info.file], info, rows)
 
-    def prefetch(self, infos: Sequence[TensorInfo]) -> None:
+    def prefetch(self, infos: Sequence[TensorInfo], rows: tuple[int, int] | None = None) -> None:
         for info in infos:
             start = info.start - info.start % PAGE
             if info.end > start:

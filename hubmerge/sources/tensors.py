@@ -33,7 +33,7 @@ def row_bytes(info: TensorInfo) -> int:
 
 
 def view_bytes(buffer: Any, info: TensorInfo, rows: tuple[int, int] | None) -> torch.Tensor:
-    """A tensor viewing ``info``'s bytes in ``buffer`` (mmap or bytes-like), optionally rows ``[a, b)`` only.
+    """A tensor viewing ``info``'s bytes in ``buffer`` (mmap, bytes-like, uint8 tensor), or rows ``[a, b)``.
 
     The view is zero-copy when the offset is aligned to the element size; safetensors does not promise that,
     so a misaligned tensor is copied.
@@ -49,6 +49,9 @@ def view_bytes(buffer: Any, info: TensorInfo, rows: tuple[int, int] | None) -> t
     if count == 0:
         return torch.empty(shape, dtype=dtype)
     itemsize = torch.empty((), dtype=dtype).element_size()
+    if isinstance(buffer, torch.Tensor):  # a uint8 read buffer (buffers.py)
+        part = buffer[start : start + count * itemsize]
+        return (part.clone() if start % itemsize else part).view(dtype).view(shape)
     if start % itemsize:
         raw = bytearray(memoryview(buffer)[start : start + count * itemsize])
         return torch.frombuffer(raw, dtype=dtype, count=count).view(shape)

@@ -1,0 +1,204 @@
+"""Ranged GETs read straight from the socket into the caller's buffer, over keep-alive connections per thread.
+
+huggingface_hub's httpx session hands a body over in chunks, each one then copied into the read buffer: about
+1 s of CPU per GB here, as much as the merge itself. ``http.client``'s ``readinto`` fills the buffer from the
+socket with no chunk objects in between: about 0.3 s per GB. The Hub source reads tensor bytes this way and
+hands any request this client does not handle to the session, whose errors huggingface_hub maps as for every
+other request. Exceptions:
+
+    Fallback              the request needs the session: a proxy, an answer other than 200/206, an encoded
+                          body, a Content-Range other than the one asked for, TLS that does not set up
+    ConnectionError       the connection was lost or the body came short (an OSError: the caller retries)
+    TimeoutError          the server went silent for longer than the download timeout (also an OSError)
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import os
+import re
+import ssl
+import threading
+import urllib.request
+from collections.abc import Mapping
+from urllib.parse import urljoin, urlsplit
+
+log = logging.getLogger(__name__)
+
+REDIRECTS = 5
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+Origin = tuple[str, str]  # (scheme, host[:port])
+
+
+class Fallback(Exception):
+    """This request must go through huggingface_hub's session; the message says why."""
+
+
+def enabled() -> bool:
+    """Whether direct reads are on (``HUBMERGE_HUB_DIRECT=0`` turns them off)."""
+    return os.environ.get("HUBMERGE_HUB_DIRECT", "1") != "0"
+
+
+def _tls_context() -> ssl.SSLContext:
+    # The CA bundle httpx uses: SSL_CERT_FILE if set, else certifi's (an httpx dependency), else the system's.
+    cafile = os.environ.get("SSL_CERT_FILE")
+    if not cafile:
+        try:
+            import certifi
+
+            cafile = certifi.where()
+        except ImportError:
+            cafile = None
+    return ssl.create_default_context(cafile=cafile)
+
+
+class RangeClient:
+    """Reads byte ranges of URLs into buffers; one keep-alive connection per origin and thread.
+
+    Args:
+        headers: sent with every request (user agent, authorization); ``Authorization`` only to the origin of
+            the first URL of a request, never across a redirect to another origin.
+        timeout: seconds a connection may wait on the server before the read fails.
+    """
+
+    def __init__(self, headers: Mapping[str, str], timeout: float) -> None:
+        self.headers = dict(headers)
+        self.timeout = timeout
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._all: list[http.client.HTTPConnection] = []
+        self._direct: dict[Origin, bool] = {}
+        self._tls: ssl.SSLContext | None = None
+
+    def read_into(self, url: str, start: int, buf: memoryview) -> None:
+        """Fill ``buf`` with bytes ``[start, start + len(buf))`` of ``url``.
+
+        Raises:
+            Fallback: the request must go through huggingface_hub's session instead.
+            ConnectionError: the connection was lost or the body came short; the caller may retry.
+            TimeoutError: the server sent nothing for ``timeout`` seconds.
+        """
+        headers = self.headers | {
+            "Range": f"bytes={start}-{start + len(buf) - 1}",
+            "Accept-Encoding": "identity",
+        }
+        first = _origin(url)
+        for _ in range(REDIRECTS + 1):
+            origin = _origin(url)
+            if origin != first:
+                headers.pop("Authorization", None)
+            response, conn = self._get(origin, url, headers)
+            if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
+                location = response.getheader("Location", "")
+                response.read(1 << 16)  # a redirect's body is a line of text; read it to keep the connection
+                self._finish(response, conn)
+                url = urljoin(url, location)
+                continue
+            try:
+                self._check(response, start, len(buf))
+                _fill(response, buf)
+            except BaseException:
+                self._drop(conn)
+                raise
+            self._finish(response, conn)
+            return
+        raise Fallback(f"more than {REDIRECTS} redirects")
+
+    def close(self) -> None:
+        """Close every connection this client opened, on any thread."""
+        with self._lock:
+            conns, self._all = self._all, []
+        for conn in conns:
+            conn.close()
+
+    def _get(
+        self, origin: Origin, url: str, headers: dict[str, str]
+    ) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
+        """Send the request on this thread's connection to ``origin`` (or a new one); read the status line."""
+        parts = urlsplit(url)
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        pool: dict[Origin, http.client.HTTPConnection] = self._local.__dict__.setdefault("pool", {})
+        reused = origin in pool
+        conn = pool.get(origin) or self._connect(origin)
+        pool[origin] = conn
+        try:
+            conn.request("GET", target, headers=headers)
+            return conn.getresponse(), conn
+        except ssl.SSLError as exc:
+            self._drop(conn)
+            raise Fallback(f"TLS: {exc}") from None
+        except (ConnectionError, http.client.HTTPException) as exc:
+            self._drop(conn)
+            if reused:  # the server closed an idle keep-alive connection: once more on a new one
+                return self._get(origin, url, headers)
+            raise ConnectionError(f"{type(exc).__name__}: {exc}") from None
+        except BaseException:
+            self._drop(conn)
+            raise
+
+    def _connect(self, origin: Origin) -> http.client.HTTPConnection:
+        scheme, netloc = origin
+        if origin not in self._direct:
+            proxies = urllib.request.getproxies()
+            host = urlsplit(f"{scheme}://{netloc}").hostname or ""
+            self._direct[origin] = scheme not in proxies or bool(urllib.request.proxy_bypass(host))
+        if not self._direct[origin]:
+            raise Fallback(f"a proxy is set for {scheme}")
+        conn: http.client.HTTPConnection
+        if scheme == "https":
+            if self._tls is None:
+                self._tls = _tls_context()
+            conn = http.client.HTTPSConnection(netloc, timeout=self.timeout, context=self._tls)
+        elif scheme == "http":
+            conn = http.client.HTTPConnection(netloc, timeout=self.timeout)
+        else:
+            raise Fallback(f"scheme {scheme!r}")
+        with self._lock:
+            self._all.append(conn)
+        return conn
+
+    def _check(self, response: http.client.HTTPResponse, start: int, length: int) -> None:
+        encoding = response.getheader("Content-Encoding", "identity") or "identity"
+        if encoding != "identity":
+            raise Fallback(f"the body is {encoding}-encoded")
+        if response.status == 206:
+            match = _CONTENT_RANGE.fullmatch(response.getheader("Content-Range", "").strip())
+            if match is None or int(match[1]) != start or int(match[2]) != start + length - 1:
+                raise Fallback(f"Content-Range {response.getheader('Content-Range')!r}")
+        elif not (response.status == 200 and start == 0 and response.length == length):
+            raise Fallback(f"HTTP {response.status}")
+
+    def _finish(self, response: http.client.HTTPResponse, conn: http.client.HTTPConnection) -> None:
+        """Keep the connection if the response is read to its end and the server keeps it open."""
+        if response.will_close or not response.isclosed():
+            self._drop(conn)
+
+    def _drop(self, conn: http.client.HTTPConnection) -> None:
+        pool: dict[Origin, http.client.HTTPConnection] = self._local.__dict__.get("pool", {})
+        for origin, held in list(pool.items()):
+            if held is conn:
+                del pool[origin]
+        with self._lock:
+            if conn in self._all:
+                self._all.remove(conn)
+        conn.close()
+
+
+def _origin(url: str) -> Origin:
+    parts = urlsplit(url)
+    return parts.scheme, parts.netloc
+
+
+def _fill(response: http.client.HTTPResponse, buf: memoryview) -> None:
+    view, pos = memoryview(buf), 0
+    try:
+        while pos < len(buf):
+            n = response.readinto(view[pos:])
+            if not n:
+                raise ConnectionError(f"short read: got {pos} of {len(buf)} bytes")
+            pos += n
+    except http.client.HTTPException as exc:
+        raise ConnectionError(f"{type(exc).__name__}: {exc}") from None
+    finally:
+        view.release()
