@@ -1,0 +1,276 @@
+"""Ranged reads of Hub files: the direct client against real HTTP servers on 127.0.0.1, and the Hub source's
+read-ahead against the real Hub server (every byte requested once; the same merge as the session's reads)."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from huggingface_hub import HfApi
+from safetensors.torch import load_file
+
+import hubmerge
+import hubmerge.run
+import hubmerge.sources.hub
+from hubmerge.hubserver import HubServer
+from hubmerge.sources.buffers import buffer, writable
+from hubmerge.sources.header import TensorInfo
+from hubmerge.sources.ranged import Fallback, RangeClient
+from hubmerge.sources.tensors import view_bytes
+
+from .util import save_model
+
+DATA = bytes(range(256)) * 4096  # 1 MiB
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    mode = "ok"
+    redirect_to = ""
+    connections = 0
+    seen: list[dict[str, str]]
+
+
+class _Files(BaseHTTPRequestHandler):
+    """Serves DATA at /data with Range support; ``server.mode`` picks a misbehaviour."""
+
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.connections += 1
+
+    def do_GET(self) -> None:
+        self.server.seen.append({k.lower(): v for k, v in self.headers.items()})
+        mode = self.server.mode
+        if self.path == "/redirect":
+            self.send_response(302)
+            self.send_header("Location", self.server.redirect_to or "/data")
+            self.send_header("Content-Length", "5")
+            self.end_headers()
+            self.wfile.write(b"moved")
+            return
+        if self.path != "/data":
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        match = re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range", ""))
+        assert match is not None
+        a, b = int(match[1]), int(match[2]) + 1
+        if mode == "ignore-range":
+            a, b = 0, len(DATA)
+            self.send_response(200)
+        else:
+            self.send_response(206)
+            shown = a + 1 if mode == "wrong-range" else a
+            self.send_header("Content-Range", f"bytes {shown}-{shown + b - a - 1}/{len(DATA)}")
+        if mode == "gzip":
+            self.send_header("Content-Encoding", "gzip")
+        if mode == "close":
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.send_header("Content-Length", str(b - a))
+        self.end_headers()
+        if mode == "short":
+            self.wfile.write(DATA[a : a + (b - a) // 2])
+            self.close_connection = True
+            return
+        self.wfile.write(DATA[a:b])
+        if mode == "drop-idle":  # closes the kept-alive connection without saying so
+            self.close_connection = True
+
+
+@pytest.fixture
+def files() -> Iterator[_Server]:
+    yield from _serve()
+
+
+@pytest.fixture
+def other() -> Iterator[_Server]:
+    yield from _serve()
+
+
+def _serve() -> Iterator[_Server]:
+    server = _Server(("127.0.0.1", 0), _Files)
+    server.seen = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _url(server: _Server, path: str = "/data") -> str:
+    return f"http://127.0.0.1:{server.server_address[1]}{path}"
+
+
+def _read(client: RangeClient, url: str, start: int, length: int) -> bytes:
+    out = bytearray(length)
+    client.read_into(url, start, memoryview(out))
+    return bytes(out)
+
+
+def test_reads_ranges_on_one_kept_alive_connection(files: _Server) -> None:
+    client = RangeClient({"User-Agent": "hubmerge-test"}, timeout=10)
+    for start, length in ((0, 10), (1000, 70_000), (len(DATA) - 5, 5), (12_345, 1)):
+        assert _read(client, _url(files), start, length) == DATA[start : start + length]
+    assert files.connections == 1
+    assert all(h["user-agent"] == "hubmerge-test" and h["accept-encoding"] == "identity" for h in files.seen)
+    client.close()
+
+
+@pytest.mark.parametrize("mode", ["close", "drop-idle"])
+def test_a_closed_connection_is_opened_again(files: _Server, mode: str) -> None:
+    files.mode = mode
+    client = RangeClient({}, timeout=10)
+    for start in (0, 100, 200):
+        assert _read(client, _url(files), start, 50) == DATA[start : start + 50]
+    assert files.connections == 3
+
+
+def test_redirects_drop_the_token_across_origins(files: _Server, other: _Server) -> None:
+    client = RangeClient({"Authorization": "Bearer secret"}, timeout=10)
+    assert _read(client, _url(files, "/redirect"), 10, 20) == DATA[10:30]  # same origin: token kept
+    assert [h.get("authorization") for h in files.seen] == ["Bearer secret"] * 2
+    files.redirect_to = _url(other)
+    assert _read(client, _url(files, "/redirect"), 40, 20) == DATA[40:60]
+    assert files.seen[-1]["authorization"] == "Bearer secret"
+    assert "authorization" not in other.seen[-1]
+
+
+@pytest.mark.parametrize(
+    ("mode", "path", "why"),
+    [
+        ("ignore-range", "/data", "HTTP 200"),
+        ("gzip", "/data", "gzip-encoded"),
+        ("wrong-range", "/data", "Content-Range"),
+        ("ok", "/missing", "HTTP 404"),
+    ],
+)
+def test_answers_it_does_not_handle_go_to_the_session(files: _Server, mode: str, path: str, why: str) -> None:
+    files.mode = mode
+    client = RangeClient({}, timeout=10)
+    with pytest.raises(Fallback, match=why):
+        _read(client, _url(files, path), 100, 10)
+    files.mode = "ok"  # and the client still works
+    assert _read(client, _url(files), 100, 10) == DATA[100:110]
+
+
+def test_a_whole_file_answer_serves_a_read_from_its_start(files: _Server) -> None:
+    files.mode = "ignore-range"
+    assert _read(RangeClient({}, timeout=10), _url(files), 0, len(DATA)) == DATA
+
+
+def test_a_short_body_is_a_connection_error(files: _Server) -> None:
+    files.mode = "short"
+    with pytest.raises(ConnectionError, match="short read|IncompleteRead"):
+        _read(RangeClient({}, timeout=10), _url(files), 0, 4096)
+
+
+def test_a_proxy_leaves_the_request_to_the_session(files: _Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    with pytest.raises(Fallback, match="proxy"):
+        _read(RangeClient({}, timeout=10), _url(files), 0, 10)
+    assert files.seen == []
+
+
+def test_tensor_buffers_view_without_copying_and_copy_when_misaligned() -> None:
+    values = torch.arange(6, dtype=torch.float16)
+    raw = b"\x00" + bytes(values.view(torch.uint8).tolist())
+    buf = buffer(len(raw))
+    writable(buf)[:] = raw
+    misaligned = view_bytes(buf, TensorInfo("x", "F16", (2, 3), "f", 1, len(raw)), None)
+    torch.testing.assert_close(misaligned, values.view(2, 3), rtol=0, atol=0)
+    aligned = view_bytes(buf[1:].clone(), TensorInfo("x", "F16", (2, 3), "f", 0, len(raw) - 1), (1, 2))
+    torch.testing.assert_close(aligned, values.view(2, 3)[1:2], rtol=0, atol=0)
+    assert len(writable(bytearray(3))) == 3 and len(writable(buffer(0))) == 0
+
+
+def _models(tmp_path: Path) -> list[Path]:
+    g = torch.Generator().manual_seed(7)
+    dirs = []
+    for i in range(2):
+        tensors = {
+            "embed.weight": torch.randn(1024, 96, generator=g),  # 384 KiB: read in row ranges below
+            "layer.0.weight": torch.randn(64, 96, generator=g),
+            "layer.0.bias": torch.randn(96, generator=g),
+            "head.weight": torch.randn(700, 96, generator=g).to(torch.bfloat16),
+        }
+        dirs.append(save_model(tmp_path / f"m{i}", tensors))
+    return dirs
+
+
+@pytest.mark.parametrize("direct", ["1", "0"])
+def test_large_tensors_are_read_ahead_and_every_byte_once(
+    tmp_path: Path,
+    hub: HubServer,
+    hub_token: str,
+    repo_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+    direct: str,
+) -> None:
+    # Tensors over PREFETCH_LIMIT are read in the run's row ranges (READ_BYTES each), one range ahead. The
+    # grid is scaled down so that the 384 KiB float32 embedding takes 9 reads, the 131 KiB bfloat16 head 3.
+    monkeypatch.setattr(hubmerge.sources.hub, "PREFETCH_LIMIT", 32 << 10)
+    monkeypatch.setattr(hubmerge.run, "BLOCK", 1024)
+    monkeypatch.setattr(hubmerge.run, "BATCH_BYTES", 8 << 10)
+    monkeypatch.setattr(hubmerge.run, "READ_BYTES", 48 << 10)
+    reads: list[tuple[str, tuple[int, int] | None]] = []
+    real_read = hubmerge.sources.hub.HubSource.read
+
+    def read(
+        self: hubmerge.sources.hub.HubSource, info: TensorInfo, rows: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        reads.append((info.name, rows))
+        return real_read(self, info, rows)
+
+    monkeypatch.setattr(hubmerge.sources.hub.HubSource, "read", read)
+    waited: list[tuple[str, int]] = []  # tensor bytes the merge loop read itself, waiting for them
+    real_range = hubmerge.sources.hub.HubSource._range
+
+    def range_(
+        self: hubmerge.sources.hub.HubSource, file: str, start: int, end: int, into: Any = None
+    ) -> Any:
+        if into is not None and threading.current_thread() is threading.main_thread():
+            waited.append((file, start))
+        return real_range(self, file, start, end, into)
+
+    monkeypatch.setattr(hubmerge.sources.hub.HubSource, "_range", range_)
+    monkeypatch.setenv("HUBMERGE_HUB_DIRECT", direct)
+    dirs = _models(tmp_path)
+    api = HfApi(token=hub_token)
+    ids = []
+    for i, directory in enumerate(dirs):
+        ids.append(f"{repo_name}-{i}")
+        api.create_repo(ids[-1])
+        api.upload_folder(folder_path=directory, repo_id=ids[-1])
+    hub.reset_stats()
+    recipe = {"method": "linear", "models": ids, "parameters": {"t": 0.3}}
+    merged = hubmerge.merge(recipe, tmp_path / "hub")
+    served = {k: v for k, v in hub.bytes_served_by_path.items() if k.endswith(".safetensors")}
+    sizes = [(d / "model.safetensors").stat().st_size for d in dirs]
+    assert served == {f"{i}/model.safetensors": size for i, size in zip(ids, sizes, strict=True)}
+    assert sum(name == "embed.weight" for name, _ in reads) == 2 * 9
+    assert sum(name == "head.weight" for name, _ in reads) == 2 * 3
+    assert waited == []  # every range was on its way before the merge asked for it
+    local = hubmerge.merge({**recipe, "models": [str(d) for d in dirs]}, tmp_path / "local")
+    expected = load_file(str(local.out / "model.safetensors"))
+    result = load_file(str(merged.out / "model.safetensors"))
+    assert result.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(result[name], value, rtol=0, atol=0)
+    a, b = (load_file(str(d / "model.safetensors")) for d in dirs)
+    torch.testing.assert_close(result["embed.weight"], 0.7 * a["embed.weight"] + 0.3 * b["embed.weight"])
