@@ -142,9 +142,11 @@ class ShardWriter:
     def write(self, job: Job, row: int, data: torch.Tensor) -> None:
         import torch
 
+        from .sources.buffers import writable
+
         flat = data.contiguous().reshape(-1).view(torch.uint8)
         offset = job.offset + (row * (job.nbytes // job.shape[0]) if row else 0)
-        _pwrite_all(self._fds[job.shard], memoryview(flat.numpy()), offset)  # type: ignore[arg-type]
+        _pwrite_all(self._fds[job.shard], writable(flat), offset)
 
     def tensor_done(self, job: Job) -> None:
         assert self._journal is not None

@@ -351,3 +351,24 @@ def test_blocked_merges_match_whole_tensor_math(tmp_path: Path, method: str) -> 
             continue
         tol = {"rtol": 0, "atol": 0} if method == "ties" else {"rtol": 1e-5, "atol": 1e-5}
         torch.testing.assert_close(merged[name], expected, **tol, msg=f"{method}: {name}")
+
+
+def test_merging_needs_no_numpy(tmp_path: Path) -> None:
+    # numpy is not a dependency of hubmerge (nor of torch): a merge must not reach for it.
+    models = [save_model(tmp_path / f"m{i}", random_tensors(i)) for i in range(2)]
+    recipe = {"method": "linear", "models": [str(m) for m in models], "parameters": {"t": 0.25}}
+    script = (
+        "import json, sys\nsys.modules['numpy'] = None  # import numpy now fails\nimport hubmerge\n"
+        "hubmerge.merge(json.loads(sys.argv[1]), sys.argv[2])\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(recipe), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    a, b = (load_file(str(m / "model.safetensors")) for m in models)
+    for name, value in a.items():
+        expected = 0.75 * value + 0.25 * b[name] if value.is_floating_point() else value
+        torch.testing.assert_close(merged[name], expected)

@@ -18,9 +18,16 @@ from huggingface_hub import HfApi, ModelCard
 from safetensors.torch import load_file
 
 import hubmerge
-from hubmerge.errors import GatedRepoError, RecipeError, RepoNotFoundError, RevisionNotFoundError
+from hubmerge.errors import (
+    GatedRepoError,
+    PublishError,
+    RecipeError,
+    RepoNotFoundError,
+    RevisionNotFoundError,
+)
 from hubmerge.hubserver import HubServer
 from hubmerge.hubserver.process import spawn
+from hubmerge.publish import PushTarget
 
 from .util import random_tensors, save_model, tiny_llama
 
@@ -150,6 +157,50 @@ def test_differing_licenses_fail_at_plan_time(tmp_path: Path, hub_token: str, re
         hubmerge.plan({"method": "centroid", "models": ids})
     plan = hubmerge.plan({"method": "centroid", "models": ids, "card": {"license": "mit"}})
     assert plan.jobs
+
+
+def test_push_hashes_shards_as_they_are_written(
+    tmp_path: Path, hub: HubServer, hub_token: str, repo_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The uploader hashes each shard from the merged bytes: huggingface_hub never reads a shard to hash
+    it, and the server, which checks every upload's sha256, accepts them all."""
+    from huggingface_hub import lfs
+
+    hash_file = lfs.UploadInfo.from_path
+
+    def no_rehash(path: str) -> lfs.UploadInfo:
+        assert not path.endswith(".safetensors"), f"{path} was read again to hash it"
+        return hash_file(path)
+
+    monkeypatch.setattr(lfs.UploadInfo, "from_path", no_rehash)
+    monkeypatch.setenv("HF_TOKEN", hub_token)
+    bigger = [
+        {k: v.repeat(64, 1) if v.dim() == 2 else v for k, v in random_tensors(i).items()} for i in range(2)
+    ]
+    models = [save_model(tmp_path / f"m{i}", tensors) for i, tensors in enumerate(bigger)]
+    recipe = {"method": "centroid", "models": [str(m) for m in models], "output": {"max_shard_size": "20KB"}}
+    hub.reset_stats()
+    result = hubmerge.merge(recipe, tmp_path / "out", push=PushTarget(repo_name))
+    shards = sorted(p.name for p in result.out.glob("model-*.safetensors"))
+    assert len(shards) >= 3 and hub.stats.requests["lfs_upload"] == len(shards)
+    api = HfApi(token=hub_token)
+    for shard in shards:
+        pushed = Path(api.hf_hub_download(repo_name, shard)).read_bytes()
+        assert pushed == (result.out / shard).read_bytes()
+
+
+def test_push_without_a_token_says_so(
+    tmp_path: Path, repo_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    models = [save_model(tmp_path / f"m{i}", random_tensors(i)) for i in range(2)]
+    with pytest.raises(PublishError, match="whoami on .* needs a Hub token, and none is set") as info:
+        hubmerge.merge(
+            {"method": "centroid", "models": [str(m) for m in models]},
+            tmp_path / "out",
+            push=PushTarget(repo_name),
+        )
+    assert info.value.hint is not None and "set HF_TOKEN or run `hf auth login`" in info.value.hint
 
 
 def test_interrupted_push_resumes_without_reuploading(tmp_path: Path, hub_token: str) -> None:

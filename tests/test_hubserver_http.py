@@ -311,6 +311,10 @@ def test_body_decodes_chunked_encoding_and_lines() -> None:
     assert body.exhausted and stream.read() == b"NEXT REQUEST"
     sized = Body(io.BufferedReader(io.BytesIO(b"0123456789rest")), 10, chunked=False)
     assert b"".join(sized.iter_chunks()) == b"0123456789" and sized.exhausted
+    # Views of one reused buffer: what a line read left over, then the rest, chunk by chunk.
+    mixed = Body(io.BufferedReader(io.BytesIO(b"5\r\nab\ncd\r\n3\r\nefg\r\n0\r\n\r\n")), None, chunked=True)
+    assert mixed.readline() == b"ab\n"
+    assert [bytes(view) for view in mixed.iter_views()] == [b"cd", b"efg"] and mixed.exhausted
 
 
 def test_stop_ends_idle_keep_alive_connections(fresh_hub: HubServer) -> None:

@@ -150,7 +150,7 @@ class BlobStore:
         except (FileNotFoundError, ValueError):
             return None
 
-    def put_lfs(self, chunks: Iterable[bytes], sha256: str, size: int) -> None:
+    def put_lfs(self, chunks: Iterable[bytes | memoryview], sha256: str, size: int) -> None:
         """Stream an LFS object into the store, checking its sha256 and size before it becomes visible.
 
         Args:

@@ -198,7 +198,7 @@ def lfs_upload(ctx: HubContext, req: Request) -> Response:
     size = ctx.check_upload(oid, req)
     if ctx.blobs.lfs_size(oid) != size:
         try:
-            ctx.blobs.put_lfs(req.body.iter_chunks(), oid, size)
+            ctx.blobs.put_lfs(req.body.iter_views(), oid, size)
         except BlobMismatchError as exc:
             raise ApiError(400, str(exc)) from None
     return Response(200)

@@ -115,6 +115,13 @@ def hub_call(
                 revision=revision,
                 hint="check that the repository holds a safetensors checkpoint",
             ) from None
+        except hf.LocalTokenNotFoundError:
+            raise HubError(
+                f"{what} on {where} needs a Hub token, and none is set",
+                repo_id=repo_id,
+                revision=revision,
+                hint="set HF_TOKEN or run `hf auth login`",
+            ) from None
         except (httpx2.TransportError, hf.HfHubHTTPError, OSError) as exc:
             status = getattr(getattr(exc, "response", None), "status_code", None)
             if status is not None and status < 500 and status != 429:
