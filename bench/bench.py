@@ -111,12 +111,13 @@ def machine(args: argparse.Namespace) -> dict[str, str]:
 
 
 def startup() -> dict[str, float | list[str]]:
-    """Seconds for ``import hubmerge`` and ``hubmerge --version``; heavy modules the merge path imports."""
+    """Seconds for ``import hubmerge`` and ``hubmerge --version``; heavy modules the merge path adds to torch."""
     py = sys.executable
     hub = shutil.which("hubmerge") or str(Path(py).parent / "hubmerge")
-    probe = (
-        "import sys, hubmerge, hubmerge.cli, hubmerge.run, hubmerge.api; "
-        "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} & "
+    probe = (  # beyond what torch itself imports (it takes numpy when installed; hubmerge does not need it)
+        "import sys, torch; before = set(sys.modules); "
+        "import hubmerge, hubmerge.cli, hubmerge.run, hubmerge.api; "
+        "print(' '.join(sorted({m.split('.')[0] for m in set(sys.modules) - before} & "
         "{'transformers', 'peft', 'huggingface_hub', 'accelerate', 'numpy', 'pandas'})))"
     )
     heavy = subprocess.run([py, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
@@ -129,7 +130,7 @@ def startup() -> dict[str, float | list[str]]:
         "import hubmerge": best([py, "-c", "import hubmerge"]),
         "import torch": best([py, "-c", "import torch"]),
         "hubmerge --version": best([hub, "--version"]),
-        "heavy modules on the merge path": heavy,
+        "heavy modules the merge path adds to torch's": heavy,
     }
 
 

@@ -145,11 +145,14 @@ def working_set(job: Job, compute_size: int, *, workers: int, hub_inputs: int, b
 
     Blockwise methods hold a few block-sized buffers per worker and a few output batches, whatever the tensor
     size; other methods (and tensors of at most one block) hold every input and the result in the compute
-    dtype. Hub sources add one read (up to ``READ_BYTES``) per input; local inputs are memory-mapped.
+    dtype. Each Hub input adds two reads of up to ``READ_BYTES`` (the one merging, the one on its way) and the
+    window of smaller tensors read ahead; local inputs are memory-mapped.
     """
+    from .sources.hub import AHEAD_BYTES, SPAN_BYTES
+
     numel = _numel(job.shape)
     inputs = len(job.inputs) + (job.base is not None)
-    reads = hub_inputs * min(READ_BYTES, max(i.nbytes for i in job.inputs))
+    reads = hub_inputs * (2 * min(READ_BYTES, max(i.nbytes for i in job.inputs)) + AHEAD_BYTES + SPAN_BYTES)
     if job.action == "copy":
         return reads
     if blockwise and numel > BLOCK:
