@@ -111,7 +111,7 @@ def machine(args: argparse.Namespace) -> dict[str, str]:
 
 
 def startup() -> dict[str, float | list[str]]:
-    """Seconds for ``import hubmerge`` and ``hubmerge --version``; heavy modules the merge path adds to torch."""
+    """Seconds for ``import hubmerge`` and ``hubmerge --version``; heavy modules the merge path adds."""
     py = sys.executable
     hub = shutil.which("hubmerge") or str(Path(py).parent / "hubmerge")
     probe = (  # beyond what torch itself imports (it takes numpy when installed; hubmerge does not need it)

@@ -48,7 +48,7 @@ def upload(url: str, dirs: list[Path], env: dict[str, str]) -> list[str]:
     return ids
 
 
-def recipes(work: Path, dirs: list[Path], ids: list[str], round_: int) -> tuple[Path, Path]:
+def recipes(work: Path, dirs: list[Path], ids: list[str], round_: int, shard_bytes: int) -> tuple[Path, Path]:
     """The round's weighted average of the models, from local files and from the Hub (JSON is YAML)."""
     weights = [1.0, 1.0, 1.0 + (round_ + 1) / 1000]
     paths = []
@@ -60,7 +60,8 @@ def recipes(work: Path, dirs: list[Path], ids: list[str], round_: int) -> tuple[
             "method": "weighted",
             "models": [m | {"weight": w} for m, w in zip(models, weights, strict=True)],
             "dtype": "bfloat16",
-            "output": {"max_shard_size": "500MB"},
+            # Four output shards, as a 7B model has with the default 5GB: uploads then overlap the merge.
+            "output": {"max_shard_size": shard_bytes},
         }
         paths.append(work / f"{name}-{round_}.json.yaml")
         paths[-1].write_text(json.dumps(doc))
@@ -122,7 +123,9 @@ def main() -> None:
         for round_ in range(args.runs):
             # Each round weighs the models a little differently: the pushed shard is then new to the server,
             # which would otherwise find it stored by an earlier round and skip the upload.
-            local, hub = recipes(work, dirs, ids, round_)
+            local, hub = recipes(
+                work, dirs, ids, round_, gen.model_bytes(gen.FAMILIES[args.family].config) // 4 + 1
+            )
             cases: dict[str, list[str]] = {
                 "local": [*base, str(local), *flags],
                 "hub (ranges)": [*base, str(hub), *flags],

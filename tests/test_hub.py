@@ -28,6 +28,7 @@ from hubmerge.errors import (
 from hubmerge.hubserver import HubServer
 from hubmerge.hubserver.process import spawn
 from hubmerge.publish import PushTarget
+from hubmerge.sources.hub import HEADER_READ
 
 from .util import random_tensors, save_model, tiny_llama
 
@@ -97,18 +98,33 @@ def test_merge_from_hub_and_push(
     assert [s["commit"] for s in manifest["sources"]] == commits
 
 
-def test_plan_reads_headers_only(hub: HubServer, sources: dict[str, object]) -> None:
+def test_plan_reads_headers_only(
+    tmp_path: Path, hub: HubServer, hub_token: str, repo_name: str, sources: dict[str, object]
+) -> None:
+    """Planning reads each shard's header with one request (its first HEADER_READ bytes), all shards at once;
+    a header longer than that takes a second request for the rest, and no tensor bytes past it."""
     ids, local = sources["ids"], sources["local"]
     assert isinstance(ids, list) and isinstance(local, list)
+    sizes = [(path / "model.safetensors").stat().st_size for path in local]
+    assert min(sizes) > HEADER_READ  # so that reading the whole file would show
     hub.reset_stats()
     plan = hubmerge.plan({"method": "centroid", "models": ids})
     assert [s.commit for s in plan.sources] == sources["commits"]
-    header_bytes = 0
-    for path in local:
-        raw = (path / "model.safetensors").read_bytes()
-        header_bytes += 8 + struct.unpack("<Q", raw[:8])[0]
     served = {k: v for k, v in hub.bytes_served_by_path.items() if k.endswith(".safetensors")}
-    assert sum(served.values()) == header_bytes
+    assert served == {f"{i}/model.safetensors": HEADER_READ for i in ids}
+    # Many tensors (long names): the header is over HEADER_READ, and the second request stops where it ends.
+    many = {f"model.layers.{i}.mlp.gate_proj.weight.with.a.long.name": torch.zeros(2000) for i in range(1500)}
+    path = save_model(tmp_path / "many", many)
+    raw = (path / "model.safetensors").read_bytes()
+    header = 8 + struct.unpack("<Q", raw[:8])[0]
+    assert header > HEADER_READ
+    api = HfApi(token=hub_token)
+    api.create_repo(f"{repo_name}-many")
+    api.upload_folder(folder_path=path, repo_id=f"{repo_name}-many")
+    hub.reset_stats()
+    assert len(hubmerge.plan({"method": "centroid", "models": [f"{repo_name}-many"] * 2}).jobs) == len(many)
+    served = {k: v for k, v in hub.bytes_served_by_path.items() if k.endswith(".safetensors")}
+    assert served == {f"{repo_name}-many/model.safetensors": header}  # one source for both entries
 
 
 def test_shard_transfer_and_pinned_revisions(
@@ -352,7 +368,6 @@ def test_lost_source_connection_then_resume(tmp_path: Path, hub_token: str) -> N
 def test_push_to_a_branch_and_as_a_pull_request(
     tmp_path: Path, hub_token: str, repo_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from hubmerge.publish import PushTarget
 
     monkeypatch.setenv("HF_TOKEN", hub_token)
     local = [str(save_model(tmp_path / f"m{i}", random_tensors(i), card=LICENSED)) for i in range(2)]

@@ -51,6 +51,7 @@ AHEAD_BYTES = 48 * 2**20  # and at most about this many bytes of them (plus one 
 PREFETCH_LIMIT = 32 * 2**20  # larger tensors are read in the row ranges the run asks for, one range ahead
 SPAN_BYTES = 8 * 2**20  # a prefetch also takes the tensors stored right after, up to this many bytes
 CHUNK = 1 << 20
+HEADER_READ = 64 << 10  # a shard's first request: most headers fit, so one round trip per shard
 
 
 @dataclass
@@ -178,8 +179,11 @@ class HubSource:
 
             headers = build_hf_headers(token=self.api.token)
             self._direct = ranged.RangeClient(headers, constants.HF_HUB_DOWNLOAD_TIMEOUT)
-        for shard in self._shards():
-            self._read_header(shard)
+        shards = self._shards()
+        # One request per shard (two if its header is over HEADER_READ), all shards at once: on a remote Hub
+        # each request is a round trip or two (a redirect), and a large model has dozens of shards.
+        for shard, raw in zip(shards, self._pool.map(self._header_bytes, shards), strict=True):
+            self._read_header(shard, raw)
         stored = sorted(self.tensors.values(), key=lambda i: (i.file, i.start))
         for a, b in zip(stored, stored[1:], strict=False):
             if a.file == b.file and a.end == b.start:
@@ -216,14 +220,20 @@ class HubSource:
             f"{self.label}: {self.repo_id}@{self._sha} has {found}", location=self.repo_id, hint=hint
         )
 
-    def _read_header(self, shard: str) -> None:
+    def _header_bytes(self, shard: str) -> bytes:
+        """The 8-byte length and the JSON header of ``shard``."""
         where = f"{self.repo_id}@{self._sha[:12]}/{shard}"
         size = self._sizes.get(shard) or 0
-        prefix = self._range(shard, 0, 8)
-        n = header_length(
-            bytes(prefix), file=where, file_size=size or 8 + int.from_bytes(prefix[:8], "little")
-        )
-        header = parse_header(bytes(self._range(shard, 8, 8 + n)), file=where, file_size=size or 1 << 62)
+        first = bytes(self._range(shard, 0, min(size, HEADER_READ) if size else 8))
+        n = header_length(first[:8], file=where, file_size=size or 8 + int.from_bytes(first[:8], "little"))
+        if 8 + n > len(first):
+            first += bytes(self._range(shard, len(first), 8 + n))
+        return first[: 8 + n]
+
+    def _read_header(self, shard: str, raw: bytes) -> None:
+        where = f"{self.repo_id}@{self._sha[:12]}/{shard}"
+        size = self._sizes.get(shard) or 0
+        header = parse_header(raw[8:], file=where, file_size=size or 1 << 62)
         for name, info in header.tensors.items():
             if self._weight_map is not None and self._weight_map.get(name) != shard:
                 continue
