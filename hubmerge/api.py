@@ -6,6 +6,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,7 @@ from .sources import TensorSource, open_source
 from .writer import ShardWriter, Sink, check_output, write_json
 
 if TYPE_CHECKING:
+    from .refs import ModelRef
     from .sources.hub import Transfer
 
 log = logging.getLogger(__name__)
@@ -52,22 +54,33 @@ class MergeResult:
 def open_sources(recipe: Recipe, *, transfer: Transfer = "ranges") -> Iterator[list[TensorSource]]:
     """Open every model of the recipe (headers only), then the base; the same reference is opened once.
 
-    ``transfer`` chooses how Hub sources read tensors: ``ranges`` (HTTP Range requests, no disk) or
-    ``shards`` (one downloaded shard per model at a time).
+    The models open concurrently (from the Hub each takes a few round trips); if any fails, the first failure
+    in recipe order is raised. ``transfer`` chooses how Hub sources read tensors: ``ranges`` (HTTP Range
+    requests, no disk) or ``shards`` (one downloaded shard per model at a time).
     """
     refs = [(f"models.{i}", ref) for i, ref in enumerate(recipe.model_refs())]
     base = recipe.base_ref()
     if base is not None:
         refs.append(("base", base))
+    first: dict[str, tuple[str, ModelRef]] = {}  # each reference once, under its first label
+    for label, ref in refs:
+        first.setdefault(str(ref), (label, ref))
     opened: dict[str, TensorSource] = {}
-    sources: list[TensorSource] = []
     try:
-        for label, ref in refs:
-            key = str(ref)
-            if key not in opened:
-                opened[key] = open_source(ref, label=label, transfer=transfer)
-            sources.append(opened[key])
-        yield sources
+        with ThreadPoolExecutor(min(8, len(first)), thread_name_prefix="hubmerge-open") as pool:
+            futures = {
+                key: pool.submit(open_source, ref, label=label, transfer=transfer)
+                for key, (label, ref) in first.items()
+            }
+        failures = []
+        for key, future in futures.items():
+            try:
+                opened[key] = future.result()
+            except BaseException as exc:
+                failures.append(exc)
+        if failures:
+            raise failures[0]
+        yield [opened[str(ref)] for _, ref in refs]
     finally:
         for src in opened.values():
             src.close()

@@ -6,6 +6,7 @@ The license is the sources' common license (read from their cards); when they di
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 from string import Template
@@ -53,8 +54,9 @@ def common_license(plan: MergePlan, sources: list[TensorSource]) -> str | None:
     if plan.recipe.card.license:
         return plan.recipe.card.license
     found: dict[str, str] = {}
-    for src in sources:
-        path = src.fetch("README.md")
+    with ThreadPoolExecutor(min(8, len(sources) or 1), thread_name_prefix="hubmerge-cards") as pool:
+        cards = list(pool.map(lambda src: src.fetch("README.md"), sources))  # from the Hub: a request each
+    for src, path in zip(sources, cards, strict=True):
         if path is None:
             continue
         license_ = card_metadata(path.read_text(encoding="utf-8", errors="replace")).get("license")

@@ -383,3 +383,21 @@ def test_push_to_a_branch_and_as_a_pull_request(
     assert proposal.commit_url is not None and "/discussions/" in proposal.commit_url
     assert "model.safetensors" in api.list_repo_files(repo_name, revision="refs/pr/1")
     assert "model.safetensors" not in api.list_repo_files(repo_name)
+
+
+def test_models_open_together_and_the_first_failure_in_recipe_order_is_reported(
+    hub: HubServer, repo_name: str, sources: dict[str, object]
+) -> None:
+    ids = sources["ids"]
+    assert isinstance(ids, list)
+    missing = [f"{repo_name}-missing-{i}" for i in range(2)]
+    for order in (missing, missing[::-1]):
+        with pytest.raises(RepoNotFoundError, match=f"repository {order[0]} not found"):
+            hubmerge.plan({"method": "centroid", "models": [ids[0], *order, ids[1]]})
+    plan = hubmerge.plan({"method": "centroid", "models": [ids[1], ids[0], ids[1]]})
+    assert [s.label for s in plan.sources] == ["models.0", "models.1", "models.0"]  # one source per reference
+    assert [s.commit for s in plan.sources] == [
+        sources["commits"][1],
+        sources["commits"][0],
+        sources["commits"][1],
+    ]
