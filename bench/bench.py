@@ -130,7 +130,7 @@ def startup() -> dict[str, float | list[str]]:
         "import hubmerge": best([py, "-c", "import hubmerge"]),
         "import torch": best([py, "-c", "import torch"]),
         "hubmerge --version": best([hub, "--version"]),
-        "heavy modules the merge path adds to torch's": heavy,
+        "heavy modules the merge path adds": heavy,
     }
 
 
