@@ -86,8 +86,10 @@ class RangeClient:
         first = _origin(url)
         for _ in range(REDIRECTS + 1):
             origin = _origin(url)
-            if origin != first:
-                headers.pop("Authorization", None)
+            if (
+                origin != first
+            ):  # the token is for the Hub only (huggingface_hub spells the header in lower case)
+                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
             response, conn = self._get(origin, url, headers)
             if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
                 location = response.getheader("Location", "")
