@@ -86,9 +86,8 @@ class RangeClient:
         first = _origin(url)
         for _ in range(REDIRECTS + 1):
             origin = _origin(url)
-            if (
-                origin != first
-            ):  # the token is for the Hub only (huggingface_hub spells the header in lower case)
+            # The token is for the Hub's own host only (huggingface_hub spells the header in lower case).
+            if origin != first:
                 headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
             response, conn = self._get(origin, url, headers)
             if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
