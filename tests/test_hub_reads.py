@@ -210,6 +210,7 @@ def _models(tmp_path: Path) -> list[Path]:
             "layer.0.weight": torch.randn(64, 96, generator=g),
             "layer.0.bias": torch.randn(96, generator=g),
             "head.weight": torch.randn(700, 96, generator=g).to(torch.bfloat16),
+            "positions": torch.arange(8192).view(1024, 8),  # 64 KiB of int64: copied, batch by batch
         }
         dirs.append(save_model(tmp_path / f"m{i}", tensors))
     return dirs
@@ -225,7 +226,8 @@ def test_large_tensors_are_read_ahead_and_every_byte_once(
     direct: str,
 ) -> None:
     # Tensors over PREFETCH_LIMIT are read in the run's row ranges (READ_BYTES each), one range ahead. The
-    # grid is scaled down so that the 384 KiB float32 embedding takes 9 reads, the 131 KiB bfloat16 head 3.
+    # grid is scaled down so that the 384 KiB float32 embedding takes 9 reads, the 131 KiB bfloat16 head 3,
+    # and the copied integer positions 8 (one per batch).
     monkeypatch.setattr(hubmerge.sources.hub, "PREFETCH_LIMIT", 32 << 10)
     monkeypatch.setattr(hubmerge.run, "BLOCK", 1024)
     monkeypatch.setattr(hubmerge.run, "BATCH_BYTES", 8 << 10)
@@ -273,6 +275,7 @@ def test_large_tensors_are_read_ahead_and_every_byte_once(
     assert served == expected
     assert sum(name == "embed.weight" for name, _ in reads) == 2 * 9
     assert sum(name == "head.weight" for name, _ in reads) == 2 * 3
+    assert sum(name == "positions" for name, _ in reads) == 2 * 8
     assert waited == []  # every range was on its way before the merge asked for it
     local = hubmerge.merge({**recipe, "models": [str(d) for d in dirs]}, tmp_path / "local")
     expected = load_file(str(local.out / "model.safetensors"))
