@@ -4,6 +4,9 @@ read-ahead against the real Hub server (every byte requested once; the same merg
 from __future__ import annotations
 
 import re
+import shutil
+import ssl
+import subprocess
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -285,3 +288,53 @@ def test_large_tensors_are_read_ahead_and_every_byte_once(
         torch.testing.assert_close(result[name], value, rtol=0, atol=0)
     a, b = (load_file(str(d / "model.safetensors")) for d in dirs)
     torch.testing.assert_close(result["embed.weight"], 0.7 * a["embed.weight"] + 0.3 * b["embed.weight"])
+
+
+def test_reads_over_tls_with_the_ca_bundle_httpx_would_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    server = _Server(("127.0.0.1", 0), _Files)
+    server.seen = []
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    server.socket = tls.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"https://127.0.0.1:{server.server_address[1]}/data"
+    try:
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        client = RangeClient({}, timeout=10)
+        assert _read(client, url, 5, 100_000) == DATA[5:100_005]
+        assert _read(client, url, 0, 10) == DATA[:10] and server.connections == 1
+        # A certificate nobody vouches for: the request goes to huggingface_hub's session (which refuses it).
+        monkeypatch.delenv("SSL_CERT_FILE")
+        with pytest.raises(Fallback, match="TLS"):
+            _read(RangeClient({}, timeout=10), url, 0, 10)
+    finally:
+        server.shutdown()
+        server.server_close()
