@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import HubError, PublishError
 from .sources.hub import hub_call
-from .writer import PROGRESS_DIR
+from .writer import PROGRESS_DIR, batch_offset, tensor_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -100,14 +100,9 @@ class HubUploader:
         return set()
 
     def write(self, job: Job, row: int, data: torch.Tensor) -> None:
-        import torch
-
-        from .sources.buffers import writable
-
         digest = self._digests.get(job.shard)
         if digest is not None:
-            offset = job.offset + (row * (job.nbytes // job.shape[0]) if row else 0)
-            digest.feed(offset, writable(data.contiguous().reshape(-1).view(torch.uint8)))
+            digest.feed(batch_offset(job, row), tensor_bytes(data))
 
     def tensor_done(self, job: Job) -> None:
         pass

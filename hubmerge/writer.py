@@ -140,13 +140,7 @@ class ShardWriter:
         return done
 
     def write(self, job: Job, row: int, data: torch.Tensor) -> None:
-        import torch
-
-        from .sources.buffers import writable
-
-        flat = data.contiguous().reshape(-1).view(torch.uint8)
-        offset = job.offset + (row * (job.nbytes // job.shape[0]) if row else 0)
-        _pwrite_all(self._fds[job.shard], writable(flat), offset)
+        _pwrite_all(self._fds[job.shard], tensor_bytes(data), batch_offset(job, row))
 
     def tensor_done(self, job: Job) -> None:
         assert self._journal is not None
@@ -191,6 +185,20 @@ class ShardWriter:
         else:
             os.rename(self.tmp, self.out)
         return self.out
+
+
+def batch_offset(job: Job, row: int) -> int:
+    """Where in its shard the batch of ``job`` starting at ``row`` goes."""
+    return job.offset + (row * (job.nbytes // job.shape[0]) if row else 0)
+
+
+def tensor_bytes(data: torch.Tensor) -> memoryview:
+    """The bytes of ``data`` (made contiguous if needed), as a view."""
+    import torch
+
+    from .sources.buffers import writable
+
+    return writable(data.contiguous().reshape(-1).view(torch.uint8))
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:

@@ -299,7 +299,7 @@ class HubSource:
         )
 
     def read(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        from .tensors import row_bytes, view_bytes
+        from .tensors import view_bytes
 
         if self.transfer == "shards":
             return view_bytes(self._shard_map(info.file), info, rows)
@@ -314,7 +314,7 @@ class HubSource:
             return view_bytes(span.future.result(), local, rows)
         count = info.shape[0] if info.shape else 1
         want = rows or (0, count)
-        start, end = info.start + want[0] * row_bytes(info), info.start + want[1] * row_bytes(info)
+        start, end = _row_span(info, want)
         held = self._ahead.pop(info.name, None)
         if held is not None and held[0] == want:
             data = held[1].result()
@@ -330,9 +330,7 @@ class HubSource:
 
     def _read_ahead(self, info: TensorInfo, rows: tuple[int, int]) -> None:
         """Start reading rows ``[a, b)`` of ``info`` in the background; :meth:`read` takes them when asked."""
-        from .tensors import row_bytes
-
-        start, end = info.start + rows[0] * row_bytes(info), info.start + rows[1] * row_bytes(info)
+        start, end = _row_span(info, rows)
         into = buffer(end - start)  # allocated on the loop's thread, as prefetches are (see _range)
         self._ahead[info.name] = (rows, self._pool.submit(self._range, info.file, start, end, into))
         while len(self._ahead) > 2:  # a tensor the run never came to read must not hold its bytes for ever
@@ -446,3 +444,11 @@ class HubSource:
         self._evict()
         if self._shard_dir is not None:
             shutil.rmtree(self._shard_dir, ignore_errors=True)
+
+
+def _row_span(info: TensorInfo, rows: tuple[int, int]) -> tuple[int, int]:
+    """The file offsets of rows ``[a, b)`` of ``info``."""
+    from .tensors import row_bytes
+
+    step = row_bytes(info)
+    return info.start + rows[0] * step, info.start + rows[1] * step
