@@ -173,7 +173,8 @@ def merge(
     """
     from .card import common_license
     from .publish import HubUploader
-    from .run import execute
+    from .run import execute, start_reads
+    from .sources.buffers import retain_freed_memory
 
     loaded = _with_dtype(load_recipe(recipe), dtype)
     target = output_dir(loaded, out)
@@ -192,6 +193,8 @@ def merge(
         commit_url = None
         try:
             done = writer.begin(merge_plan)
+            # The first reads start now and download while torch is imported (its first use is in execute).
+            start_reads(merge_plan, sources, done=frozenset(done), device=device)
             sinks: list[Sink] = [writer]
             if uploader is not None:
                 uploader.begin(merge_plan)
@@ -204,6 +207,7 @@ def merge(
             if uploader is not None:
                 commit_url = uploader.commit(files)
         finally:
+            retain_freed_memory(False)  # execute resets it too; here for a failure between start_reads and it
             writer.close()
             if uploader is not None:
                 uploader.close()

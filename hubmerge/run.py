@@ -15,7 +15,6 @@ so the bytes never depend on the memory budget, the batch size or the number of 
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import math
@@ -26,15 +25,14 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, TypeVar
 
-import torch
-
 from . import kernels
+from ._torch import torch
 from .errors import MergeError
 from .layout import BATCH_BYTES, BLOCK, READ_BYTES, WRITE_QUEUE
 from .methods import MethodSpec, Pass, get_method
 from .plan import Job, MergePlan
 from .sources import TensorSource
-from .sources.tensors import TORCH_DTYPES
+from .sources.buffers import retain_freed_memory
 from .writer import Sink
 
 log = logging.getLogger(__name__)
@@ -43,7 +41,7 @@ Progress = Callable[[int], None]
 T = TypeVar("T")
 
 SEED_STRIDE = 1_000_003  # block k of a tensor draws from seed + k * SEED_STRIDE
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
+EARLY_READ_BYTES = 2 * READ_BYTES  # start_reads asks for the first tensors up to about this much per model
 
 
 @dataclass(frozen=True)
@@ -80,7 +78,7 @@ def execute(
         MergeError: integer tensors disagree across models, or a method failed on a tensor.
     """
     spec = get_method(plan.method)
-    compute = TORCH_DTYPES["F64" if plan.compute_dtype == "float64" else "F32"]
+    compute = _torch_dtype("F64" if plan.compute_dtype == "float64" else "F32")
     workers = max(1, torch.get_num_threads()) if device == "cpu" else 1
     left = [sum(plan.jobs[j].name not in done for j in shard.jobs) for shard in plan.shards]
     pending: deque[Future[None]] = deque()
@@ -95,7 +93,7 @@ def execute(
         log.debug("arithmetic: %s", arithmetic)
         ctx = _Context(spec, sources, compute, device, pool if workers > 1 else None, workers, fused)
         threads = torch.get_num_threads()
-        _retain_freed_memory(True)
+        retain_freed_memory(True)
         collecting = gc.isenabled()
         gc.disable()  # the loop makes no reference cycles; collections would stall every thread at the GIL
         try:
@@ -107,15 +105,16 @@ def execute(
                 ):  # finished by an earlier run: the sinks still hear of it (an upload may be due)
                     pending.append(writer.submit(_shard_done, sinks, shard))
             first = next((job for job in plan.jobs if job.name not in done), None)
-            if first is not None:
-                _prefetch(first, ctx)  # later jobs are prefetched while the one before them merges
+            if first is not None:  # later jobs are prefetched while the one before them merges
+                _prefetch(first, spec, sources, device)
             for index, job in enumerate(plan.jobs):
                 if job.name in done:
                     if progress:
                         progress(_input_bytes(job))
                     continue
+                # a skipped job's prefetch would never be read
                 if index + 1 < len(plan.jobs) and plan.jobs[index + 1].name not in done:
-                    _prefetch(plan.jobs[index + 1], ctx)  # a skipped job's prefetch would never be read
+                    _prefetch(plan.jobs[index + 1], spec, sources, device)
                 for row, result, consumed in _results(job, ctx):
                     pending.append(writer.submit(_deliver, sinks, job, row, result))
                     while len(pending) > WRITE_QUEUE:
@@ -128,32 +127,38 @@ def execute(
                 pending.popleft().result()
         finally:
             torch.set_num_threads(threads)
-            _retain_freed_memory(False)
+            retain_freed_memory(False)
             if collecting:
                 gc.enable()
             for future in pending:
                 future.cancel()
 
 
-def _retain_freed_memory(retain: bool) -> None:
-    """Tell glibc's malloc to keep freed memory (``retain``), or go back to its defaults and trim.
+def start_reads(
+    plan: MergePlan,
+    sources: Sequence[TensorSource],
+    *,
+    done: frozenset[str] = frozenset(),
+    device: str = "cpu",
+) -> None:
+    """Ask the sources for the first tensors :func:`execute` will read, up to ``EARLY_READ_BYTES`` per model.
 
-    Every block allocates and frees a few MiB of temporaries. With the default thresholds malloc hands that
-    memory back to the kernel after each block and the next block faults it in again, page by page, zeroed:
-    that churn alone cost as much system time as the whole merge. Other C libraries are left alone.
+    Needs no torch: called before :func:`execute`, Hub reads download on their own threads while this
+    thread imports torch (1-2 s), instead of starting when the loop does. Local sources only advise the
+    kernel. Safe to skip; :func:`execute` asks for what is not on its way.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return
-    if retain:
-        mallopt(_M_MMAP_THRESHOLD, 256 << 20)
-        mallopt(_M_TRIM_THRESHOLD, 512 << 20)
-    else:
-        mallopt(_M_MMAP_THRESHOLD, 128 << 10)
-        mallopt(_M_TRIM_THRESHOLD, 128 << 10)
-        libc.malloc_trim(0)
+    spec = get_method(plan.method)
+    retain_freed_memory(True)  # the read buffers are malloc'd now; execute() keeps this and resets it
+    asked = 0
+    for job in plan.jobs:
+        if job.name in done:
+            continue
+        _prefetch(job, spec, sources, device)
+        rows = _first_rows(job, spec, device)
+        largest = max(info.nbytes for info in job.inputs)
+        asked += largest if rows is None else largest * (rows[1] - rows[0]) // max(job.shape[0], 1)
+        if asked >= EARLY_READ_BYTES:
+            break
 
 
 def _one_torch_thread() -> None:
@@ -178,25 +183,31 @@ def _finish(sinks: Sequence[Sink], job: Job, shard_complete: bool) -> None:
             sink.shard_done(job.shard)
 
 
-def _prefetch(job: Job, ctx: _Context) -> None:
-    rows = _first_rows(job, ctx)
+def _prefetch(job: Job, spec: MethodSpec, sources: Sequence[TensorSource], device: str) -> None:
+    rows = _first_rows(job, spec, device)
     for src, info in zip(job.sources, job.inputs, strict=True):
-        ctx.sources[src].prefetch([info], rows)
-    if job.base is not None and job.base_source is not None and ctx.spec.needs_base:
-        ctx.sources[job.base_source].prefetch([job.base], rows)
+        sources[src].prefetch([info], rows)
+    if job.base is not None and job.base_source is not None and spec.needs_base:
+        sources[job.base_source].prefetch([job.base], rows)
 
 
-def _first_rows(job: Job, ctx: _Context) -> tuple[int, int] | None:
+def _first_rows(job: Job, spec: MethodSpec, device: str) -> tuple[int, int] | None:
     """The rows of each input the loop reads first (as ``_copy`` and ``_batches`` cut them); None: whole."""
     if not job.shape:
         return None
     if job.action == "copy":
         step = _grid(job, "cpu").batch
-    elif math.prod(job.shape) > BLOCK and ctx.spec.blockwise:
-        step = _grid(job, ctx.device).read
+    elif math.prod(job.shape) > BLOCK and spec.blockwise:
+        step = _grid(job, device).read
     else:
         return None
     return 0, min(step, job.shape[0])
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    from .sources.tensors import TORCH_DTYPES  # imports torch: not before the loop needs it
+
+    return TORCH_DTYPES[name]
 
 
 def _input_bytes(job: Job) -> int:
@@ -276,7 +287,7 @@ def _results(job: Job, ctx: _Context) -> Iterator[tuple[int, torch.Tensor, int]]
         fn = spec.block_fn
     row_bytes = _input_bytes(job) // job.shape[0]
     merge = partial(_merge_batch, job, fn, kwargs, ctx, grid)
-    for batch, _ in _ordered(ctx, merge, _batches(job, ctx, grid, TORCH_DTYPES[job.dtype])):
+    for batch, _ in _ordered(ctx, merge, _batches(job, ctx, grid, _torch_dtype(job.dtype))):
         assert batch.out is not None
         yield batch.at, batch.out, batch.out.shape[0] * row_bytes
 
@@ -393,7 +404,7 @@ def _merge_whole(job: Job, ctx: _Context) -> torch.Tensor:
         generator.manual_seed(job.seed % (1 << 63))
         kwargs["generator"] = generator
     result = _call(job, ctx.spec.name, ctx.spec.fn, tensors, **kwargs)
-    return result.to(dtype=TORCH_DTYPES[job.dtype], device="cpu")
+    return result.to(dtype=_torch_dtype(job.dtype), device="cpu")
 
 
 def _read_scalar(job: Job, ctx: _Context) -> tuple[list[torch.Tensor], torch.Tensor | None]:
@@ -407,7 +418,7 @@ def _read_scalar(job: Job, ctx: _Context) -> tuple[list[torch.Tensor], torch.Ten
 
 def _copy(job: Job, ctx: _Context) -> Iterator[tuple[int, torch.Tensor, int]]:
     """Copied tensors (integer buffers, ``take`` rules), batch by batch; integer ones must agree."""
-    out_dtype = TORCH_DTYPES[job.dtype]
+    out_dtype = _torch_dtype(job.dtype)
     spans = list(_spans(job.shape[0], _grid(job, "cpu").batch)) if job.shape else [None]
     row_bytes = _input_bytes(job) // job.shape[0] if job.shape else _input_bytes(job)
     for rows in spans:

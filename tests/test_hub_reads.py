@@ -3,11 +3,18 @@ read-ahead against the real Hub server (every byte requested once; the same merg
 
 from __future__ import annotations
 
+import ctypes
+import json
 import re
 import shutil
+import socket
 import ssl
 import subprocess
+import sys
+import textwrap
 import threading
+import time
+import weakref
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,6 +28,7 @@ from safetensors.torch import load_file
 import hubmerge
 import hubmerge.run
 import hubmerge.sources.hub
+import hubmerge.sources.ranged
 from hubmerge.hubserver import HubServer
 from hubmerge.sources.buffers import buffer, writable
 from hubmerge.sources.header import TensorInfo
@@ -194,13 +202,22 @@ def test_a_proxy_leaves_the_request_to_the_session(files: _Server, monkeypatch: 
 
 def test_tensor_buffers_view_without_copying_and_copy_when_misaligned() -> None:
     values = torch.arange(6, dtype=torch.float16)
-    raw = b"\x00" + bytes(values.view(torch.uint8).tolist())
+    raw = b"\x00\x00" + bytes(values.view(torch.uint8).tolist())
     buf = buffer(len(raw))
     writable(buf)[:] = raw
-    misaligned = view_bytes(buf, TensorInfo("x", "F16", (2, 3), "f", 1, len(raw)), None)
-    torch.testing.assert_close(misaligned, values.view(2, 3), rtol=0, atol=0)
-    aligned = view_bytes(buf[1:].clone(), TensorInfo("x", "F16", (2, 3), "f", 0, len(raw) - 1), (1, 2))
+    misaligned = view_bytes(buf, TensorInfo("x", "F16", (2, 3), "f", 1, len(raw) - 1), None)
+    aligned = view_bytes(buf, TensorInfo("x", "F16", (2, 3), "f", 2, len(raw)), (1, 2))
     torch.testing.assert_close(aligned, values.view(2, 3)[1:2], rtol=0, atol=0)
+    assert aligned.data_ptr() == ctypes.addressof(buf) + 2 + 6  # a view of the buffer, row 1 on
+    writable(buf)[8:10] = bytes(torch.tensor([9.0], dtype=torch.float16).view(torch.uint8).tolist())
+    assert aligned[0, 0].item() == 9.0  # no copy: the view sees the write
+    assert misaligned.data_ptr() != ctypes.addressof(buf) + 1  # odd offset for 2-byte floats: copied
+    # The buffer lives as long as a tensor views it, and goes with the last one.
+    alive = weakref.ref(buf)
+    del buf
+    assert alive() is not None
+    del aligned
+    assert alive() is None
     assert len(writable(bytearray(3))) == 3 and len(writable(buffer(0))) == 0
 
 
@@ -338,3 +355,135 @@ def test_reads_over_tls_with_the_ca_bundle_httpx_would_use(
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_first_reads_start_before_torch_is_imported(
+    tmp_path: Path, hub: HubServer, hub_token: str, repo_name: str
+) -> None:
+    """api.merge calls run.start_reads before execute: the first tensors download while torch is imported."""
+    dirs = _models(tmp_path)
+    api = HfApi(token=hub_token)
+    ids = [f"{repo_name}-{i}" for i in range(len(dirs))]
+    for repo_id, directory in zip(ids, dirs, strict=True):
+        api.create_repo(repo_id)
+        api.upload_folder(folder_path=directory, repo_id=repo_id)
+    code = textwrap.dedent(
+        """
+        import json, sys
+        from concurrent.futures import wait
+        from hubmerge.api import open_sources
+        from hubmerge.plan import build_plan
+        from hubmerge.recipe import load_recipe
+        from hubmerge.run import start_reads
+        recipe = load_recipe({"method": "linear", "models": sys.argv[1:], "parameters": {"t": 0.5}})
+        with open_sources(recipe) as sources:
+            plan = build_plan(recipe, sources)
+            start_reads(plan, sources)
+            first = zip(sources, plan.jobs[0].inputs)
+            asked = [info.name in s._pending or info.name in s._ahead for s, info in first]
+            reads = [span.future for s in sources for span in s._spans]
+            reads += [future for s in sources for _, future in s._ahead.values()]
+            wait(reads)
+            print(json.dumps({"asked": asked, "torch": "torch" in sys.modules, "reads": len(reads),
+                              "failed": [repr(f.exception()) for f in reads if f.exception()]}))
+        """
+    )
+    hub.reset_stats()
+    done = subprocess.run([sys.executable, "-c", code, *ids], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result == {"asked": [True, True], "torch": False, "reads": result["reads"], "failed": []}
+    assert result["reads"] >= 2
+    for repo_id, directory in zip(ids, dirs, strict=True):
+        raw = (directory / "model.safetensors").read_bytes()
+        header = 8 + int.from_bytes(raw[:8], "little")
+        # Planning read the first HEADER_READ bytes; the early reads then fetched every tensor byte (these
+        # models are far smaller than EARLY_READ_BYTES), and nothing twice.
+        served = hub.bytes_served_by_path[f"{repo_id}/model.safetensors"]
+        assert served == len(raw) + min(len(raw), HEADER_READ) - header
+
+
+def _large(monkeypatch: pytest.MonkeyPatch, *, fast: float) -> list[int]:
+    """Scale LOWAT down to 16 KiB so DATA (1 MiB) is a large body; record the SO_RCVLOWAT values set."""
+    monkeypatch.setattr(hubmerge.sources.ranged, "LOWAT", 16 << 10)
+    monkeypatch.setattr(hubmerge.sources.ranged, "FAST", fast)
+    values: list[int] = []
+    real = socket.socket.setsockopt
+
+    def setsockopt(self: socket.socket, level: int, option: int, value: Any, *rest: Any) -> None:
+        if level == socket.SOL_SOCKET and option == socket.SO_RCVLOWAT:
+            values.append(value)
+        real(self, level, option, value, *rest)
+
+    monkeypatch.setattr(socket.socket, "setsockopt", setsockopt)
+    return values
+
+
+def test_large_bodies_on_a_fast_connection_are_read_under_a_low_water_mark(
+    files: _Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    values = _large(monkeypatch, fast=0.0)
+    client = RangeClient({}, timeout=10)
+    assert _read(client, _url(files), 0, len(DATA)) == DATA  # the first body on a connection: plain reads
+    assert values == []
+    for start in (0, 4097):  # later ones: SO_RCVLOWAT until 32 KiB before the end, then back to 1
+        assert _read(client, _url(files), start, len(DATA) - start) == DATA[start:]
+    assert values == [16 << 10, 1] * 2
+    assert _read(client, _url(files), 5, 60_000) == DATA[5:60_005]  # under 4 * LOWAT: plain reads
+    assert values == [16 << 10, 1] * 2 and files.connections == 1
+    sock = next(iter(client._local.fast)).sock
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+    files.mode = "short"  # a body that comes short still fails at once, not at the timeout
+    began = time.perf_counter()
+    with pytest.raises(ConnectionError, match="short read|IncompleteRead"):
+        _read(client, _url(files), 0, len(DATA))
+    assert time.perf_counter() - began < 5 and values == [16 << 10, 1] * 3
+    assert client._local.fast == set()  # the dropped connection is forgotten
+
+
+def test_slow_connections_are_read_packet_by_packet(files: _Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    values = _large(monkeypatch, fast=float("inf"))  # no body arrives fast enough
+    client = RangeClient({}, timeout=10)
+    for _ in range(3):
+        assert _read(client, _url(files), 0, len(DATA)) == DATA
+    assert values == [] and files.connections == 1
+
+
+def test_early_reads_of_many_large_tensors_are_each_read_once(
+    tmp_path: Path, hub: HubServer, hub_token: str, repo_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Five tensors over PREFETCH_LIMIT come first: start_reads hints at all of them, the source takes two
+    # (AHEAD_TENSORS), and no read it started is dropped and made again.
+    monkeypatch.setattr(hubmerge.sources.hub, "PREFETCH_LIMIT", 16 << 10)
+    monkeypatch.setattr(hubmerge.run, "BLOCK", 1024)  # each tensor is read in two row ranges of 16 KiB
+    monkeypatch.setattr(hubmerge.run, "BATCH_BYTES", 8 << 10)
+    monkeypatch.setattr(hubmerge.run, "READ_BYTES", 16 << 10)
+    g = torch.Generator().manual_seed(3)
+    dirs, ids = [], []
+    api = HfApi(token=hub_token)
+    for i in range(2):
+        tensors = {f"big.{k}": torch.randn(128, 64, generator=g) for k in range(5)}  # 32 KiB each
+        dirs.append(save_model(tmp_path / f"m{i}", tensors))
+        ids.append(f"{repo_name}-{i}")
+        api.create_repo(ids[-1])
+        api.upload_folder(folder_path=dirs[-1], repo_id=ids[-1])
+    hints: list[int] = []
+    real_prefetch = hubmerge.sources.hub.HubSource.prefetch
+
+    def prefetch(self: hubmerge.sources.hub.HubSource, infos: Any, rows: Any = None) -> None:
+        real_prefetch(self, infos, rows)
+        hints.append(len(self._ahead))
+
+    monkeypatch.setattr(hubmerge.sources.hub.HubSource, "prefetch", prefetch)
+    hub.reset_stats()
+    merged = hubmerge.merge({"method": "linear", "models": ids, "parameters": {"t": 0.25}}, tmp_path / "out")
+    assert max(hints) == 2
+    for repo_id, directory in zip(ids, dirs, strict=True):
+        raw = (directory / "model.safetensors").read_bytes()
+        header = 8 + int.from_bytes(raw[:8], "little")
+        served = hub.bytes_served_by_path[f"{repo_id}/model.safetensors"]
+        assert served == len(raw) + min(len(raw), HEADER_READ) - header
+    result = load_file(str(merged.out / "model.safetensors"))
+    a, b = (load_file(str(d / "model.safetensors")) for d in dirs)
+    for k in range(5):
+        torch.testing.assert_close(result[f"big.{k}"], 0.75 * a[f"big.{k}"] + 0.25 * b[f"big.{k}"])

@@ -68,6 +68,11 @@ class TensorInfo:
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    @property
+    def row_bytes(self) -> int:
+        """Bytes in one row (one index of the first dimension)."""
+        return self.nbytes // self.shape[0] if self.shape and self.shape[0] else self.nbytes
+
 
 @dataclass(frozen=True)
 class Header:

@@ -48,6 +48,7 @@ T = TypeVar("T")
 Transfer = Literal["ranges", "shards"]
 IN_FLIGHT = 4  # ranged reads running ahead of the merge
 AHEAD_BYTES = 48 * 2**20  # and at most about this many bytes of them (plus one read), per model
+AHEAD_TENSORS = 2  # large tensors with a row range on its way, per model
 PREFETCH_LIMIT = 32 * 2**20  # larger tensors are read in the row ranges the run asks for, one range ahead
 SPAN_BYTES = 8 * 2**20  # a prefetch also takes the tensors stored right after, up to this many bytes
 CHUNK = 1 << 20
@@ -244,11 +245,11 @@ class HubSource:
                 )
             self.tensors[name] = TensorInfo(name, info.dtype, info.shape, shard, info.start, info.end)
 
-    def _range(self, filename: str, start: int, end: int, into: torch.Tensor | None = None) -> Buffer:
+    def _range(self, filename: str, start: int, end: int, into: Buffer | None = None) -> Buffer:
         """Bytes ``[start, end)`` of a file at the pinned commit, in ``into`` (see :func:`buffer`) if given.
 
         Prefetches pass a buffer allocated on the merge loop's thread: while merging, malloc keeps freed
-        memory for reuse (run.py), and buffers allocated on each download thread would each stay in that
+        memory for reuse (buffers.py), and buffers allocated on each download thread would each stay in that
         thread's own arena (several hundred MB in all); on one thread they are reused.
         """
         from huggingface_hub import hf_hub_url
@@ -333,7 +334,7 @@ class HubSource:
         start, end = _row_span(info, rows)
         into = buffer(end - start)  # allocated on the loop's thread, as prefetches are (see _range)
         self._ahead[info.name] = (rows, self._pool.submit(self._range, info.file, start, end, into))
-        while len(self._ahead) > 2:  # a tensor the run never came to read must not hold its bytes for ever
+        while len(self._ahead) > AHEAD_TENSORS:  # a tensor never read must not hold its bytes for ever
             self._ahead.pop(next(iter(self._ahead)))[1].cancel()
 
     def prefetch(self, infos: Sequence[TensorInfo], rows: tuple[int, int] | None = None) -> None:
@@ -347,7 +348,9 @@ class HubSource:
             return
         for info in infos:
             if info.nbytes > PREFETCH_LIMIT:
-                if rows is not None and info.name not in self._ahead and info.name not in self._pending:
+                # A hint finds room or waits for the loop: evicting would cancel a read the loop wants sooner.
+                wanted = rows is not None and info.name not in self._ahead and info.name not in self._pending
+                if wanted and rows is not None and len(self._ahead) < AHEAD_TENSORS:
                     self._read_ahead(info, (rows[0], min(rows[1], info.shape[0] if info.shape else 1)))
                 continue
             held = self._pending.get(info.name)
@@ -448,7 +451,5 @@ class HubSource:
 
 def _row_span(info: TensorInfo, rows: tuple[int, int]) -> tuple[int, int]:
     """The file offsets of rows ``[a, b)`` of ``info``."""
-    from .tensors import row_bytes
-
-    step = row_bytes(info)
+    step = info.row_bytes
     return info.start + rows[0] * step, info.start + rows[1] * step

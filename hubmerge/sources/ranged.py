@@ -10,6 +10,13 @@ other request. Exceptions:
                           body, a Content-Range other than the one asked for, TLS that does not set up
     ConnectionError       the connection was lost or the body came short (an OSError: the caller retries)
     TimeoutError          the server went silent for longer than the download timeout (also an OSError)
+
+Large bodies over plain HTTP are read with ``SO_RCVLOWAT`` at ``LOWAT``: the reading thread wakes once per
+half MiB that has arrived instead of once per packet train, which saves about a quarter of the CPU a GB
+costs at both ends (client 0.23 -> 0.19 s, local server 0.30 -> 0.21 s per GB over loopback). A silent
+server then looks silent until ``LOWAT`` bytes have come, so a connection gets it only after a previous
+body on it arrived at ``FAST`` or more: at that rate half a MiB takes 50 ms, far inside any timeout. TLS
+connections never get it (the TLS library decides how much it asks the socket for).
 """
 
 from __future__ import annotations
@@ -18,8 +25,10 @@ import http.client
 import logging
 import os
 import re
+import socket
 import ssl
 import threading
+import time
 import urllib.request
 from collections.abc import Mapping
 from urllib.parse import urljoin, urlsplit
@@ -27,6 +36,8 @@ from urllib.parse import urljoin, urlsplit
 log = logging.getLogger(__name__)
 
 REDIRECTS = 5
+LOWAT = 512 << 10  # SO_RCVLOWAT while most of a large body is still to come
+FAST = 10e6  # bytes per second a connection's previous body must have arrived at to be read that way
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 Origin = tuple[str, str]  # (scheme, host[:port])
 
@@ -96,12 +107,19 @@ class RangeClient:
                 self._finish(response, conn)
                 url = urljoin(url, location)
                 continue
+            fast: set[http.client.HTTPConnection] = self._local.__dict__.setdefault("fast", set())
+            began = time.perf_counter()
             try:
                 self._check(response, start, len(buf))
-                _fill(response, buf)
+                _fill(response, buf, conn.sock if conn in fast else None)
             except BaseException:
                 self._drop(conn)
                 raise
+            if len(buf) >= 4 * LOWAT and not isinstance(conn.sock, ssl.SSLSocket):
+                if len(buf) >= FAST * (time.perf_counter() - began):
+                    fast.add(conn)
+                else:
+                    fast.discard(conn)
             self._finish(response, conn)
             return
         raise Fallback(f"more than {REDIRECTS} redirects")
@@ -180,6 +198,7 @@ class RangeClient:
         for origin, held in list(pool.items()):
             if held is conn:
                 del pool[origin]
+        self._local.__dict__.get("fast", set()).discard(conn)
         with self._lock:
             if conn in self._all:
                 self._all.remove(conn)
@@ -191,15 +210,32 @@ def _origin(url: str) -> Origin:
     return parts.scheme, parts.netloc
 
 
-def _fill(response: http.client.HTTPResponse, buf: memoryview) -> None:
+def _fill(response: http.client.HTTPResponse, buf: memoryview, sock: socket.socket | None = None) -> None:
+    """Read the body into ``buf``; with ``sock``, most of a large one under ``SO_RCVLOWAT`` (see above)."""
     view, pos = memoryview(buf), 0
     try:
-        while pos < len(buf):
-            n = response.readinto(view[pos:])
-            if not n:
-                raise ConnectionError(f"short read: got {pos} of {len(buf)} bytes")
-            pos += n
+        if sock is not None and len(buf) >= 4 * LOWAT:
+            # Up to 2 * LOWAT before the end only: every recv there (at most the rest plus the reader's 8 KiB
+            # buffer) asks for bytes that are still to come, so none waits on bytes that never will.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, LOWAT)
+            try:
+                pos = _read(response, view, pos, len(buf) - 2 * LOWAT)
+            finally:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+                except OSError:
+                    pass  # the connection is gone: it is dropped
+        _read(response, view, pos, len(buf))
     except http.client.HTTPException as exc:
         raise ConnectionError(f"{type(exc).__name__}: {exc}") from None
     finally:
         view.release()
+
+
+def _read(response: http.client.HTTPResponse, view: memoryview, pos: int, stop: int) -> int:
+    while pos < stop:
+        n = response.readinto(view[pos:stop])
+        if not n:
+            raise ConnectionError(f"short read: got {pos} of {len(view)} bytes")
+        pos += n
+    return pos

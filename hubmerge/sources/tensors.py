@@ -27,11 +27,6 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 }
 
 
-def row_bytes(info: TensorInfo) -> int:
-    """Bytes in one row (one index of the first dimension)."""
-    return info.nbytes // info.shape[0] if info.shape and info.shape[0] else info.nbytes
-
-
 def view_bytes(buffer: Any, info: TensorInfo, rows: tuple[int, int] | None) -> torch.Tensor:
     """A tensor viewing ``info``'s bytes in ``buffer`` (mmap, bytes-like, uint8 tensor), or rows ``[a, b)``.
 
@@ -41,7 +36,7 @@ def view_bytes(buffer: Any, info: TensorInfo, rows: tuple[int, int] | None) -> t
     dtype = TORCH_DTYPES[info.dtype]
     start, shape = info.start, list(info.shape)
     if rows is not None:
-        start += rows[0] * row_bytes(info)
+        start += rows[0] * info.row_bytes
         shape[0] = rows[1] - rows[0]
     count = 1
     for d in shape:
@@ -53,6 +48,6 @@ def view_bytes(buffer: Any, info: TensorInfo, rows: tuple[int, int] | None) -> t
         part = buffer[start : start + count * itemsize]
         return (part.clone() if start % itemsize else part).view(dtype).view(shape)
     if start % itemsize:
-        raw = bytearray(memoryview(buffer)[start : start + count * itemsize])
+        raw = bytearray(memoryview(buffer).cast("B")[start : start + count * itemsize])
         return torch.frombuffer(raw, dtype=dtype, count=count).view(shape)
     return torch.frombuffer(buffer, dtype=dtype, count=count, offset=start).view(shape)
