@@ -6,9 +6,11 @@ import hashlib
 import http.client
 import io
 import json
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +21,7 @@ from huggingface_hub import CommitOperationAdd, CommitOperationCopy, HfApi
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from huggingface_hub.hf_api import RepoFile
 
+import hubmerge.hubserver.server
 from hubmerge.hubserver import HubServer
 from hubmerge.hubserver.app import split_revision
 from hubmerge.hubserver.body import Body
@@ -315,6 +318,35 @@ def test_body_decodes_chunked_encoding_and_lines() -> None:
     mixed = Body(io.BufferedReader(io.BytesIO(b"5\r\nab\ncd\r\n3\r\nefg\r\n0\r\n\r\n")), None, chunked=True)
     assert mixed.readline() == b"ab\n"
     assert [bytes(view) for view in mixed.iter_views()] == [b"cd", b"efg"] and mixed.exhausted
+
+
+def test_large_files_stream_whole_and_a_client_that_stops_reading_is_dropped(
+    fresh_hub: HubServer, hub_token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    big = hashlib.sha256(b"seed").digest() * (24 << 15)  # 24 MiB: far more than the socket buffers hold
+    api = HfApi(endpoint=fresh_hub.url, token=hub_token)
+    api.create_repo("alice/big")
+    api.create_commit("alice/big", [CommitOperationAdd("big.bin", big)], commit_message="big")
+    conn = connect(fresh_hub)
+    status, _, body = ask(conn, "GET", "/alice/big/resolve/main/big.bin", headers={"Range": "bytes=5-"})
+    assert status == 206 and body == big[5:]
+    conn.close()
+    # A client that asks and then stops reading: the send waits at most the idle timeout, then the
+    # server ends the connection (instead of holding its thread for ever).
+    monkeypatch.setattr(hubmerge.hubserver.server._Handler, "timeout", 1)
+    address = urlsplit(fresh_hub.url)
+    with socket.create_connection((address.hostname or "", address.port or 80)) as raw:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+        raw.sendall(b"GET /alice/big/resolve/main/big.bin HTTP/1.1\r\nHost: hub\r\n\r\n")
+        time.sleep(3)
+        raw.settimeout(10)
+        received = 0
+        try:
+            while chunk := raw.recv(1 << 20):
+                received += len(chunk)
+        except ConnectionResetError:
+            pass
+    assert 0 < received < len(big)
 
 
 def test_stop_ends_idle_keep_alive_connections(fresh_hub: HubServer) -> None:
