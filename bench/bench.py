@@ -53,7 +53,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tools", nargs="+", default=["hubmerge", "floor", "mergekit"])
     parser.add_argument("--runs", type=int, help="rounds per case (default 3)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="hubmerge's and mergekit's")
-    parser.add_argument("--source", choices=["local", "hub"], default="local", help="hub: issue part 3")
     parser.add_argument(
         "--data", type=Path, default=Path(os.environ.get("HUBMERGE_BENCH_DATA", HERE / "data"))
     )
@@ -162,9 +161,7 @@ def main() -> None:
             method = cases.METHODS[name]
             work = args.work / f"{family}-{name}"
             shutil.rmtree(work, ignore_errors=True)
-            cmds = cases.commands(
-                method, dirs, work, source=args.source, device=args.device, mergekit=mergekit
-            )
+            cmds = cases.commands(method, dirs, work, source="local", device=args.device, mergekit=mergekit)
             cmds["hubmerge"][0] = hub
             if name not in MERGEKIT_CASES.get(family, set()):
                 cmds.pop("mergekit", None)

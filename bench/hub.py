@@ -68,8 +68,13 @@ def recipes(work: Path, dirs: list[Path], ids: list[str], round_: int, shard_byt
     return paths[0], paths[1]
 
 
-def timed(cmd: list[str], env: dict[str, str], watch: Path) -> tuple[measure.Sample, int]:
-    """Run ``cmd`` with :func:`measure.run`, sampling the drop of free disk space where ``watch`` lives."""
+def timed(cmd: list[str], env: dict[str, str], watch: Path, server: int) -> tuple[measure.Sample, int, float]:
+    """Run ``cmd`` with :func:`measure.run`, sampling the drop of free disk space where ``watch`` lives.
+
+    Returns the sample, the largest drop of free space, and the CPU seconds the server (pid ``server``) used
+    meanwhile: it runs on the same cores, so its share of the work shows in the wall time.
+    """
+    server_cpu = measure.process_cpu(server)
     start_free = shutil.disk_usage(watch).free
     lowest = [start_free]
     stop = threading.Event()
@@ -86,7 +91,7 @@ def timed(cmd: list[str], env: dict[str, str], watch: Path) -> tuple[measure.Sam
     finally:
         stop.set()
         sampler.join()
-    return result, start_free - lowest[0]
+    return result, start_free - lowest[0], measure.process_cpu(server) - server_cpu
 
 
 def main() -> None:
@@ -116,7 +121,7 @@ def main() -> None:
         out = work / "out"
         base = [sys.executable, "-m", "hubmerge.cli"]
         flags = ["--out", str(out), "--force", "-q"]
-        samples: dict[str, list[tuple[measure.Sample, int]]] = {
+        samples: dict[str, list[tuple[measure.Sample, int, float]]] = {
             name: [] for name in ("local", "hub (ranges)", "hub (shards)", "hub + push")
         }
         measure.warm(dirs)
@@ -132,10 +137,10 @@ def main() -> None:
                 "hub (shards)": [*base, str(hub), *flags, "--hub-transfer", "shards"],
             }
             for name, cmd in cases.items():
-                samples[name].append(timed(cmd, env, work))
+                samples[name].append(timed(cmd, env, work, server.pid))
                 shutil.rmtree(out, ignore_errors=True)
             push = [*cases["hub (ranges)"], "--push", f"bench/merged-{round_}"]
-            samples["hub + push"].append(timed(push, env, work))
+            samples["hub + push"].append(timed(push, env, work, server.pid))
             shutil.rmtree(out, ignore_errors=True)
             print(
                 f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1][0].wall:.2f} s" for k, v in samples.items())
@@ -152,34 +157,37 @@ def main() -> None:
 
 def write(
     args: argparse.Namespace,
-    samples: dict[str, list[tuple[measure.Sample, int]]],
+    samples: dict[str, list[tuple[measure.Sample, int, float]]],
     model_bytes: int,
     output_bytes: int,
     largest_shard: int,
     n_models: int,
 ) -> None:
     """The markdown table, between the hub markers of RESULTS.md (appended if absent)."""
-    med = {k: statistics.median(s.wall for s, _ in v) for k, v in samples.items()}
+    med = {k: statistics.median(s.wall for s, _, _ in v) for k, v in samples.items()}
     allowance = output_bytes + n_models * largest_shard
     lines = [
         MARK_BEGIN,
         f"### Hub path: weighted average of 3 `{args.family}` models ({model_bytes / 1e9:.2f} GB in), "
         f"{args.runs} runs each",
         "",
-        "| case | median s | spread s | GB/s in | x local | peak anon MB | peak disk MB |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| case | median s | spread s | GB/s in | x local | hubmerge CPU s | server CPU s | peak anon MB "
+        "| peak disk MB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, runs in samples.items():
-        walls = [s.wall for s, _ in runs]
-        anon = max(s.peak_anon for s, _ in runs) / 2**20
-        disk = max(d for _, d in runs) / 2**20
+        walls = [s.wall for s, _, _ in runs]
+        anon = max(s.peak_anon for s, _, _ in runs) / 2**20
+        disk = max(d for _, d, _ in runs) / 2**20
+        cpu = statistics.median(s.cpu for s, _, _ in runs)
+        server_cpu = statistics.median(c for _, _, c in runs)
         lines.append(
             f"| {name} | {med[name]:.2f} | {min(walls):.2f}-{max(walls):.2f} "
             f"| {model_bytes / 1e9 / med[name]:.2f} | {med[name] / med['local']:.2f} "
-            f"| {anon:.0f} | {disk:.0f} |"
+            f"| {cpu:.2f} | {server_cpu:.2f} | {anon:.0f} | {disk:.0f} |"
         )
     ranges, shards, push = med["hub (ranges)"], med["hub (shards)"], med["hub + push"]
-    worst_disk = max(d for name in ("hub (ranges)", "hub (shards)") for _, d in samples[name])
+    worst_disk = max(d for name in ("hub (ranges)", "hub (shards)") for _, d, _ in samples[name])
     lines += [
         "",
         f"- merging from the Hub: {ranges / med['local']:.2f}x the local merge by ranged reads, "

@@ -29,6 +29,7 @@ class Sample:
     peak_anon: int  # bytes, sampled, process tree
     max_rss: int  # bytes, the kernel's high-water mark of the main process (ru_maxrss)
     load: float  # 1-minute load average when the run ended, to spot a busy machine
+    cpu: float = 0.0  # seconds of CPU, user + system, of the command and its children
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,17 @@ def run(cmd: Sequence[str], *, env: dict[str, str] | None = None, interval: floa
             err.seek(0)
             tail = err.read().decode(errors="replace")[-3000:]
             raise CommandFailed(f"{' '.join(cmd)} exited {proc.returncode}:\n{tail}")
-    return Sample(wall, peak_rss, peak_anon, usage.ru_maxrss * 1024, os.getloadavg()[0])
+    cpu = usage.ru_utime + usage.ru_stime
+    return Sample(wall, peak_rss, peak_anon, usage.ru_maxrss * 1024, os.getloadavg()[0], cpu)
+
+
+def process_cpu(pid: int) -> float:
+    """Seconds of CPU (user + system, all threads) that process ``pid`` has used so far; 0 if gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def warm(paths: Sequence[Path]) -> int:
