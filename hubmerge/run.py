@@ -153,8 +153,7 @@ def start_reads(
     for job in plan.jobs:
         if job.name in done:
             continue
-        _prefetch(job, spec, sources, device)
-        rows = _first_rows(job, spec, device)
+        rows = _prefetch(job, spec, sources, device)
         largest = max(info.nbytes for info in job.inputs)
         asked += largest if rows is None else largest * (rows[1] - rows[0]) // max(job.shape[0], 1)
         if asked >= EARLY_READ_BYTES:
@@ -183,12 +182,16 @@ def _finish(sinks: Sequence[Sink], job: Job, shard_complete: bool) -> None:
             sink.shard_done(job.shard)
 
 
-def _prefetch(job: Job, spec: MethodSpec, sources: Sequence[TensorSource], device: str) -> None:
+def _prefetch(
+    job: Job, spec: MethodSpec, sources: Sequence[TensorSource], device: str
+) -> tuple[int, int] | None:
+    """Ask the sources for the rows of ``job`` the loop reads first (:func:`_first_rows`); return them."""
     rows = _first_rows(job, spec, device)
     for src, info in zip(job.sources, job.inputs, strict=True):
         sources[src].prefetch([info], rows)
     if job.base is not None and job.base_source is not None and spec.needs_base:
         sources[job.base_source].prefetch([job.base], rows)
+    return rows
 
 
 def _first_rows(job: Job, spec: MethodSpec, device: str) -> tuple[int, int] | None:

@@ -236,6 +236,20 @@ def _models(tmp_path: Path) -> list[Path]:
     return dirs
 
 
+def _safetensors_served(hub: HubServer) -> dict[str, int]:
+    return {k: v for k, v in hub.bytes_served_by_path.items() if k.endswith(".safetensors")}
+
+
+def _each_byte_once(ids: list[str], dirs: list[Path]) -> dict[str, int]:
+    """Bytes served per file if planning read the first HEADER_READ bytes and the merge each tensor once."""
+    expected = {}
+    for repo_id, directory in zip(ids, dirs, strict=True):
+        raw = (directory / "model.safetensors").read_bytes()
+        header = 8 + int.from_bytes(raw[:8], "little")
+        expected[f"{repo_id}/model.safetensors"] = len(raw) + min(len(raw), HEADER_READ) - header
+    return expected
+
+
 @pytest.mark.parametrize("direct", ["1", "0"])
 def test_large_tensors_are_read_ahead_and_every_byte_once(
     tmp_path: Path,
@@ -284,15 +298,10 @@ def test_large_tensors_are_read_ahead_and_every_byte_once(
     hub.reset_stats()
     recipe = {"method": "linear", "models": ids, "parameters": {"t": 0.3}}
     merged = hubmerge.merge(recipe, tmp_path / "hub")
-    served = {k: v for k, v in hub.bytes_served_by_path.items() if k.endswith(".safetensors")}
+    served = _safetensors_served(hub)
     # Planning reads the first HEADER_READ bytes of each file (its header and the start of the data); the
     # merge then reads every tensor byte once.
-    expected = {}
-    for repo_id, directory in zip(ids, dirs, strict=True):
-        raw = (directory / "model.safetensors").read_bytes()
-        header = 8 + int.from_bytes(raw[:8], "little")
-        expected[f"{repo_id}/model.safetensors"] = len(raw) + min(len(raw), HEADER_READ) - header
-    assert served == expected
+    assert served == _each_byte_once(ids, dirs)
     assert sum(name == "embed.weight" for name, _ in reads) == 2 * 9
     assert sum(name == "head.weight" for name, _ in reads) == 2 * 3
     assert sum(name == "positions" for name, _ in reads) == 2 * 8
@@ -394,13 +403,9 @@ def test_the_first_reads_start_before_torch_is_imported(
     result = json.loads(done.stdout)
     assert result == {"asked": [True, True], "torch": False, "reads": result["reads"], "failed": []}
     assert result["reads"] >= 2
-    for repo_id, directory in zip(ids, dirs, strict=True):
-        raw = (directory / "model.safetensors").read_bytes()
-        header = 8 + int.from_bytes(raw[:8], "little")
-        # Planning read the first HEADER_READ bytes; the early reads then fetched every tensor byte (these
-        # models are far smaller than EARLY_READ_BYTES), and nothing twice.
-        served = hub.bytes_served_by_path[f"{repo_id}/model.safetensors"]
-        assert served == len(raw) + min(len(raw), HEADER_READ) - header
+    # Planning read the first HEADER_READ bytes; the early reads then fetched every tensor byte (these
+    # models are far smaller than EARLY_READ_BYTES), and nothing twice.
+    assert _safetensors_served(hub) == _each_byte_once(ids, dirs)
 
 
 def _large(monkeypatch: pytest.MonkeyPatch, *, fast: float) -> list[int]:
@@ -478,11 +483,7 @@ def test_early_reads_of_many_large_tensors_are_each_read_once(
     hub.reset_stats()
     merged = hubmerge.merge({"method": "linear", "models": ids, "parameters": {"t": 0.25}}, tmp_path / "out")
     assert max(hints) == 2
-    for repo_id, directory in zip(ids, dirs, strict=True):
-        raw = (directory / "model.safetensors").read_bytes()
-        header = 8 + int.from_bytes(raw[:8], "little")
-        served = hub.bytes_served_by_path[f"{repo_id}/model.safetensors"]
-        assert served == len(raw) + min(len(raw), HEADER_READ) - header
+    assert _safetensors_served(hub) == _each_byte_once(ids, dirs)
     result = load_file(str(merged.out / "model.safetensors"))
     a, b = (load_file(str(d / "model.safetensors")) for d in dirs)
     for k in range(5):

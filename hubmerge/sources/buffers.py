@@ -70,10 +70,8 @@ def retain_freed_memory(retain: bool) -> None:
     it in again, page by page, zeroed: that churn alone cost as much system time as the whole merge. Other C
     libraries are left alone.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt, trim = (getattr(_LIBC, name, None) for name in ("mallopt", "malloc_trim"))
+    if mallopt is None or trim is None:
         return
     if retain:
         mallopt(_M_MMAP_THRESHOLD, 256 << 20)
@@ -81,4 +79,4 @@ def retain_freed_memory(retain: bool) -> None:
     else:
         mallopt(_M_MMAP_THRESHOLD, 128 << 10)
         mallopt(_M_TRIM_THRESHOLD, 128 << 10)
-        libc.malloc_trim(0)
+        trim(0)

@@ -348,9 +348,10 @@ class HubSource:
             return
         for info in infos:
             if info.nbytes > PREFETCH_LIMIT:
+                if rows is None or info.name in self._ahead or info.name in self._pending:
+                    continue
                 # A hint finds room or waits for the loop: evicting would cancel a read the loop wants sooner.
-                wanted = rows is not None and info.name not in self._ahead and info.name not in self._pending
-                if wanted and rows is not None and len(self._ahead) < AHEAD_TENSORS:
+                if len(self._ahead) < AHEAD_TENSORS:
                     self._read_ahead(info, (rows[0], min(rows[1], info.shape[0] if info.shape else 1)))
                 continue
             held = self._pending.get(info.name)
