@@ -188,7 +188,8 @@ def merge(
         license_ = common_license(merge_plan, _unique(sources))  # disagreeing licenses fail before any read
         if on_plan is not None:
             on_plan(merge_plan)
-        writer = ShardWriter(target, resume=resume)
+        # A pushed shard is read again as soon as it is written: it stays in the page cache (writer.py).
+        writer = ShardWriter(target, resume=resume, direct=push is None)
         uploader = HubUploader(push, writer.tmp) if push is not None else None
         commit_url = None
         try:

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from .directio import DirectFile, DirectIO, pwrite_all
 from .errors import OutputError
 
 if TYPE_CHECKING:
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROGRESS_DIR = ".hubmerge-progress"
-MAX_PWRITE = 1 << 30  # Linux writes at most ~2 GiB per call; stay well below
 
 
 class Sink(Protocol):
@@ -86,13 +86,25 @@ def check_output(out: Path, inputs: list[Path], *, force: bool, resume: bool) ->
 
 
 class ShardWriter:
-    """Writes shards with precomputed headers; journals finished tensors for resume."""
+    """Writes shards with precomputed headers; journals finished tensors for resume.
 
-    def __init__(self, out: Path, *, resume: bool = False) -> None:
+    Args:
+        out: the output directory.
+        resume: continue an interrupted merge into ``out``.
+        direct: write around the page cache where the file system allows (directio.py); False where the
+            shards are read again at once (a push uploads each as it is finished), so they come from memory.
+    """
+
+    def __init__(self, out: Path, *, resume: bool = False, direct: bool = True) -> None:
         self.out = out.resolve()
+        self.direct = direct
         self.tmp = partial_dir(self.out)
         self.resume = resume
         self._fds: list[int] = []
+        self._files: list[DirectFile | None] = []
+        self._io: DirectIO | None = None
+        # Per shard, finished tensors whose bytes may still be on their way: (end offset, name), file order.
+        self._unjournaled: list[list[tuple[int, str]]] = []
         self._gone: set[str] = set()
         self._journal: int | None = None
 
@@ -130,29 +142,62 @@ class ShardWriter:
             path = self.tmp / shard.filename
             if shard.filename in self._gone:
                 self._fds.append(-1)
+                self._files.append(None)
+                self._unjournaled.append([])
                 continue
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             self._fds.append(fd)
             if os.fstat(fd).st_size != shard.size:
                 os.ftruncate(fd, shard.size)
-            _pwrite_all(fd, memoryview(shard.header), 0)
+            pwrite_all(fd, memoryview(shard.header), 0)
+            if self._io is None and self.direct:
+                self._io = DirectIO()
+            self._files.append(DirectFile(fd, path, self._io))
+            self._unjournaled.append([])
         self._journal = os.open(progress / "journal", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         return done
 
     def write(self, job: Job, row: int, data: torch.Tensor) -> None:
-        _pwrite_all(self._fds[job.shard], tensor_bytes(data), batch_offset(job, row))
+        file = self._files[job.shard]
+        assert file is not None
+        file.write(tensor_bytes(data), batch_offset(job, row))
+        self._journal_written(job.shard)
 
     def tensor_done(self, job: Job) -> None:
-        assert self._journal is not None
-        os.write(self._journal, f"{job.name}\n".encode())
+        self._unjournaled[job.shard].append((job.offset + job.nbytes, job.name))
+        self._journal_written(job.shard)
+
+    def _journal_written(self, shard: int) -> None:
+        """Journal the finished tensors of ``shard`` whose bytes are all in the file (resume trusts it)."""
+        pending, file = self._unjournaled[shard], self._files[shard]
+        if not pending or file is None:
+            return
+        below = file.written_to()
+        ready = [name for end, name in pending if below < 0 or end <= below]
+        if ready:
+            assert self._journal is not None
+            pending[:] = [(end, name) for end, name in pending if not (below < 0 or end <= below)]
+            os.write(self._journal, "".join(f"{name}\n" for name in ready).encode())
 
     def shard_done(self, shard: int) -> None:
         # No fsync: the journal guards against crashes and kills of this process (the kernel keeps what
         # pwrite wrote); like save_pretrained, durability across power loss is left to the file system.
         # An fsync per shard cost about as much as the whole gap to the benchmark's floor.
-        pass
+        file = self._files[shard]
+        if file is not None:
+            file.flush()
+            self._journal_written(shard)
 
     def close(self) -> None:
+        try:
+            for file in self._files:
+                if file is not None:
+                    file.close()
+        finally:
+            self._files.clear()
+            if self._io is not None:
+                self._io.close()
+                self._io = None
         for fd in self._fds:
             if fd >= 0:
                 os.close(fd)
@@ -199,13 +244,6 @@ def tensor_bytes(data: torch.Tensor) -> memoryview:
     from .sources.buffers import writable
 
     return writable(data.contiguous().reshape(-1).view(torch.uint8))
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    data = data.cast("B")
-    while len(data):
-        written = os.pwrite(fd, data[:MAX_PWRITE], offset)
-        data, offset = data[written:], offset + written
 
 
 def write_json(path: Path, doc: object) -> None:

@@ -1,0 +1,197 @@
+"""Direct (page-cache-bypassing) output writes: every byte lands where it was written, in any pattern."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import hubmerge
+from hubmerge import directio
+from hubmerge.directio import ALIGN, DirectFile, DirectIO
+from tests.util import save_model, write_recipe
+
+SIZE = 3 << 20
+
+
+def _pattern(seed: int) -> list[tuple[int, int]]:
+    """Writes as a merge makes them: runs of consecutive pieces of varied sizes, with jumps between runs."""
+    rng = random.Random(seed)
+    writes: list[tuple[int, int]] = []
+    while len(writes) < 300:
+        at = rng.randrange(0, SIZE - 1)
+        for _ in range(rng.randrange(1, 40)):
+            n = rng.choice([1, 7, ALIGN - 1, ALIGN, ALIGN + 5, 50_000, 70_000, 300_001])
+            n = min(n, SIZE - at)
+            if n <= 0:
+                break
+            writes.append((at, n))
+            at += n
+    return writes
+
+
+def _write(path: Path, writes: list[tuple[int, int]], data: bytes) -> DirectFile:
+    expected = bytearray(SIZE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    os.ftruncate(fd, SIZE)
+    io = DirectIO()
+    file = DirectFile(fd, path, io)
+    try:
+        for at, n in writes:
+            file.write(memoryview(data)[at : at + n], at)
+            expected[at : at + n] = data[at : at + n]
+            below = file.written_to()
+            if below >= 0:  # what it reports as written is in the file already
+                with open(path, "rb") as f:
+                    assert f.read(below) == bytes(expected[:below])
+        file.flush()
+        assert file.written_to() == -1
+        assert path.read_bytes() == bytes(expected)
+    finally:
+        file.close()
+        io.close()
+        os.close(fd)
+    return file
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_every_byte_lands_where_it_was_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    # Small staging buffers: runs cross many of them and all DEPTH are on their way at once.
+    monkeypatch.setattr(directio, "STAGE", 16 * ALIGN)
+    data = random.Random(seed).randbytes(SIZE)
+    file = _write(tmp_path / "out.bin", _pattern(seed), data)
+    if not file.io.made:
+        pytest.skip("this file system has no O_DIRECT")
+
+
+def test_direct_writes_are_used_where_the_file_system_allows(tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "probe", os.O_RDWR | os.O_CREAT, 0o644)
+    io = DirectIO()
+    file = DirectFile(fd, tmp_path / "probe", io)
+    try:
+        if not file.direct:
+            pytest.skip("this file system has no O_DIRECT")
+        data = os.urandom(5 * directio.STAGE + 123)
+        file.write(memoryview(data), 10)
+        assert 0 < file.written_to() <= 10 + 5 * directio.STAGE  # staged and flying bytes are not counted
+        file.flush()
+        assert (tmp_path / "probe").read_bytes() == bytes(10) + data
+        assert io.made == directio.DEPTH  # staging memory stays bounded
+    finally:
+        file.close()
+        io.close()
+        os.close(fd)
+
+
+def test_turned_off_writes_through_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HUBMERGE_DIRECT_WRITE", "0")
+    data = random.Random(5).randbytes(SIZE)
+    file = _write(tmp_path / "out.bin", _pattern(5), data)
+    assert not file.direct and file.io.made == 0
+
+
+def test_a_file_system_without_direct_io(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_open = os.open
+
+    def refuse(path: str, flags: int, *args: int) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(directio.os, "open", refuse)
+    data = random.Random(6).randbytes(SIZE)
+    file = _write(tmp_path / "out.bin", _pattern(6), data)
+    assert not file.direct
+
+
+def test_a_device_that_refuses_the_alignment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The open succeeds, the first direct write fails with EINVAL: the rest goes through the cache.
+    monkeypatch.setattr(directio, "STAGE", 16 * ALIGN)
+    refused: list[int] = []
+    real = directio.pwrite_all
+
+    def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+        if _is_direct(fd):
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real(fd, data, offset)
+
+    monkeypatch.setattr(directio, "pwrite_all", pwrite_all)
+    data = random.Random(7).randbytes(SIZE)
+    file = _write(tmp_path / "out.bin", _pattern(7), data)
+    if not refused:
+        pytest.skip("this file system has no O_DIRECT")
+    assert not file.direct
+
+
+def _is_direct(fd: int) -> bool:
+    import fcntl
+
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+
+
+KILL_AFTER = """
+import os, signal, sys
+import hubmerge.directio as d
+import hubmerge.writer as w
+d.STAGE = 64 << 10  # bytes stay staged or on their way across tensor ends
+count = 0
+original = w.ShardWriter.tensor_done
+def tensor_done(self, job):
+    global count
+    original(self, job)
+    count += 1
+    if count == int(sys.argv[2]):
+        os.kill(os.getpid(), signal.SIGKILL)
+w.ShardWriter.tensor_done = tensor_done
+from hubmerge.cli import main
+sys.exit(main([sys.argv[1], "--out", sys.argv[3], "-q"]))
+"""
+
+
+def test_the_journal_names_only_tensors_whose_bytes_are_written(tmp_path: Path) -> None:
+    shapes = {f"layer.{i}.weight": (300 + 37 * i, 129) for i in range(6)} | {"norm": (5,)}
+    models = []
+    for m in range(2):
+        g = torch.Generator().manual_seed(m)
+        models.append(
+            save_model(tmp_path / f"m{m}", {n: torch.randn(s, generator=g) for n, s in shapes.items()})
+        )
+    recipe = write_recipe(
+        tmp_path / "r.yaml", f"method: linear\nmodels: [{models[0]}, {models[1]}]\nparameters: {{t: 0.3}}\n"
+    )
+    out = tmp_path / "out"
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER, str(recipe), "5", str(out)], capture_output=True
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    partial = tmp_path / ".out.hubmerge-partial"
+    journal = (partial / ".hubmerge-progress" / "journal").read_text().splitlines()
+    fresh = hubmerge.merge(recipe, tmp_path / "fresh")
+    written = (partial / "model.safetensors").read_bytes()
+    expected = (fresh.out / "model.safetensors").read_bytes()
+    jobs = {job.name: job for job in fresh.plan.jobs}
+    assert journal, "some tensors were finished before the kill"
+    for name in journal:
+        job = jobs[name]
+        assert written[job.offset : job.offset + job.nbytes] == expected[job.offset : job.offset + job.nbytes]
+    resumed = subprocess.run(
+        [sys.executable, "-m", "hubmerge.cli", str(recipe), "--out", str(out), "--resume", "-q"],
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert (out / "model.safetensors").read_bytes() == expected
+    merged, a, b = (load_file(p / "model.safetensors") for p in (out, *models))
+    for name in shapes:
+        torch.testing.assert_close(merged[name], 0.7 * a[name] + 0.3 * b[name])
