@@ -7,6 +7,7 @@ continues a killed run, and because every byte is fixed by the plan the result i
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -102,6 +103,7 @@ class ShardWriter:
         self.resume = resume
         self._fds: list[int] = []
         self._files: list[DirectFile | None] = []
+        self._paths: list[Path] = []
         self._io: DirectIO | None = None
         # Per shard, finished tensors whose bytes may still be on their way: (end offset, name), file order.
         self._unjournaled: list[list[tuple[int, str]]] = []
@@ -138,6 +140,7 @@ class ShardWriter:
                 shutil.rmtree(self.tmp)
             progress.mkdir(parents=True)
             (progress / "fingerprint").write_text(fingerprint)
+        self._paths = [self.tmp / shard.filename for shard in plan.shards]
         for shard in plan.shards:
             path = self.tmp / shard.filename
             if shard.filename in self._gone:
@@ -160,12 +163,18 @@ class ShardWriter:
     def write(self, job: Job, row: int, data: torch.Tensor) -> None:
         file = self._files[job.shard]
         assert file is not None
-        file.write(tensor_bytes(data), batch_offset(job, row))
-        self._journal_written(job.shard)
+        try:
+            file.write(tensor_bytes(data), batch_offset(job, row))
+            self._journal_written(job.shard)
+        except OSError as exc:
+            raise self._failed(job.shard, exc) from exc
 
     def tensor_done(self, job: Job) -> None:
         self._unjournaled[job.shard].append((job.offset + job.nbytes, job.name))
-        self._journal_written(job.shard)
+        try:
+            self._journal_written(job.shard)
+        except OSError as exc:
+            raise self._failed(job.shard, exc) from exc
 
     def _journal_written(self, shard: int) -> None:
         """Journal the finished tensors of ``shard`` whose bytes are all in the file (resume trusts it)."""
@@ -185,19 +194,35 @@ class ShardWriter:
         # An fsync per shard cost about as much as the whole gap to the benchmark's floor.
         file = self._files[shard]
         if file is not None:
-            file.flush()
-            self._journal_written(shard)
+            try:
+                file.flush()
+                self._journal_written(shard)
+            except OSError as exc:
+                raise self._failed(shard, exc) from exc
+
+    def _failed(self, shard: int, exc: OSError) -> OSError:
+        """``exc`` as an :class:`OutputError` naming the shard file, and what to do."""
+        if isinstance(exc, OutputError):
+            return exc
+        path = self._paths[shard]
+        hint = "rerun with --resume once the cause is fixed"
+        if exc.errno == errno.ENOSPC:
+            hint = f"free space on that disk or write elsewhere with --out, then {hint}"
+        return OutputError(f"writing {path} failed: {exc.strerror or exc}", path=str(path), hint=hint)
 
     def close(self) -> None:
-        try:
-            for file in self._files:
-                if file is not None:
+        """Write what is still staged and close every file; a failed write is raised once all are closed."""
+        error: OSError | None = None
+        for shard, file in enumerate(self._files):
+            if file is not None:
+                try:
                     file.close()
-        finally:
-            self._files.clear()
-            if self._io is not None:
-                self._io.close()
-                self._io = None
+                except OSError as exc:
+                    error = error or self._failed(shard, exc)
+        self._files.clear()
+        if self._io is not None:
+            self._io.close()
+            self._io = None
         for fd in self._fds:
             if fd >= 0:
                 os.close(fd)
@@ -205,6 +230,8 @@ class ShardWriter:
         if self._journal is not None:
             os.close(self._journal)
             self._journal = None
+        if error is not None:
+            raise error
 
     def commit(self, *, force: bool) -> Path:
         """Close the shards, drop the journal and move the finished directory into place.

@@ -195,3 +195,34 @@ def test_the_journal_names_only_tensors_whose_bytes_are_written(tmp_path: Path) 
     merged, a, b = (load_file(p / "model.safetensors") for p in (out, *models))
     for name in shapes:
         torch.testing.assert_close(merged[name], 0.7 * a[name] + 0.3 * b[name])
+
+
+@pytest.mark.parametrize("direct", ["1", "0"])
+def test_a_full_disk_names_the_shard_and_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: str
+) -> None:
+    monkeypatch.setenv("HUBMERGE_DIRECT_WRITE", direct)
+    shapes = {f"w{i}": (600, 700) for i in range(4)}
+    models = []
+    for m in range(2):
+        g = torch.Generator().manual_seed(m)
+        models.append(
+            save_model(tmp_path / f"m{m}", {n: torch.randn(s, generator=g) for n, s in shapes.items()})
+        )
+    real = directio.pwrite_all
+    written = [0]
+
+    def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+        written[0] += len(data)
+        if written[0] > 2_000_000:  # the disk fills up part way through the merge
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data, offset)
+
+    monkeypatch.setattr(directio, "pwrite_all", pwrite_all)
+    monkeypatch.setattr("hubmerge.writer.pwrite_all", pwrite_all)
+    with pytest.raises(hubmerge.errors.OutputError) as failed:
+        hubmerge.merge({"method": "centroid", "models": [str(m) for m in models]}, tmp_path / "out")
+    message = str(failed.value)
+    assert "model.safetensors failed: No space left on device" in message
+    assert "free space" in message and "--resume" in message
+    assert not (tmp_path / "out").exists()
