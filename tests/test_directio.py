@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 import hubmerge
 from hubmerge import directio
 from hubmerge.directio import ALIGN, DirectFile, DirectIO
-from tests.util import save_model, write_recipe
+
+from .util import kill_after_script, save_model, write_recipe
 
 SIZE = 3 << 20
 
@@ -140,23 +141,8 @@ def _is_direct(fd: int) -> bool:
     return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
 
 
-KILL_AFTER = """
-import os, signal, sys
-import hubmerge.directio as d
-import hubmerge.writer as w
-d.STAGE = 64 << 10  # bytes stay staged or on their way across tensor ends
-count = 0
-original = w.ShardWriter.tensor_done
-def tensor_done(self, job):
-    global count
-    original(self, job)
-    count += 1
-    if count == int(sys.argv[2]):
-        os.kill(os.getpid(), signal.SIGKILL)
-w.ShardWriter.tensor_done = tensor_done
-from hubmerge.cli import main
-sys.exit(main([sys.argv[1], "--out", sys.argv[3], "-q"]))
-"""
+# Small staging buffers: bytes stay staged or on their way across tensor ends.
+KILL_AFTER = kill_after_script("import hubmerge.directio as d\nd.STAGE = 64 << 10")
 
 
 def test_the_journal_names_only_tensors_whose_bytes_are_written(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import hubmerge
 from hubmerge.errors import MergeError, OutputError, PlanError
 from hubmerge.methods import METHODS
 
-from .util import random_tensors, save_model, write_recipe
+from .util import kill_after_script, random_tensors, save_model, write_recipe
 
 
 @pytest.fixture()
@@ -237,21 +237,7 @@ def test_same_recipe_same_bytes(tmp_path: Path, three: list[Path]) -> None:
     assert reloaded.sha256() == hubmerge.load_recipe(recipe).sha256()
 
 
-KILL_AFTER = """
-import os, signal, sys
-import hubmerge.writer as w
-count = 0
-original = w.ShardWriter.tensor_done
-def tensor_done(self, job):
-    global count
-    original(self, job)
-    count += 1
-    if count == int(sys.argv[2]):
-        os.kill(os.getpid(), signal.SIGKILL)
-w.ShardWriter.tensor_done = tensor_done
-from hubmerge.cli import main
-sys.exit(main([sys.argv[1], "--out", sys.argv[3], "-q"] + sys.argv[4:]))
-"""
+KILL_AFTER = kill_after_script()
 
 
 def test_resume_after_kill_gives_identical_bytes(tmp_path: Path) -> None:

@@ -83,3 +83,30 @@ def tiny_llama(seed: int, directory: Path, *, shard: str | None = None, card: st
     if card is not None:
         (directory / "README.md").write_text(card)
     return directory
+
+
+_KILL_AFTER = """
+import os, signal, sys
+{prelude}
+import hubmerge.writer as w
+count = 0
+original = w.ShardWriter.tensor_done
+def tensor_done(self, job):
+    global count
+    original(self, job)
+    count += 1
+    if count == int(sys.argv[2]):
+        os.kill(os.getpid(), signal.SIGKILL)
+w.ShardWriter.tensor_done = tensor_done
+from hubmerge.cli import main
+sys.exit(main([sys.argv[1], "--out", sys.argv[3], "-q"] + sys.argv[4:]))
+"""
+
+
+def kill_after_script(prelude: str = "") -> str:
+    """A ``python -c`` script: ``RECIPE N OUT [ARGS]`` merges and SIGKILLs itself after N finished tensors.
+
+    Args:
+        prelude: statements run first (for example, module settings to change).
+    """
+    return _KILL_AFTER.format(prelude=prelude)
