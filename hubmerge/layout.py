@@ -146,16 +146,19 @@ def working_set(job: Job, compute_size: int, *, workers: int, hub_inputs: int, b
     Blockwise methods hold a few block-sized buffers per worker and a few output batches, whatever the tensor
     size; other methods (and tensors of at most one block) hold every input and the result in the compute
     dtype. Each Hub input adds two reads of up to ``READ_BYTES`` (the one merging, the one on its way) and the
-    window of smaller tensors read ahead; local inputs are memory-mapped.
+    window of smaller tensors read ahead; local inputs are memory-mapped. The writer's staging buffers for
+    direct writes (directio.py) come on top.
     """
+    from .directio import DEPTH, STAGE
     from .sources.hub import AHEAD_BYTES, SPAN_BYTES
 
     numel = _numel(job.shape)
     inputs = len(job.inputs) + (job.base is not None)
-    reads = hub_inputs * (2 * min(READ_BYTES, max(i.nbytes for i in job.inputs)) + AHEAD_BYTES + SPAN_BYTES)
+    buffers = hub_inputs * (2 * min(READ_BYTES, max(i.nbytes for i in job.inputs)) + AHEAD_BYTES + SPAN_BYTES)
+    buffers += DEPTH * STAGE
     if job.action == "copy":
-        return reads
+        return buffers
     if blockwise and numel > BLOCK:
         per_worker = (inputs + 8) * BLOCK * compute_size
-        return workers * per_worker + (WRITE_QUEUE + 2 * workers) * BATCH_BYTES + reads
-    return (inputs + 2) * numel * compute_size + reads
+        return workers * per_worker + (WRITE_QUEUE + 2 * workers) * BATCH_BYTES + buffers
+    return (inputs + 2) * numel * compute_size + buffers
