@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -163,30 +165,14 @@ class ShardWriter:
     def write(self, job: Job, row: int, data: torch.Tensor) -> None:
         file = self._files[job.shard]
         assert file is not None
-        try:
+        with self._reporting(job.shard):
             file.write(tensor_bytes(data), batch_offset(job, row))
             self._journal_written(job.shard)
-        except OSError as exc:
-            raise self._failed(job.shard, exc) from exc
 
     def tensor_done(self, job: Job) -> None:
         self._unjournaled[job.shard].append((job.offset + job.nbytes, job.name))
-        try:
+        with self._reporting(job.shard):
             self._journal_written(job.shard)
-        except OSError as exc:
-            raise self._failed(job.shard, exc) from exc
-
-    def _journal_written(self, shard: int) -> None:
-        """Journal the finished tensors of ``shard`` whose bytes are all in the file (resume trusts it)."""
-        pending, file = self._unjournaled[shard], self._files[shard]
-        if not pending or file is None:
-            return
-        below = file.written_to()
-        ready = [name for end, name in pending if below < 0 or end <= below]
-        if ready:
-            assert self._journal is not None
-            pending[:] = [(end, name) for end, name in pending if not (below < 0 or end <= below)]
-            os.write(self._journal, "".join(f"{name}\n" for name in ready).encode())
 
     def shard_done(self, shard: int) -> None:
         # No fsync: the journal guards against crashes and kills of this process (the kernel keeps what
@@ -194,16 +180,33 @@ class ShardWriter:
         # An fsync per shard cost about as much as the whole gap to the benchmark's floor.
         file = self._files[shard]
         if file is not None:
-            try:
+            with self._reporting(shard):
                 file.flush()
                 self._journal_written(shard)
-            except OSError as exc:
-                raise self._failed(shard, exc) from exc
 
-    def _failed(self, shard: int, exc: OSError) -> OSError:
-        """``exc`` as an :class:`OutputError` naming the shard file, and what to do."""
-        if isinstance(exc, OutputError):
-            return exc
+    def _journal_written(self, shard: int) -> None:
+        """Journal the finished tensors of ``shard`` whose bytes are all in the file (resume trusts it)."""
+        pending, file = self._unjournaled[shard], self._files[shard]
+        if not pending or file is None:
+            return
+        below = file.written_to()  # -1: every byte
+        ready = "".join(f"{name}\n" for end, name in pending if below < 0 or end <= below)
+        if ready:
+            assert self._journal is not None
+            pending[:] = [(end, name) for end, name in pending if 0 <= below < end]
+            os.write(self._journal, ready.encode())
+
+    @contextmanager
+    def _reporting(self, shard: int) -> Iterator[None]:
+        """Report a failed write as an :class:`OutputError` naming the shard file, and what to do."""
+        try:
+            yield
+        except OutputError:
+            raise
+        except OSError as exc:
+            raise self._failed(shard, exc) from exc
+
+    def _failed(self, shard: int, exc: OSError) -> OutputError:
         path = self._paths[shard]
         hint = "rerun with --resume once the cause is fixed"
         if exc.errno == errno.ENOSPC:
@@ -217,6 +220,8 @@ class ShardWriter:
             if file is not None:
                 try:
                     file.close()
+                except OutputError as exc:
+                    error = error or exc
                 except OSError as exc:
                     error = error or self._failed(shard, exc)
         self._files.clear()
