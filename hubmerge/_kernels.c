@@ -22,6 +22,7 @@
 
 typedef float vf __attribute__((vector_size(32)));
 typedef int32_t vi __attribute__((vector_size(32)));
+typedef int16_t vs __attribute__((vector_size(16))); /* LANES random 16-bit lanes (DARE) */
 
 /* Each kernel is compiled twice: for AVX2 with FMA, which any x86-64 of the last decade has, and for the
  * baseline; the module picks one when it loads. `a + b * c` is contracted to one fused multiply-add
@@ -121,10 +122,14 @@ INLINE void ties_hist(int64_t n, int m, const void *const *xs, const int *types,
 }
 
 /* TIES on n elements, as hubmerge.methods.blocks.ties_block: keep |x - base| >= threshold (NaN: none),
- * weight, elect the sign of the sum, sum the agreeing entries, divide by the agreeing weights. */
+ * multiply by the scale, elect the sign of the sum, sum the agreeing entries, divide by the agreeing weights.
+ * With lanes[k] (DARE, as hubmerge.methods.task_vectors.dare_ties), model k also keeps only the entries whose
+ * random 16-bit lane is below cuts[k]. TIES passes its weights as the scales. */
 INLINE void ties_merge(int64_t n, int m, const void *const *xs, const int *types, const void *base,
-                       int base_type, const float *thresholds, const float *weights, float lambda,
-                       int normalize, void *out, int out_type) {
+                       int base_type, const float *thresholds, const float *scales, const int16_t *const *lanes,
+                       const int *cuts, const float *weights, float lambda, int normalize, void *out,
+                       int out_type) {
+    int16_t lane[CHUNK] __attribute__((aligned(32)));
     float b[CHUNK] __attribute__((aligned(32)));
     float x[CHUNK] __attribute__((aligned(32)));
     float e[MAX_MODELS][CHUNK] __attribute__((aligned(32)));
@@ -141,7 +146,20 @@ INLINE void ties_merge(int64_t n, int m, const void *const *xs, const int *types
                 continue;
             }
             load_chunk(x, xs[k], types[k], off, c);
-            const vf t = splat(thresholds[k]), w = splat(weights[k]);
+            const vf t = splat(thresholds[k]), w = splat(scales[k]);
+            if (lanes[k] != NULL) {
+                memcpy(lane, lanes[k] + off, (size_t)c * sizeof lane[0]);
+                memset(lane + c, 0, (size_t)(CHUNK - c) * sizeof lane[0]);
+                const vs cut = (vs){0} + (int16_t)cuts[k];
+                for (int j = 0; j < CHUNK; j += LANES) {
+                    vf d = vload(x + j) - vload(b + j);
+                    vs l;
+                    memcpy(&l, lane + j, sizeof l);
+                    vi keep = ((vf)((vi)d & 0x7fffffff) >= t) & __builtin_convertvector(l < cut, vi);
+                    vstore(e[k] + j, d * (vf)((vi)w & keep));
+                }
+                continue;
+            }
             for (int j = 0; j < CHUNK; j += LANES) {
                 vf d = vload(x + j) - vload(b + j);
                 vi keep = (vf)((vi)d & 0x7fffffff) >= t;
@@ -206,8 +224,10 @@ INLINE void weighted_sum(int64_t n, int m, const void *const *xs, const int *typ
     int level, const uint32_t *prefix, const uint8_t *skip, int64_t *hist
 #define HIST_CALL n, m, xs, types, base, base_type, level, prefix, skip, hist
 #define MERGE_ARGS int64_t n, int m, const void *const *xs, const int *types, const void *base, int base_type, \
-    const float *thresholds, const float *weights, float lambda, int normalize, void *out, int out_type
-#define MERGE_CALL n, m, xs, types, base, base_type, thresholds, weights, lambda, normalize, out, out_type
+    const float *thresholds, const float *scales, const int16_t *const *lanes, const int *cuts, \
+    const float *weights, float lambda, int normalize, void *out, int out_type
+#define MERGE_CALL n, m, xs, types, base, base_type, thresholds, scales, lanes, cuts, weights, lambda, normalize, \
+    out, out_type
 #define SUM_ARGS int64_t n, int m, const void *const *xs, const int *types, const float *coefficients, \
     float divisor, void *out, int out_type
 #define SUM_CALL n, m, xs, types, coefficients, divisor, out, out_type
@@ -313,25 +333,28 @@ static PyObject *py_ties_hist(PyObject *self, PyObject *args) {
 
 static PyObject *py_ties_merge(PyObject *self, PyObject *args) {
     Py_ssize_t n;
-    PyObject *xs_obj, *types_obj, *base_obj, *th_obj, *w_obj, *out_obj;
+    PyObject *xs_obj, *types_obj, *base_obj, *th_obj, *sc_obj, *lanes_obj, *cuts_obj, *w_obj, *out_obj;
     int base_type, normalize, out_type;
     float lambda;
-    if (!PyArg_ParseTuple(args, "nOOOiOOfpOi", &n, &xs_obj, &types_obj, &base_obj, &base_type, &th_obj, &w_obj,
-                          &lambda, &normalize, &out_obj, &out_type))
+    if (!PyArg_ParseTuple(args, "nOOOiOOOOOfpOi", &n, &xs_obj, &types_obj, &base_obj, &base_type, &th_obj,
+                          &sc_obj, &lanes_obj, &cuts_obj, &w_obj, &lambda, &normalize, &out_obj, &out_type))
         return NULL;
     int m = model_count(xs_obj);
     if (m < 0) return NULL;
-    const void *xs[MAX_MODELS];
-    int types[MAX_MODELS];
-    float thresholds[MAX_MODELS], weights[MAX_MODELS];
+    const void *xs[MAX_MODELS], *lanes[MAX_MODELS];
+    int types[MAX_MODELS], cuts[MAX_MODELS];
+    float thresholds[MAX_MODELS], scales[MAX_MODELS], weights[MAX_MODELS];
+    /* lanes: addresses of int16 arrays (0: no lanes); cuts: their bounds, read with the same parser. */
     if (parse_addresses(xs_obj, m, xs, types, types_obj) < 0 || parse_floats(th_obj, m, thresholds) < 0 ||
+        parse_floats(sc_obj, m, scales) < 0 || parse_addresses(lanes_obj, m, lanes, cuts, cuts_obj) < 0 ||
         parse_floats(w_obj, m, weights) < 0)
         return NULL;
     const void *base = PyLong_AsVoidPtr(base_obj);
     void *out = PyLong_AsVoidPtr(out_obj);
     if (PyErr_Occurred()) return NULL;
-    Py_BEGIN_ALLOW_THREADS run_merge(n, m, xs, types, base, base_type, thresholds, weights, lambda, normalize,
-                                      out, out_type);
+    Py_BEGIN_ALLOW_THREADS run_merge(n, m, xs, types, base, base_type, thresholds, scales,
+                                      (const int16_t *const *)lanes, cuts, weights, lambda, normalize, out,
+                                      out_type);
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
@@ -369,7 +392,7 @@ PyMODINIT_FUNC PyInit__kernels(void) {
     PyObject *mod = PyModule_Create(&module);
     if (mod != NULL) {
         PyModule_AddStringConstant(mod, "VARIANT", variant);
-        PyModule_AddIntConstant(mod, "ABI", 1); /* bump with any change of the functions' arguments */
+        PyModule_AddIntConstant(mod, "ABI", 2); /* bump with any change of the functions' arguments */
         PyModule_AddIntConstant(mod, "MAX_MODELS", MAX_MODELS);
         PyModule_AddIntConstant(mod, "CHUNK", CHUNK);
     }

@@ -18,7 +18,7 @@ from hubmerge._torch import torch
 
 log = logging.getLogger(__name__)
 
-_ABI = 1  # the _kernels.c interface this module calls (its ABI constant)
+_ABI = 2  # the _kernels.c interface this module calls (its ABI constant)
 _TYPES = {"torch.bfloat16": 0, "torch.float32": 1}  # by name: building this imports no torch
 
 
@@ -115,30 +115,47 @@ def ties_merge(
     weights: Sequence[float],
     lambda_: float,
     normalize: bool,
+    scales: Sequence[float] | None = None,
+    lanes: Sequence[torch.Tensor | None] | None = None,
+    cuts: Sequence[int] | None = None,
 ) -> bool:
-    """TIES into ``out`` (bfloat16 or float32), as :func:`hubmerge.methods.blocks.ties_block`.
+    """TIES into ``out`` (bfloat16 or float32), as :func:`hubmerge.methods.blocks.ties_block`; with ``lanes``,
+    DARE-TIES as :func:`hubmerge.methods.task_vectors.dare_ties`.
 
     Args:
         tensors: one span of each model's tensor.
         base: the same span of the base tensor.
         out: where the merged span goes, cast to its dtype.
         thresholds: per model, the smallest magnitude kept (NaN: none).
-        weights: per model.
+        weights: per model, what agreeing entries are divided by (``normalize``).
         lambda_: scale of the merged task vector.
         normalize: divide by the summed weights of the agreeing models.
+        scales: per model, the factor of its kept entries; None: ``weights``.
+        lanes: per model, None or an int16 tensor of one random lane per entry (DARE's drop).
+        cuts: per model with lanes, the bound a lane must be below for its entry to be kept.
 
     Returns:
         Whether the kernel ran; if False ``out`` is untouched.
     """
     if not _usable(tensors, [base, out]):
         return False
+    m, n = len(tensors), base.numel()
+    lanes = lanes if lanes is not None else [None] * m
+    if any(
+        lane is not None and (lane.dtype != torch.int16 or not lane.is_contiguous() or lane.numel() != n)
+        for lane in lanes
+    ):
+        return False
     assert _K is not None
     _K.ties_merge(
-        base.numel(),
+        n,
         *_addresses(tensors),
         base.data_ptr(),
         _TYPES[str(base.dtype)],
         [float(t) for t in thresholds],
+        [float(w) for w in (scales if scales is not None else weights)],
+        [0 if lane is None else lane.data_ptr() for lane in lanes],
+        [int(c) for c in (cuts if cuts is not None else [0] * m)],
         [float(w) for w in weights],
         float(lambda_),
         bool(normalize),

@@ -355,7 +355,14 @@ def _merge_batch(
     """Merge a batch block by block into its output buffer; a random method draws per block."""
     assert batch.out is not None
     if ctx.kernels and ctx.spec.kernel is not None:
-        if _call(job, ctx.spec.name, ctx.spec.kernel, batch.views, batch.base, batch.out, kwargs):
+        fused = kwargs
+        if ctx.spec.random:  # the kernel draws per block as below
+            seeds = [
+                _block_seed(job, (batch.at + a) // grid.block)
+                for a, _ in _spans(batch.out.shape[0], grid.block)
+            ]
+            fused = kwargs | {"_seeds": seeds, "_block": grid.block}
+        if _call(job, ctx.spec.name, ctx.spec.kernel, batch.views, batch.base, batch.out, fused):
             return
     for span in _spans(batch.out.shape[0], grid.block):
         tensors, base = _block(batch.views, batch.base, span, ctx)
@@ -364,10 +371,14 @@ def _merge_batch(
             block_kwargs["base"] = base
         if ctx.spec.random:
             generator = torch.Generator(device=ctx.device)
-            index = (batch.at + span[0]) // grid.block
-            generator.manual_seed((job.seed + index * SEED_STRIDE) % (1 << 63))
+            generator.manual_seed(_block_seed(job, (batch.at + span[0]) // grid.block))
             block_kwargs["generator"] = generator
         batch.out[span[0] : span[1]].copy_(_call(job, ctx.spec.name, fn, tensors, **block_kwargs))
+
+
+def _block_seed(job: Job, index: int) -> int:
+    """The seed of block ``index`` of ``job`` (random methods): blocks depend on the shape alone."""
+    return (job.seed + index * SEED_STRIDE) % (1 << 63)
 
 
 def _read(job: Job, ctx: _Context, rows: tuple[int, int]) -> tuple[list[torch.Tensor], torch.Tensor | None]:

@@ -153,7 +153,7 @@ KERNEL_METHODS = sorted(name for name, spec in METHODS.items() if spec.kernel is
 
 
 def test_kernel_methods() -> None:
-    assert KERNEL_METHODS == ["centroid", "linear", "task_arithmetic", "ties", "weighted"]
+    assert KERNEL_METHODS == ["centroid", "dare_ties", "linear", "task_arithmetic", "ties", "weighted"]
 
 
 @pytest.mark.parametrize("method", KERNEL_METHODS)
@@ -198,3 +198,44 @@ def test_a_stale_build_is_not_used(monkeypatch: pytest.MonkeyPatch, caplog: pyte
     assert "stale" in caplog.text
     monkeypatch.undo()
     assert kernels._load()[0] is _kernels
+
+
+@pytest.mark.parametrize(
+    ("densities", "normalize"),
+    [([0.5, 0.5, 0.5], True), ([1.0, 0.0, 0.3], True), ([0.9, 0.25, 0.7], False)],
+)
+def test_dare_ties_kernel_draws_and_merges_as_the_torch_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, densities: list[float], normalize: bool
+) -> None:
+    """Same bytes with and without the kernel: the same random lanes per block, the same float32 steps."""
+    shapes = {"big.weight": (1500, 700), "odd": (3, 100_003), "small": (7, 9)}
+    dirs = []
+    for m in range(4):
+        g = torch.Generator().manual_seed(20 + m)
+        dirs.append(
+            save_model(tmp_path / f"m{m}", {n: torch.randn(s, generator=g) for n, s in shapes.items()})
+        )
+    recipe = {
+        "method": "dare_ties",
+        "base": str(dirs[0]),
+        "models": [
+            {"path": str(d), "weight": 0.5 + k, "density": p}
+            for k, (d, p) in enumerate(zip(dirs[1:], densities, strict=True))
+        ],
+        "parameters": {"lambda": 0.8, "normalize": normalize, "seed": 7},
+        "dtype": "bfloat16",
+    }
+    calls = []
+    real = kernels.ties_merge
+
+    def counted(*args: object, **kw: object) -> bool:
+        calls.append(kw.get("lanes"))
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels, "ties_merge", counted)
+    fused = hubmerge.merge(recipe, tmp_path / "fused")
+    assert calls and all(lanes is not None for lanes in calls)  # the kernel merged every large tensor
+    monkeypatch.setattr(kernels, "_K", None)
+    plain = hubmerge.merge(recipe, tmp_path / "plain")
+    for shard in fused.plan.shards:
+        assert (fused.out / shard.filename).read_bytes() == (plain.out / shard.filename).read_bytes()

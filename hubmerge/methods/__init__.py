@@ -22,6 +22,7 @@ from hubmerge.methods.spec import MethodSpec, ParamSpec, Pass
 from hubmerge.methods.task_vectors import (
     dare_linear,
     dare_ties,
+    dare_ties_kernel,
     task_arithmetic,
     task_arithmetic_kernel,
     ties,
@@ -135,6 +136,7 @@ METHODS: dict[str, MethodSpec] = {
             needs_base=True,
             elementwise=True,
             random=True,
+            kernel=dare_ties_kernel,
             paper="https://arxiv.org/abs/2311.03099",
             summary="DARE random drop and rescale, then TIES sign election and disjoint merge",
         ),

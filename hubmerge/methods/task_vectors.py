@@ -355,3 +355,50 @@ def dare_ties(
         deltas.append(torch.sub(x, base).mul_(keep.mul_(w * rescale(d))))
     merged = disjoint_merge(deltas, ws, elect_sign(deltas), normalize, scratch)
     return torch.add(base, merged, alpha=lambda_, out=merged)
+
+
+def dare_ties_kernel(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor | None, out: torch.Tensor, kwargs: Mapping[str, Any]
+) -> bool:
+    """:func:`dare_ties` on a span of stored rows, into ``out``, by the fused kernel; False if it cannot.
+
+    The run draws per block: ``_seeds`` holds one seed per block of ``_block`` rows. Each block's masks come
+    from a generator seeded with it, drawn model after model exactly as :func:`keep_mask_` draws them, and the
+    kernel does the rest in one pass with the float32 operations of :func:`dare_ties`.
+    """
+    seeds, rows = kwargs.get("_seeds"), kwargs.get("_block")
+    if base is None or seeds is None or rows is None:
+        return False
+    ws = per_model(kwargs.get("weights"), len(tensors), 1.0, "weight")
+    ds = per_model(kwargs.get("densities"), len(tensors), 0.5, "density")
+    check_densities(ds)
+    cuts = [round(d * _LANES) for d in ds]
+    if any(cut <= 0 < d for cut, d in zip(cuts, ds, strict=True)):
+        return False  # a density under half a lane keeps nothing, at 1/density: left to the torch path
+    scales = [w * rescale(d) if cut > 0 else 0.0 for w, d, cut in zip(ws, ds, cuts, strict=True)]
+    for i, seed in enumerate(seeds):
+        span = slice(i * rows, (i + 1) * rows)
+        generator = torch.Generator(device=base.device)
+        generator.manual_seed(seed)
+        numel = base[span].numel()
+        lanes: list[torch.Tensor | None] = []
+        for cut in cuts:  # keep_mask_'s draws, in its order
+            if 0 < cut < _LANES:
+                draws = torch.empty((numel + 3) // 4, dtype=torch.int64, device=base.device)
+                lanes.append(draws.random_(-(2**63), None, generator=generator).view(torch.int16)[:numel])
+            else:
+                lanes.append(None)
+        if not kernels.ties_merge(
+            [x[span] for x in tensors],
+            base[span],
+            out[span],
+            thresholds=[0.0] * len(tensors),  # every magnitude: DARE drops at random instead
+            weights=ws,
+            lambda_=kwargs.get("lambda_", 1.0),
+            normalize=kwargs.get("normalize", True),
+            scales=scales,
+            lanes=lanes,
+            cuts=[cut - _LANES // 2 for cut in cuts],
+        ):
+            return False  # the same checks fail on every block: this is the first
+    return True
