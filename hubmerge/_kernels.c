@@ -198,6 +198,44 @@ INLINE void ties_merge(int64_t n, int m, const void *const *xs, const int *types
     }
 }
 
+/* DARE-linear on n elements, as hubmerge.methods.task_vectors.dare_linear: out = base, then per model
+ * out = out + (value * (x - base)) * keep, as torch's addcmul computes it; keep is 1 where the entry's random
+ * lane is below cuts[k], else 0, or keeps[k] everywhere where lanes[k] is NULL. */
+INLINE void dare_sum(int64_t n, int m, const void *const *xs, const int *types, const void *base, int base_type,
+                     const int16_t *const *lanes, const int *cuts, const float *keeps, const float *values,
+                     void *out, int out_type) {
+    float b[CHUNK] __attribute__((aligned(32)));
+    float x[CHUNK] __attribute__((aligned(32)));
+    float acc[CHUNK] __attribute__((aligned(32)));
+    int16_t lane[CHUNK] __attribute__((aligned(32)));
+    const vf one = splat(1.0f);
+    for (int64_t off = 0; off < n; off += CHUNK) {
+        int c = n - off < CHUNK ? (int)(n - off) : CHUNK;
+        load_chunk(b, base, base_type, off, c);
+        memcpy(acc, b, sizeof acc);
+        for (int k = 0; k < m; k++) {
+            load_chunk(x, xs[k], types[k], off, c);
+            const vf v = splat(values[k]), all = splat(keeps[k]);
+            const vs cut = (vs){0} + (int16_t)cuts[k];
+            if (lanes[k] != NULL) {
+                memcpy(lane, lanes[k] + off, (size_t)c * sizeof lane[0]);
+                memset(lane + c, 0, (size_t)(CHUNK - c) * sizeof lane[0]);
+            }
+            for (int j = 0; j < CHUNK; j += LANES) {
+                vf keep = all;
+                if (lanes[k] != NULL) {
+                    vs l;
+                    memcpy(&l, lane + j, sizeof l);
+                    keep = (vf)((vi)one & __builtin_convertvector(l < cut, vi));
+                }
+                /* keep is 0 or 1: fused or not, the product is exact and the add rounds once, as in torch */
+                vstore(acc + j, vload(acc + j) + (v * (vload(x + j) - vload(b + j))) * keep);
+            }
+        }
+        store_chunk(out, out_type, off, acc, c);
+    }
+}
+
 /* sum_k coefficients[k] * x_k, accumulated left to right (acc = c0 * x0, then acc = acc + ck * xk, fused as
  * torch's add with an alpha), then divided by divisor unless it is 1. */
 INLINE void weighted_sum(int64_t n, int m, const void *const *xs, const int *types, const float *coefficients,
@@ -231,19 +269,25 @@ INLINE void weighted_sum(int64_t n, int m, const void *const *xs, const int *typ
 #define SUM_ARGS int64_t n, int m, const void *const *xs, const int *types, const float *coefficients, \
     float divisor, void *out, int out_type
 #define SUM_CALL n, m, xs, types, coefficients, divisor, out, out_type
+#define DARE_ARGS int64_t n, int m, const void *const *xs, const int *types, const void *base, int base_type, \
+    const int16_t *const *lanes, const int *cuts, const float *keeps, const float *values, void *out, int out_type
+#define DARE_CALL n, m, xs, types, base, base_type, lanes, cuts, keeps, values, out, out_type
 
 static void hist_base(HIST_ARGS) { ties_hist(HIST_CALL); }
 static void merge_base(MERGE_ARGS) { ties_merge(MERGE_CALL); }
 static void sum_base(SUM_ARGS) { weighted_sum(SUM_CALL); }
+static void dare_base(DARE_ARGS) { dare_sum(DARE_CALL); }
 static void (*run_hist)(HIST_ARGS) = hist_base;
 static void (*run_merge)(MERGE_ARGS) = merge_base;
 static void (*run_sum)(SUM_ARGS) = sum_base;
+static void (*run_dare)(DARE_ARGS) = dare_base;
 static const char *variant = "baseline";
 
 #if X86_DISPATCH
 FAST static void hist_fast(HIST_ARGS) { ties_hist(HIST_CALL); }
 FAST static void merge_fast(MERGE_ARGS) { ties_merge(MERGE_CALL); }
 FAST static void sum_fast(SUM_ARGS) { weighted_sum(SUM_CALL); }
+FAST static void dare_fast(DARE_ARGS) { dare_sum(DARE_CALL); }
 #endif
 
 static void choose_variant(void) {
@@ -253,6 +297,7 @@ static void choose_variant(void) {
         run_hist = hist_fast;
         run_merge = merge_fast;
         run_sum = sum_fast;
+        run_dare = dare_fast;
         variant = "avx2+fma";
     }
 #endif
@@ -378,7 +423,32 @@ static PyObject *py_weighted_sum(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
+static PyObject *py_dare_sum(PyObject *self, PyObject *args) {
+    Py_ssize_t n;
+    PyObject *xs_obj, *types_obj, *base_obj, *lanes_obj, *cuts_obj, *keeps_obj, *values_obj, *out_obj;
+    int base_type, out_type;
+    if (!PyArg_ParseTuple(args, "nOOOiOOOOOi", &n, &xs_obj, &types_obj, &base_obj, &base_type, &lanes_obj,
+                          &cuts_obj, &keeps_obj, &values_obj, &out_obj, &out_type))
+        return NULL;
+    int m = model_count(xs_obj);
+    if (m < 0) return NULL;
+    const void *xs[MAX_MODELS], *lanes[MAX_MODELS];
+    int types[MAX_MODELS], cuts[MAX_MODELS];
+    float keeps[MAX_MODELS], values[MAX_MODELS];
+    if (parse_addresses(xs_obj, m, xs, types, types_obj) < 0 ||
+        parse_addresses(lanes_obj, m, lanes, cuts, cuts_obj) < 0 || parse_floats(keeps_obj, m, keeps) < 0 ||
+        parse_floats(values_obj, m, values) < 0)
+        return NULL;
+    const void *base = PyLong_AsVoidPtr(base_obj);
+    void *out = PyLong_AsVoidPtr(out_obj);
+    if (PyErr_Occurred()) return NULL;
+    Py_BEGIN_ALLOW_THREADS run_dare(n, m, xs, types, base, base_type, (const int16_t *const *)lanes, cuts, keeps,
+                                     values, out, out_type);
+    Py_END_ALLOW_THREADS Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"dare_sum", py_dare_sum, METH_VARARGS, "DARE-linear sum of one span (see hubmerge/kernels.py)."},
     {"ties_hist", py_ties_hist, METH_VARARGS, "TIES magnitude histogram (see hubmerge/kernels.py)."},
     {"ties_merge", py_ties_merge, METH_VARARGS, "TIES merge of one span (see hubmerge/kernels.py)."},
     {"weighted_sum", py_weighted_sum, METH_VARARGS, "Weighted sum of one span (see hubmerge/kernels.py)."},
@@ -392,7 +462,7 @@ PyMODINIT_FUNC PyInit__kernels(void) {
     PyObject *mod = PyModule_Create(&module);
     if (mod != NULL) {
         PyModule_AddStringConstant(mod, "VARIANT", variant);
-        PyModule_AddIntConstant(mod, "ABI", 2); /* bump with any change of the functions' arguments */
+        PyModule_AddIntConstant(mod, "ABI", 3); /* bump with any change of the functions' arguments */
         PyModule_AddIntConstant(mod, "MAX_MODELS", MAX_MODELS);
         PyModule_AddIntConstant(mod, "CHUNK", CHUNK);
     }

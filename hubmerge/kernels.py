@@ -18,7 +18,7 @@ from hubmerge._torch import torch
 
 log = logging.getLogger(__name__)
 
-_ABI = 2  # the _kernels.c interface this module calls (its ABI constant)
+_ABI = 3  # the _kernels.c interface this module calls (its ABI constant)
 _TYPES = {"torch.bfloat16": 0, "torch.float32": 1}  # by name: building this imports no torch
 
 
@@ -65,6 +65,13 @@ def _usable(inputs: Sequence[torch.Tensor], others: Sequence[torch.Tensor]) -> b
     if _K is None or not 1 <= len(inputs) <= _K.MAX_MODELS:
         return False
     return _fits([*inputs, *others], inputs[0].numel())
+
+
+def _lanes_fit(lanes: Sequence[torch.Tensor | None], n: int) -> bool:
+    return all(
+        lane is None or (lane.dtype == torch.int16 and lane.is_contiguous() and lane.numel() == n)
+        for lane in lanes
+    )
 
 
 def ties_hist(
@@ -141,10 +148,7 @@ def ties_merge(
         return False
     m, n = len(tensors), base.numel()
     lanes = lanes if lanes is not None else [None] * m
-    if any(
-        lane is not None and (lane.dtype != torch.int16 or not lane.is_contiguous() or lane.numel() != n)
-        for lane in lanes
-    ):
+    if not _lanes_fit(lanes, n):
         return False
     assert _K is not None
     _K.ties_merge(
@@ -188,6 +192,52 @@ def weighted_sum(
         *_addresses(tensors),
         [float(c) for c in coefficients],
         float(divisor),
+        out.data_ptr(),
+        _TYPES[str(out.dtype)],
+    )
+    return True
+
+
+def dare_sum(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    lanes: Sequence[torch.Tensor | None],
+    cuts: Sequence[int],
+    keeps: Sequence[float],
+    values: Sequence[float],
+) -> bool:
+    """DARE-linear into ``out``, as :func:`hubmerge.methods.task_vectors.dare_linear`: ``base`` plus, per
+    model, ``(value * (x - base)) * keep``.
+
+    Args:
+        tensors: one span of each model's tensor.
+        base: the same span of the base tensor.
+        out: where the sum goes, cast to its dtype.
+        lanes: per model, None or an int16 tensor of one random lane per entry.
+        cuts: per model with lanes, the bound a lane must be below for its entry to be kept.
+        keeps: per model without lanes, the keep mask's one value (1 or 0).
+        values: per model, the factor of its kept task vector.
+
+    Returns:
+        Whether the kernel ran; if False ``out`` is untouched.
+    """
+    n = base.numel()
+    if not _usable(tensors, [base, out]) or not all(math.isfinite(v) for v in values):
+        return False
+    if not _lanes_fit(lanes, n):
+        return False
+    assert _K is not None
+    _K.dare_sum(
+        n,
+        *_addresses(tensors),
+        base.data_ptr(),
+        _TYPES[str(base.dtype)],
+        [0 if lane is None else lane.data_ptr() for lane in lanes],
+        [int(c) for c in cuts],
+        [float(k) for k in keeps],
+        [float(v) for v in values],
         out.data_ptr(),
         _TYPES[str(out.dtype)],
     )

@@ -153,7 +153,15 @@ KERNEL_METHODS = sorted(name for name, spec in METHODS.items() if spec.kernel is
 
 
 def test_kernel_methods() -> None:
-    assert KERNEL_METHODS == ["centroid", "dare_ties", "linear", "task_arithmetic", "ties", "weighted"]
+    assert KERNEL_METHODS == [
+        "centroid",
+        "dare_linear",
+        "dare_ties",
+        "linear",
+        "task_arithmetic",
+        "ties",
+        "weighted",
+    ]
 
 
 @pytest.mark.parametrize("method", KERNEL_METHODS)
@@ -200,12 +208,13 @@ def test_a_stale_build_is_not_used(monkeypatch: pytest.MonkeyPatch, caplog: pyte
     assert kernels._load()[0] is _kernels
 
 
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
 @pytest.mark.parametrize(
     ("densities", "normalize"),
     [([0.5, 0.5, 0.5], True), ([1.0, 0.0, 0.3], True), ([0.9, 0.25, 0.7], False)],
 )
-def test_dare_ties_kernel_draws_and_merges_as_the_torch_path(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, densities: list[float], normalize: bool
+def test_dare_kernels_draw_and_merge_as_the_torch_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, densities: list[float], normalize: bool
 ) -> None:
     """Same bytes with and without the kernel: the same random lanes per block, the same float32 steps."""
     shapes = {"big.weight": (1500, 700), "odd": (3, 100_003), "small": (7, 9)}
@@ -216,7 +225,7 @@ def test_dare_ties_kernel_draws_and_merges_as_the_torch_path(
             save_model(tmp_path / f"m{m}", {n: torch.randn(s, generator=g) for n, s in shapes.items()})
         )
     recipe = {
-        "method": "dare_ties",
+        "method": method,
         "base": str(dirs[0]),
         "models": [
             {"path": str(d), "weight": 0.5 + k, "density": p}
@@ -226,13 +235,14 @@ def test_dare_ties_kernel_draws_and_merges_as_the_torch_path(
         "dtype": "bfloat16",
     }
     calls = []
-    real = kernels.ties_merge
+    name = "ties_merge" if method == "dare_ties" else "dare_sum"
+    real = getattr(kernels, name)
 
     def counted(*args: object, **kw: object) -> bool:
         calls.append(kw.get("lanes"))
-        return real(*args, **kw)  # type: ignore[arg-type]
+        return bool(real(*args, **kw))
 
-    monkeypatch.setattr(kernels, "ties_merge", counted)
+    monkeypatch.setattr(kernels, name, counted)
     fused = hubmerge.merge(recipe, tmp_path / "fused")
     assert calls and all(lanes is not None for lanes in calls)  # the kernel merged every large tensor
     monkeypatch.setattr(kernels, "_K", None)

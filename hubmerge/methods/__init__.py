@@ -21,6 +21,7 @@ from hubmerge.methods.geometric import model_stock, slerp
 from hubmerge.methods.spec import MethodSpec, ParamSpec, Pass
 from hubmerge.methods.task_vectors import (
     dare_linear,
+    dare_linear_kernel,
     dare_ties,
     dare_ties_kernel,
     task_arithmetic,
@@ -124,6 +125,7 @@ METHODS: dict[str, MethodSpec] = {
             needs_base=True,
             elementwise=True,
             random=True,
+            kernel=dare_linear_kernel,
             paper="https://arxiv.org/abs/2311.03099",
             summary="randomly drop task-vector entries, rescale by 1/density, add like task arithmetic",
         ),

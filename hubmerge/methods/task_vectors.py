@@ -9,7 +9,7 @@ Functions ending in ``_`` write into tensors this module allocated itself, never
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from hubmerge import kernels
@@ -357,37 +357,60 @@ def dare_ties(
     return torch.add(base, merged, alpha=lambda_, out=merged)
 
 
-def dare_ties_kernel(
-    tensors: Sequence[torch.Tensor], base: torch.Tensor | None, out: torch.Tensor, kwargs: Mapping[str, Any]
-) -> bool:
-    """:func:`dare_ties` on a span of stored rows, into ``out``, by the fused kernel; False if it cannot.
+def _dare_blocks(
+    base: torch.Tensor, cuts: Sequence[int], kwargs: Mapping[str, Any]
+) -> Iterator[tuple[slice, list[torch.Tensor | None]]]:
+    """Per block of the span a kernel merges: its rows and each model's random lanes (None: no draw).
 
-    The run draws per block: ``_seeds`` holds one seed per block of ``_block`` rows. Each block's masks come
-    from a generator seeded with it, drawn model after model exactly as :func:`keep_mask_` draws them, and the
-    kernel does the rest in one pass with the float32 operations of :func:`dare_ties`.
+    The run draws per block: ``_seeds`` holds one seed per block of ``_block`` rows. Each block's lanes come
+    from a generator seeded with it, drawn model after model exactly as :func:`keep_mask_` draws them.
     """
-    seeds, rows = kwargs.get("_seeds"), kwargs.get("_block")
-    if base is None or seeds is None or rows is None:
-        return False
-    ws = per_model(kwargs.get("weights"), len(tensors), 1.0, "weight")
-    ds = per_model(kwargs.get("densities"), len(tensors), 0.5, "density")
-    check_densities(ds)
-    cuts = [round(d * _LANES) for d in ds]
-    if any(cut <= 0 < d for cut, d in zip(cuts, ds, strict=True)):
-        return False  # a density under half a lane keeps nothing, at 1/density: left to the torch path
-    scales = [w * rescale(d) if cut > 0 else 0.0 for w, d, cut in zip(ws, ds, cuts, strict=True)]
-    for i, seed in enumerate(seeds):
+    rows = kwargs["_block"]
+    for i, seed in enumerate(kwargs["_seeds"]):
         span = slice(i * rows, (i + 1) * rows)
         generator = torch.Generator(device=base.device)
         generator.manual_seed(seed)
         numel = base[span].numel()
         lanes: list[torch.Tensor | None] = []
-        for cut in cuts:  # keep_mask_'s draws, in its order
+        for cut in cuts:
             if 0 < cut < _LANES:
                 draws = torch.empty((numel + 3) // 4, dtype=torch.int64, device=base.device)
                 lanes.append(draws.random_(-(2**63), None, generator=generator).view(torch.int16)[:numel])
             else:
                 lanes.append(None)
+        yield span, lanes
+
+
+def _dare_setup(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor | None, kwargs: Mapping[str, Any]
+) -> tuple[list[float], list[float], list[int]] | None:
+    """Weights, densities and lane cuts for a DARE kernel; None where the torch path must run."""
+    if base is None or "_seeds" not in kwargs:
+        return None
+    ws = per_model(kwargs.get("weights"), len(tensors), 1.0, "weight")
+    ds = per_model(kwargs.get("densities"), len(tensors), 0.5, "density")
+    check_densities(ds)
+    cuts = [round(d * _LANES) for d in ds]
+    if any(cut <= 0 < d for cut, d in zip(cuts, ds, strict=True)):
+        return None  # a density under half a lane keeps nothing, at 1/density: left to the torch path
+    return ws, ds, cuts
+
+
+def dare_ties_kernel(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor | None, out: torch.Tensor, kwargs: Mapping[str, Any]
+) -> bool:
+    """:func:`dare_ties` on a span of stored rows, into ``out``, by the fused kernel; False if it cannot.
+
+    Each block's masks are drawn as :func:`dare_ties` draws them (:func:`_dare_blocks`); the kernel does the
+    rest in one pass with the same float32 operations.
+    """
+    setup = _dare_setup(tensors, base, kwargs)
+    if setup is None:
+        return False
+    assert base is not None
+    ws, ds, cuts = setup
+    scales = [w * rescale(d) if cut > 0 else 0.0 for w, d, cut in zip(ws, ds, cuts, strict=True)]
+    for span, lanes in _dare_blocks(base, cuts, kwargs):
         if not kernels.ties_merge(
             [x[span] for x in tensors],
             base[span],
@@ -399,6 +422,31 @@ def dare_ties_kernel(
             scales=scales,
             lanes=lanes,
             cuts=[cut - _LANES // 2 for cut in cuts],
+        ):
+            return False  # the same checks fail on every block: this is the first
+    return True
+
+
+def dare_linear_kernel(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor | None, out: torch.Tensor, kwargs: Mapping[str, Any]
+) -> bool:
+    """:func:`dare_linear` on a span of stored rows, into ``out``, by the fused kernel; False if it cannot."""
+    setup = _dare_setup(tensors, base, kwargs)
+    if setup is None:
+        return False
+    assert base is not None
+    ws, ds, cuts = setup
+    normalize, lambda_ = kwargs.get("normalize", False), kwargs.get("lambda_", 1.0)
+    scale = lambda_ / normalizer(ws, "dare_linear") if normalize else lambda_
+    for span, lanes in _dare_blocks(base, cuts, kwargs):
+        if not kernels.dare_sum(
+            [x[span] for x in tensors],
+            base[span],
+            out[span],
+            lanes=lanes,
+            cuts=[cut - _LANES // 2 for cut in cuts],
+            keeps=[1.0 if cut >= _LANES else 0.0 for cut in cuts],
+            values=[scale * w * rescale(d) for w, d in zip(ws, ds, strict=True)],
         ):
             return False  # the same checks fail on every block: this is the first
     return True
