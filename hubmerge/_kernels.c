@@ -121,6 +121,19 @@ INLINE void ties_hist(int64_t n, int m, const void *const *xs, const int *types,
     }
 }
 
+/* Random lanes [off, off + n) of src in dst (DARE); the rest of the chunk is zero. */
+INLINE void load_lanes(int16_t *restrict dst, const int16_t *src, int64_t off, int n) {
+    memcpy(dst, src + off, (size_t)n * sizeof dst[0]);
+    memset(dst + n, 0, (size_t)(CHUNK - n) * sizeof dst[0]);
+}
+
+/* All bits set where lane[j + i] < cut: the entries DARE keeps. */
+INLINE vi lane_below(const int16_t *lane, int j, vs cut) {
+    vs l;
+    memcpy(&l, lane + j, sizeof l);
+    return __builtin_convertvector(l < cut, vi);
+}
+
 /* TIES on n elements, as hubmerge.methods.blocks.ties_block: keep |x - base| >= threshold (NaN: none),
  * multiply by the scale, elect the sign of the sum, sum the agreeing entries, divide by the agreeing weights.
  * With lanes[k] (DARE, as hubmerge.methods.task_vectors.dare_ties), model k also keeps only the entries whose
@@ -148,14 +161,11 @@ INLINE void ties_merge(int64_t n, int m, const void *const *xs, const int *types
             load_chunk(x, xs[k], types[k], off, c);
             const vf t = splat(thresholds[k]), w = splat(scales[k]);
             if (lanes[k] != NULL) {
-                memcpy(lane, lanes[k] + off, (size_t)c * sizeof lane[0]);
-                memset(lane + c, 0, (size_t)(CHUNK - c) * sizeof lane[0]);
+                load_lanes(lane, lanes[k], off, c);
                 const vs cut = (vs){0} + (int16_t)cuts[k];
                 for (int j = 0; j < CHUNK; j += LANES) {
                     vf d = vload(x + j) - vload(b + j);
-                    vs l;
-                    memcpy(&l, lane + j, sizeof l);
-                    vi keep = ((vf)((vi)d & 0x7fffffff) >= t) & __builtin_convertvector(l < cut, vi);
+                    vi keep = ((vf)((vi)d & 0x7fffffff) >= t) & lane_below(lane, j, cut);
                     vstore(e[k] + j, d * (vf)((vi)w & keep));
                 }
                 continue;
@@ -217,17 +227,9 @@ INLINE void dare_sum(int64_t n, int m, const void *const *xs, const int *types, 
             load_chunk(x, xs[k], types[k], off, c);
             const vf v = splat(values[k]), all = splat(keeps[k]);
             const vs cut = (vs){0} + (int16_t)cuts[k];
-            if (lanes[k] != NULL) {
-                memcpy(lane, lanes[k] + off, (size_t)c * sizeof lane[0]);
-                memset(lane + c, 0, (size_t)(CHUNK - c) * sizeof lane[0]);
-            }
+            if (lanes[k] != NULL) load_lanes(lane, lanes[k], off, c);
             for (int j = 0; j < CHUNK; j += LANES) {
-                vf keep = all;
-                if (lanes[k] != NULL) {
-                    vs l;
-                    memcpy(&l, lane + j, sizeof l);
-                    keep = (vf)((vi)one & __builtin_convertvector(l < cut, vi));
-                }
+                vf keep = lanes[k] != NULL ? (vf)((vi)one & lane_below(lane, j, cut)) : all;
                 /* keep is 0 or 1: fused or not, the product is exact and the add rounds once, as in torch */
                 vstore(acc + j, vload(acc + j) + (v * (vload(x + j) - vload(b + j))) * keep);
             }
