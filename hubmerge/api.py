@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from . import __version__
 from .errors import RecipeError
 from .plan import DEFAULT_MEMORY_BUDGET, MergePlan, build_plan
-from .publish import PushTarget
+from .publish import PushTarget, uploads_read_direct
 from .recipe import Dtype, Recipe, load_recipe
 from .sources import TensorSource, open_source
 from .writer import ShardWriter, Sink, check_output, write_json
@@ -188,9 +188,11 @@ def merge(
         license_ = common_license(merge_plan, _unique(sources))  # disagreeing licenses fail before any read
         if on_plan is not None:
             on_plan(merge_plan)
-        # A pushed shard is read again as soon as it is written: it stays in the page cache (writer.py).
-        writer = ShardWriter(target, resume=resume, direct=push is None)
-        uploader = HubUploader(push, writer.tmp) if push is not None else None
+        # A pushed shard is read again as soon as it is written, around the page cache too where the upload
+        # goes through the LFS protocol; Xet reads files by path, from the cache (publish.py).
+        direct = push is None or uploads_read_direct()
+        writer = ShardWriter(target, resume=resume, direct=direct)
+        uploader = HubUploader(push, writer.tmp, read_direct=direct) if push is not None else None
         commit_url = None
         try:
             done = writer.begin(merge_plan)

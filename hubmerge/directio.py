@@ -14,11 +14,14 @@ first block boundary of a run, and those after its last one when it is flushed, 
 Linux keeps the two kinds of write coherent, and no block written directly is ever in the cache. A file
 system that refuses ``O_DIRECT`` (tmpfs on older kernels) gets buffered writes only, and so does every
 file when ``HUBMERGE_DIRECT_WRITE=0``.
+
+:class:`DirectReader` reads such a file back once, for a push's upload, the same way around the cache.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import mmap
 import os
@@ -34,7 +37,7 @@ MAX_PWRITE = 1 << 30  # Linux writes at most ~2 GiB per call; stay well below
 
 
 def enabled() -> bool:
-    """Whether output may be written with ``O_DIRECT`` (``HUBMERGE_DIRECT_WRITE=0`` turns it off)."""
+    """Whether output may be written and read back with ``O_DIRECT`` (``HUBMERGE_DIRECT_WRITE=0``: no)."""
     return os.environ.get("HUBMERGE_DIRECT_WRITE", "1") != "0" and hasattr(os, "O_DIRECT")
 
 
@@ -209,3 +212,165 @@ class DirectFile:
                     log.debug("direct write refused (%s); writing through the page cache", exc)
                     self._direct = False
             pwrite_all(self.fd, view[:length], offset)
+
+
+class DirectReader(io.BufferedIOBase):
+    """A file read around the page cache, front to back, with a thread reading ahead.
+
+    For a shard that was just written with :class:`DirectFile` and is read once, to upload it: through the
+    cache every byte would land in a fresh cache page (the cost ``DirectFile`` avoids on the way in), and
+    read directly but one block at a time the reader would wait on the device between blocks. Here a
+    thread keeps ``depth - 1`` blocks of ``block`` bytes on their way past the one being read.
+    Seeking anywhere works (an upload retried from its start, a multipart upload's parts); a seek off the
+    path read ahead starts the read-ahead again there. A file system without direct I/O is read through the
+    cache, with the same read-ahead.
+
+    Args:
+        path: the file.
+        depth: buffers of ``block`` bytes in all (at least 2).
+        block: bytes per read (a multiple of ``ALIGN``).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, depth: int = DEPTH, block: int = STAGE) -> None:
+        super().__init__()
+        self.name = os.fspath(path)
+        self._depth, self._block = depth, block
+        self._fd = -1
+        if enabled():
+            try:
+                self._fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+            except OSError as exc:
+                log.debug("%s: reading through the page cache (%s)", path, exc)
+        self.direct = self._fd >= 0
+        if self._fd < 0:
+            self._fd = os.open(path, os.O_RDONLY)
+        self._size = os.fstat(self._fd).st_size
+        self._pos = 0
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="hubmerge-readahead")
+        self._ahead: deque[tuple[int, Future[int], mmap.mmap]] = deque()  # (block index, read, buffer)
+        self._spare: list[mmap.mmap] = []
+        self._current: tuple[int, int, mmap.mmap] | None = None  # (block index, bytes in it, buffer)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if self.closed:
+            raise ValueError("seek of a closed file")
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise OSError(errno.EINVAL, f"negative seek position {base + offset}")
+        self._pos = base + offset  # the read-ahead follows at the next read
+        return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.closed:
+            raise ValueError("read of a closed file")
+        size = max(0, self._size - self._pos) if size is None or size < 0 else size
+        index, at = divmod(self._pos, self._block)
+        if 0 < size and self._pos < self._size:
+            filled, buf = self._load(index)
+            if at + size <= filled:  # the usual case (an HTTP client's 64 KiB reads): one copy
+                self._pos += size
+                return buf[at : at + size]
+        out = bytearray(min(size, max(0, self._size - self._pos)))
+        n = self.readinto(out)
+        return bytes(out) if n == len(out) else bytes(out[:n])
+
+    def read1(self, size: int = -1) -> bytes:
+        return self.read(size)
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        if self.closed:
+            raise ValueError("read of a closed file")
+        with memoryview(buffer) as target:
+            target = target.cast("B")
+            done = 0
+            while done < len(target) and self._pos < self._size:
+                index, at = divmod(self._pos, self._block)
+                filled, buf = self._load(index)
+                n = min(len(target) - done, filled - at)
+                if n <= 0:  # the file shrank under us: stop at what is there
+                    break
+                target[done : done + n] = buf[at : at + n]
+                done += n
+                self._pos += n
+            return done
+
+    def _load(self, index: int) -> tuple[int, mmap.mmap]:
+        """The block ``index``, read (waiting for it if needed), with read-ahead past it started."""
+        if self._current is not None and self._current[0] == index:
+            return self._current[1], self._current[2]
+        if self._current is not None:
+            self._spare.append(self._current[2])
+            self._current = None
+        while self._ahead and self._ahead[0][0] != index:  # behind us, or a seek left them off the path
+            _, future, buf = self._ahead.popleft()
+            future.cancel() or future.exception()
+            self._spare.append(buf)
+        if not self._ahead:
+            self._submit(index)
+        _, future, buf = self._ahead.popleft()
+        self._top_up()
+        filled = future.result()
+        self._current = (index, filled, buf)
+        return filled, buf
+
+    def _submit(self, index: int) -> None:
+        buf = self._spare.pop() if self._spare else mmap.mmap(-1, self._block)
+        self._ahead.append((index, self._thread.submit(self._pread, buf, index * self._block), buf))
+
+    def _top_up(self) -> None:
+        """Keep ``depth - 1`` blocks on their way past the current one (``depth`` buffers in all)."""
+        last = (self._size - 1) // self._block
+        nxt = self._ahead[-1][0] + 1 if self._ahead else (self._pos // self._block) + 1
+        while len(self._ahead) < self._depth - 1 and nxt <= last:
+            self._submit(nxt)
+            nxt += 1
+
+    def _pread(self, buf: mmap.mmap, offset: int) -> int:
+        with memoryview(buf) as view:
+            filled = 0
+            while filled < len(view):
+                try:
+                    n = os.preadv(self._fd, [view[filled:]], offset + filled)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL or not self.direct:
+                        raise
+                    log.debug("direct read refused (%s); reading through the page cache", exc)
+                    self._reopen_buffered()
+                    continue
+                if n == 0:
+                    break
+                filled += n
+            return filled
+
+    def _reopen_buffered(self) -> None:
+        fd = os.open(self.name, os.O_RDONLY)
+        os.dup2(fd, self._fd)
+        os.close(fd)
+        self.direct = False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            for _, future, _ in self._ahead:
+                future.cancel()
+            self._thread.shutdown(wait=True)
+            for buf in (
+                [b for _, _, b in self._ahead] + self._spare + ([self._current[2]] if self._current else [])
+            ):
+                buf.close()
+            self._ahead.clear()
+            self._spare.clear()
+            self._current = None
+            os.close(self._fd)
+        finally:
+            super().close()

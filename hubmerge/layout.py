@@ -147,7 +147,8 @@ def working_set(job: Job, compute_size: int, *, workers: int, hub_inputs: int, b
     size; other methods (and tensors of at most one block) hold every input and the result in the compute
     dtype. Each Hub input adds two reads of up to ``READ_BYTES`` (the one merging, the one on its way) and the
     window of smaller tensors read ahead; local inputs are memory-mapped. The writer's staging buffers for
-    direct writes (directio.py) come on top.
+    direct writes (directio.py) come on top; a push reading its shards back around the page cache holds as
+    many again, which this estimate, made before the push is known, leaves out.
     """
     from .directio import DEPTH, STAGE
     from .sources.hub import AHEAD_BYTES, SPAN_BYTES

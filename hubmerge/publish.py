@@ -8,18 +8,26 @@ printed, logged or written anywhere.
 An LFS upload names a file by its sha256, which huggingface_hub would compute by reading the finished shard
 once more (about 1 s per 1.7 GB, after the merge); this sink hashes each shard's bytes as the merge hands
 them over instead.
+
+Where the upload goes through the LFS protocol, the shards are written around the page cache and read back
+for their upload the same way, a thread reading ahead (``directio.DirectReader``): through the cache every
+byte would first be copied into a fresh cache page on the merge's own cores (measured in bench/RESULTS.md,
+item 16).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
+from . import directio
+from .directio import DirectReader
 from .errors import HubError, PublishError
 from .sources.hub import hub_call
 from .writer import PROGRESS_DIR, batch_offset, tensor_bytes
@@ -50,9 +58,16 @@ class PushTarget:
 
 
 class HubUploader:
-    """A sink that uploads each finished shard in the background, and commits everything at the end."""
+    """A sink that uploads each finished shard in the background, and commits everything at the end.
 
-    def __init__(self, target: PushTarget, directory: Path) -> None:
+    Args:
+        target: where to push.
+        directory: the folder the shards are written in.
+        read_direct: read each shard for its upload around the page cache, with a thread reading ahead
+            (``directio.DirectReader``): for shards written that way, see :func:`uploads_read_direct`.
+    """
+
+    def __init__(self, target: PushTarget, directory: Path, *, read_direct: bool = False) -> None:
         from huggingface_hub import HfApi
 
         self.target, self.directory = target, directory
@@ -62,6 +77,7 @@ class HubUploader:
         self._uploads: list[Future[None]] = []
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="hubmerge-upload")
         self._digests: dict[int, _Digest] = {}
+        self.read_direct = read_direct
 
     def _call(self, fn: Any, what: str) -> Any:
         # huggingface_hub retries its own requests with backoff; one attempt here, errors mapped to ours.
@@ -125,16 +141,26 @@ class HubUploader:
             op = _hashed(filename, path, sha256)
         else:  # resumed: an earlier run wrote part of the shard, so huggingface_hub reads it whole to hash it
             op = CommitOperationAdd(path_in_repo=filename, path_or_fileobj=str(path))
-        self._call(
-            lambda: self.api.preupload_lfs_files(
-                self.target.repo_id,
-                additions=[op],
-                revision=self.target.branch,
-                create_pr=self.target.create_pr,
-                free_memory=False,
-            ),
-            f"upload of {filename}",
-        )
+        reader = None
+        if sha256 is not None and self.read_direct:
+            # huggingface_hub takes a file object as it takes a path: read, seek, tell (io.BufferedIOBase).
+            reader = DirectReader(path)
+            op.path_or_fileobj = cast("BinaryIO", reader)
+        try:
+            self._call(
+                lambda: self.api.preupload_lfs_files(
+                    self.target.repo_id,
+                    additions=[op],
+                    revision=self.target.branch,
+                    create_pr=self.target.create_pr,
+                    free_memory=False,
+                ),
+                f"upload of {filename}",
+            )
+        finally:
+            if reader is not None:
+                reader.close()
+                op.path_or_fileobj = str(path)
         self._ops[filename] = op
         log.info("uploaded %s", filename)
         if self.target.delete_local and op._upload_mode == "lfs":
@@ -233,6 +259,22 @@ class _Digest:
     def result(self) -> bytes | None:
         """The digest, if every byte of the shard went through :meth:`feed` in order."""
         return self._hash.digest() if self._hash is not None and self._at == self._size else None
+
+
+def uploads_read_direct() -> bool:
+    """Whether pushed shards are best written and read back around the page cache (``directio.py``).
+
+    True where huggingface_hub uploads through the LFS protocol, which reads a file object we hand it. With
+    ``hf_xet`` installed and not turned off it uploads through Xet, which reads files by path (through the
+    page cache) and would fall back to LFS for a file object; a shard for it is written through the cache.
+    """
+    if not directio.enabled():
+        return False
+    from huggingface_hub import constants
+
+    if getattr(constants, "HF_HUB_DISABLE_XET", False):
+        return True
+    return importlib.util.find_spec("hf_xet") is None
 
 
 def _hashed(filename: str, path: Path, sha256: bytes) -> CommitOperationAdd:

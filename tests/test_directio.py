@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import hubmerge
 from hubmerge import directio
-from hubmerge.directio import ALIGN, DirectFile, DirectIO
+from hubmerge.directio import ALIGN, DirectFile, DirectIO, DirectReader
 
 from .util import kill_after_script, save_model, write_recipe
 
@@ -139,6 +139,87 @@ def _is_direct(fd: int) -> bool:
     import fcntl
 
     return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+
+
+def _reader_file(tmp_path: Path, size: int, seed: int) -> tuple[Path, bytes]:
+    data = random.Random(seed).randbytes(size)
+    path = tmp_path / "shard.bin"
+    path.write_bytes(data)
+    return path, data
+
+
+@pytest.mark.parametrize("size", [0, 1, ALIGN, 5 * 16 * ALIGN, 5 * 16 * ALIGN + 123])
+def test_the_reader_gives_back_every_byte(tmp_path: Path, size: int) -> None:
+    # As an HTTP client reads an upload: fixed-size reads front to back, then the length probe it starts with.
+    path, data = _reader_file(tmp_path, size, size)
+    with DirectReader(path, depth=3, block=16 * ALIGN) as reader:
+        assert reader.seek(0, os.SEEK_END) == size
+        assert reader.seek(0) == 0
+        chunks = list(iter(lambda: reader.read(10_000), b""))
+        assert b"".join(chunks) == data
+        assert all(len(c) == 10_000 for c in chunks[:-1])
+        assert reader.tell() == size and reader.read() == b"" and reader.read(5) == b""
+        reader.seek(0)
+        assert reader.read() == data  # a retried upload starts over
+
+
+def test_the_reader_follows_seeks(tmp_path: Path) -> None:
+    # A multipart upload reads slices from anywhere; a seek off the read-ahead's path starts it again there.
+    size = 40 * 16 * ALIGN + 77
+    path, data = _reader_file(tmp_path, size, 3)
+    rng = random.Random(4)
+    with DirectReader(path, depth=4, block=16 * ALIGN) as reader:
+        for _ in range(300):
+            at, n = rng.randrange(size + 10), rng.choice([1, ALIGN, 16 * ALIGN + 3, 200_000])
+            reader.seek(at)
+            got = reader.read(n) if rng.random() < 0.5 else _readinto(reader, n)
+            assert got == data[at : at + n], (at, n)
+            assert reader.tell() == (at if at >= size else min(at + n, size))
+        assert reader.seek(-5, os.SEEK_END) == size - 5 and reader.read() == data[-5:]
+        with pytest.raises(OSError):
+            reader.seek(-1)
+    with pytest.raises(ValueError):
+        reader.read(1)
+
+
+def _readinto(reader: DirectReader, n: int) -> bytes:
+    buf = bytearray(n)
+    return bytes(buf[: reader.readinto(buf)])
+
+
+def test_the_reader_reads_around_the_cache_where_it_can(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, data = _reader_file(tmp_path, 3 * 16 * ALIGN + 1, 8)
+    with DirectReader(path, block=16 * ALIGN) as reader:
+        if not reader.direct:
+            pytest.skip("this file system has no O_DIRECT")
+        assert reader.read() == data
+    monkeypatch.setenv("HUBMERGE_DIRECT_WRITE", "0")  # the same switch turns direct reads off
+    with DirectReader(path, block=16 * ALIGN) as reader:
+        assert not reader.direct and reader.read() == data
+
+
+def test_the_reader_falls_back_when_the_device_refuses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The O_DIRECT open succeeds, the reads fail with EINVAL (an alignment the device does not take).
+    path, data = _reader_file(tmp_path, 7 * 16 * ALIGN + 9, 9)
+    real = os.preadv
+    refused: list[int] = []
+
+    def preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+        if _is_direct(fd):
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(directio.os, "preadv", preadv)
+    with DirectReader(path, depth=2, block=16 * ALIGN) as reader:
+        assert reader.read(100) == data[:100] and reader.read() == data[100:]
+        assert not reader.direct
+    if not refused:
+        pytest.skip("this file system has no O_DIRECT")
 
 
 # Small staging buffers: bytes stay staged or on their way across tensor ends.

@@ -18,6 +18,7 @@ from huggingface_hub import HfApi, ModelCard
 from safetensors.torch import load_file
 
 import hubmerge
+from hubmerge.directio import DirectReader
 from hubmerge.errors import (
     GatedRepoError,
     PublishError,
@@ -175,12 +176,38 @@ def test_differing_licenses_fail_at_plan_time(tmp_path: Path, hub_token: str, re
     assert plan.jobs
 
 
+@pytest.mark.parametrize("direct", [True, False])
 def test_push_hashes_shards_as_they_are_written(
-    tmp_path: Path, hub: HubServer, hub_token: str, repo_name: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    hub: HubServer,
+    hub_token: str,
+    repo_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+    direct: bool,
 ) -> None:
     """The uploader hashes each shard from the merged bytes: huggingface_hub never reads a shard to hash
-    it, and the server, which checks every upload's sha256, accepts them all."""
+    it, and the server, which checks every upload's sha256, accepts them all. Shards are read for their
+    upload around the page cache (the LFS protocol, as here), or by path with direct I/O turned off."""
     from huggingface_hub import lfs
+
+    from hubmerge import publish
+
+    if not direct:
+        monkeypatch.setenv("HUBMERGE_DIRECT_WRITE", "0")
+    readers: list[DirectReader] = []
+
+    class Spy(DirectReader):
+        def __init__(self, path: Path) -> None:
+            super().__init__(path)
+            self.served = 0
+            readers.append(self)
+
+        def read(self, size: int | None = -1) -> bytes:
+            data = super().read(size)
+            self.served += len(data)
+            return data
+
+    monkeypatch.setattr(publish, "DirectReader", Spy)
 
     hash_file = lfs.UploadInfo.from_path
 
@@ -203,6 +230,10 @@ def test_push_hashes_shards_as_they_are_written(
     for shard in shards:
         pushed = Path(api.hf_hub_download(repo_name, shard)).read_bytes()
         assert pushed == (result.out / shard).read_bytes()
+    assert len(readers) == (len(shards) if direct else 0)
+    assert all(r.closed for r in readers)
+    total = sum((result.out / s).stat().st_size for s in shards)
+    assert sum(r.served for r in readers) == (total if direct else 0)
 
 
 def test_push_without_a_token_says_so(
@@ -401,3 +432,21 @@ def test_models_open_together_and_the_first_failure_in_recipe_order_is_reported(
         sources["commits"][0],
         sources["commits"][1],
     ]
+
+
+def test_shards_for_xet_are_written_through_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Xet reads files by path (through the page cache), so only LFS uploads get direct writes and reads."""
+    import importlib.util
+
+    from huggingface_hub import constants
+
+    from hubmerge.publish import uploads_read_direct
+
+    assert uploads_read_direct()  # the tests' server speaks LFS (HF_HUB_DISABLE_XET=1)
+    monkeypatch.setenv("HUBMERGE_DIRECT_WRITE", "0")
+    assert not uploads_read_direct()
+    monkeypatch.delenv("HUBMERGE_DIRECT_WRITE")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+    if importlib.util.find_spec("hf_xet") is None:
+        pytest.skip("hf_xet is not installed")
+    assert not uploads_read_direct()
