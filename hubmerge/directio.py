@@ -26,6 +26,7 @@ import logging
 import mmap
 import os
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 log = logging.getLogger(__name__)
@@ -229,11 +230,20 @@ class DirectReader(io.BufferedIOBase):
         path: the file.
         depth: buffers of ``block`` bytes in all (at least 2).
         block: bytes per read (a multiple of ``ALIGN``).
+        on_read: called with the number of bytes each read gave (a progress bar).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, depth: int = DEPTH, block: int = STAGE) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        depth: int = DEPTH,
+        block: int = STAGE,
+        on_read: Callable[[int], object] | None = None,
+    ) -> None:
         super().__init__()
         self.name = os.fspath(path)
+        self._on_read = on_read
         self._depth, self._block = depth, block
         self._fd = -1
         if enabled():
@@ -278,6 +288,8 @@ class DirectReader(io.BufferedIOBase):
             filled, buf = self._load(index)
             if at + size <= filled:  # the usual case (an HTTP client's 64 KiB reads): one copy
                 self._pos += size
+                if self._on_read is not None:
+                    self._on_read(size)
                 return buf[at : at + size]
         out = bytearray(min(size, max(0, self._size - self._pos)))
         n = self.readinto(out)
@@ -301,6 +313,8 @@ class DirectReader(io.BufferedIOBase):
                 target[done : done + n] = buf[at : at + n]
                 done += n
                 self._pos += n
+            if self._on_read is not None and done:
+                self._on_read(done)
             return done
 
     def _load(self, index: int) -> tuple[int, mmap.mmap]:

@@ -141,10 +141,21 @@ class HubUploader:
             op = _hashed(filename, path, sha256)
         else:  # resumed: an earlier run wrote part of the shard, so huggingface_hub reads it whole to hash it
             op = CommitOperationAdd(path_in_repo=filename, path_or_fileobj=str(path))
-        reader = None
+        reader, bar = None, None
         if sha256 is not None and self.read_direct:
-            # huggingface_hub takes a file object as it takes a path: read, seek, tell (io.BufferedIOBase).
-            reader = DirectReader(path)
+            # huggingface_hub takes a file object as it takes a path (read, seek, tell: io.BufferedIOBase),
+            # but shows its upload progress bar for paths only: this one stands in for it.
+            from huggingface_hub.utils.tqdm import are_progress_bars_disabled
+            from tqdm import tqdm
+
+            bar = tqdm(
+                unit="B",
+                unit_scale=True,
+                total=path.stat().st_size,
+                desc=filename,
+                disable=are_progress_bars_disabled(),
+            )
+            reader = DirectReader(path, on_read=bar.update)
             op.path_or_fileobj = cast("BinaryIO", reader)
         try:
             self._call(
@@ -161,6 +172,8 @@ class HubUploader:
             if reader is not None:
                 reader.close()
                 op.path_or_fileobj = str(path)
+            if bar is not None:
+                bar.close()
         self._ops[filename] = op
         log.info("uploaded %s", filename)
         if self.target.delete_local and op._upload_mode == "lfs":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -197,8 +199,8 @@ def test_push_hashes_shards_as_they_are_written(
     readers: list[DirectReader] = []
 
     class Spy(DirectReader):
-        def __init__(self, path: Path) -> None:
-            super().__init__(path)
+        def __init__(self, path: Path, **kwargs: Any) -> None:
+            super().__init__(path, **kwargs)
             self.served = 0
             readers.append(self)
 
@@ -234,6 +236,40 @@ def test_push_hashes_shards_as_they_are_written(
     assert all(r.closed for r in readers)
     total = sum((result.out / s).stat().st_size for s in shards)
     assert sum(r.served for r in readers) == (total if direct else 0)
+
+
+def test_a_direct_upload_shows_its_progress(
+    tmp_path: Path,
+    hub: HubServer,
+    hub_token: str,
+    repo_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """huggingface_hub shows an upload's progress for paths only; the uploader's own bar stands in for it,
+    and obeys huggingface_hub's switch, HF_HUB_DISABLE_PROGRESS_BARS (set by the tests' environment)."""
+    import importlib
+
+    from tqdm import tqdm
+
+    bars = importlib.import_module("huggingface_hub.utils.tqdm")  # the module (`utils.tqdm` is the class)
+    monkeypatch.setenv("HF_TOKEN", hub_token)
+    bigger = [
+        {k: v.repeat(64, 1) if v.dim() == 2 else v for k, v in random_tensors(i).items()} for i in range(2)
+    ]
+    models = [save_model(tmp_path / f"m{i}", tensors) for i, tensors in enumerate(bigger)]
+    recipe = {"method": "centroid", "models": [str(m) for m in models], "output": {"max_shard_size": "20KB"}}
+    hubmerge.merge(recipe, tmp_path / "quiet", push=PushTarget(repo_name))
+    assert "safetensors" not in capfd.readouterr().err
+    monkeypatch.setattr(bars, "HF_HUB_DISABLE_PROGRESS_BARS", None)
+    recipe = recipe | {"method": "linear", "parameters": {"t": 0.3}}  # new bytes, so new uploads
+    result = hubmerge.merge(recipe, tmp_path / "out", push=PushTarget(repo_name))
+    err = capfd.readouterr().err
+    shards = sorted(p for p in result.out.glob("model-*.safetensors"))
+    assert len(shards) >= 2
+    for shard in shards:
+        size = tqdm.format_sizeof(shard.stat().st_size)  # the whole shard, as the bar writes it
+        assert re.search(rf"{re.escape(shard.name)}: 100%\|[^|]*\| {re.escape(f'{size}/{size}')} ", err), err
 
 
 def test_push_without_a_token_says_so(
