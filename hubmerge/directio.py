@@ -326,7 +326,8 @@ class DirectReader(io.BufferedIOBase):
             self._current = None
         while self._ahead and self._ahead[0][0] != index:  # behind us, or a seek left them off the path
             _, future, buf = self._ahead.popleft()
-            future.cancel() or future.exception()
+            if not future.cancel():
+                future.exception()  # wait for the read to finish with its buffer; nobody wants its bytes
             self._spare.append(buf)
         if not self._ahead:
             self._submit(index)
