@@ -9,7 +9,6 @@ shard per model at a time into a temporary directory and evicts it when the mode
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import shutil
 import tempfile
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypeVar
 
-from ..directio import DirectFile, DirectIO
+from ..directio import DirectFile, DirectIO, DirectReader
 from ..errors import (
     EntryNotFoundError,
     GatedRepoError,
@@ -174,7 +173,7 @@ class HubSource:
         # A tensor over PREFETCH_LIMIT -> the rows of it read next, on their way (at most two tensors).
         self._ahead: dict[str, tuple[tuple[int, int], Future[Buffer]]] = {}
         self._shard_dir: Path | None = None
-        self._shard: tuple[str, mmap.mmap] | None = None
+        self._shard: tuple[str, DirectReader] | None = None  # transfer="shards": the one downloaded
         self._direct: ranged.RangeClient | None = None
         if ranged.enabled():
             from huggingface_hub import constants
@@ -305,7 +304,17 @@ class HubSource:
         from .tensors import view_bytes
 
         if self.transfer == "shards":
-            return view_bytes(self._shard_map(info.file), info, rows)
+            # The shard's bytes are read around the page cache (a thread reading ahead) into a buffer of the
+            # kind the ranged reads use: mapping the downloaded file would fault in every page of it, new to
+            # the page cache, on the merge's cores.
+            reader = self._shard_reader(info.file)
+            start, end = _row_span(info, rows or (0, info.shape[0] if info.shape else 1))
+            data = buffer(end - start)
+            reader.seek(start)
+            if reader.readinto(writable(data)) != end - start:
+                raise OSError(f"{self.label}: {info.file} is shorter than its header says")
+            shape = (rows[1] - rows[0], *info.shape[1:]) if rows is not None else info.shape
+            return view_bytes(data, TensorInfo(info.name, info.dtype, shape, info.file, 0, end - start), None)
         span = self._pending.get(info.name)
         if span is not None:
             # The run loop reads a tensor in row ranges, in order: the prefetched bytes serve them all, and
@@ -392,7 +401,7 @@ class HubSource:
         if not span.unread:
             self._spans.remove(span)
 
-    def _shard_map(self, shard: str) -> mmap.mmap:
+    def _shard_reader(self, shard: str) -> DirectReader:
         if self._shard is not None and self._shard[0] == shard:
             return self._shard[1]
         self._evict()
@@ -417,19 +426,15 @@ class HubSource:
         finally:
             io.close()
             os.close(fd)
-        with open(path, "rb") as f:
-            self._shard = (shard, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY))
+        self._shard = (shard, DirectReader(path))
         log.debug("%s: downloaded %s (%d bytes)", self.label, shard, size)
         return self._shard[1]
 
     def _evict(self) -> None:
         if self._shard is None:
             return
-        name, mm = self._shard
-        try:
-            mm.close()
-        except BufferError:
-            pass  # a tensor still views it; the mapping goes when that tensor does
+        name, reader = self._shard
+        reader.close()
         assert self._shard_dir is not None
         (self._shard_dir / name.replace("/", "_")).unlink(missing_ok=True)
         self._shard = None
