@@ -148,20 +148,40 @@ def test_shard_transfer_and_pinned_revisions(
 
 
 def test_shard_downloads_in_pieces_land_whole(
-    tmp_path: Path, sources: dict[str, object], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, hub: HubServer, hub_token: str, repo_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A shard is downloaded in pieces into one reused buffer and written around the page cache: with
-    pieces of an odd size (many of them, the last one short, none block-aligned) the merge is the same."""
+    """A shard is downloaded in pieces into one reused buffer and written around the page cache, then read
+    back around the cache, whole tensors and row ranges: with pieces of an odd size (many of them, the last
+    one short, none block-aligned) and reads of a few rows, the merge is the same."""
+    from hubmerge import run
     from hubmerge.sources import hub as hub_source
 
-    ids = sources["ids"]
-    assert isinstance(ids, list)
-    recipe = {"method": "centroid", "models": ids[:2]}
+    api = HfApi(token=hub_token)
+    ids = []
+    for i in range(2):
+        tensors = random_tensors(i) | {
+            "big.weight": torch.randn(1000, 300, generator=torch.Generator().manual_seed(i))
+        }
+        _publish(api, f"{repo_name}-{i}", save_model(tmp_path / f"m{i}", tensors, shards=2))
+        ids.append(f"{repo_name}-{i}")
+    recipe = {"method": "centroid", "models": ids}
     ranges = hubmerge.merge(recipe, tmp_path / "ranges")
     monkeypatch.setattr(hub_source, "SHARD_PIECE", 4099)
+    monkeypatch.setattr(run, "READ_BYTES", 64 << 10)  # the large tensor is read a few rows at a time
+    asked: list[tuple[int, int] | None] = []
+    read = hub_source.HubSource.read
+
+    def spy(self: hub_source.HubSource, info: Any, rows: tuple[int, int] | None = None) -> Any:
+        asked.append(rows)
+        return read(self, info, rows)
+
+    monkeypatch.setattr(hub_source.HubSource, "read", spy)
     shards = hubmerge.merge(recipe, tmp_path / "shards", transfer="shards")
-    assert (shards.out / "model.safetensors").stat().st_size > 10 * 4099
-    assert (ranges.out / "model.safetensors").read_bytes() == (shards.out / "model.safetensors").read_bytes()
+    assert any(r is not None and r[0] > 0 for r in asked)  # row ranges past the first
+    out = sorted(p.name for p in ranges.out.glob("*.safetensors"))
+    assert out == sorted(p.name for p in shards.out.glob("*.safetensors"))
+    for name in out:
+        assert (ranges.out / name).read_bytes() == (shards.out / name).read_bytes()
 
 
 def test_private_source_needs_a_token(
