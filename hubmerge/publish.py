@@ -145,16 +145,7 @@ class HubUploader:
         if sha256 is not None and self.read_direct:
             # huggingface_hub takes a file object as it takes a path (read, seek, tell: io.BufferedIOBase),
             # but shows its upload progress bar for paths only: this one stands in for it.
-            from huggingface_hub.utils.tqdm import are_progress_bars_disabled
-            from tqdm import tqdm
-
-            bar = tqdm(
-                unit="B",
-                unit_scale=True,
-                total=path.stat().st_size,
-                desc=filename,
-                disable=are_progress_bars_disabled(),
-            )
+            bar = _UploadBar(filename, path.stat().st_size)
             reader = DirectReader(path, on_read=bar.update)
             op.path_or_fileobj = cast("BinaryIO", reader)
         try:
@@ -272,6 +263,32 @@ class _Digest:
     def result(self) -> bytes | None:
         """The digest, if every byte of the shard went through :meth:`feed` in order."""
         return self._hash.digest() if self._hash is not None and self._at == self._size else None
+
+
+class _UploadBar:
+    """huggingface_hub's per-file upload bar, drawn from the first byte read (none for a skipped upload)."""
+
+    def __init__(self, filename: str, size: int) -> None:
+        self.filename, self.size = filename, size
+        self._bar: Any = None
+
+    def update(self, n: int) -> None:
+        if self._bar is None:
+            from huggingface_hub.utils.tqdm import are_progress_bars_disabled
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                unit="B",
+                unit_scale=True,
+                total=self.size,
+                desc=self.filename,
+                disable=are_progress_bars_disabled(),
+            )
+        self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
 
 def uploads_read_direct() -> bool:
