@@ -26,8 +26,9 @@ import logging
 import mmap
 import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +214,26 @@ class DirectFile:
                     log.debug("direct write refused (%s); writing through the page cache", exc)
                     self._direct = False
             pwrite_all(self.fd, view[:length], offset)
+
+
+@contextmanager
+def writing(fd: int, path: str | os.PathLike[str]) -> Iterator[DirectFile]:
+    """A :class:`DirectFile` with a thread and buffers of its own, for one file written on its own (a
+    download, an upload); everything handed to it is in the file when the block ends, even on an error.
+
+    Args:
+        fd: the file, open for writing; it stays the caller's to close.
+        path: the same file (for its ``O_DIRECT`` descriptor).
+    """
+    shared = DirectIO()
+    file = DirectFile(fd, path, shared)
+    try:
+        yield file
+    finally:
+        try:
+            file.close()
+        finally:
+            shared.close()
 
 
 class DirectReader(io.BufferedIOBase):

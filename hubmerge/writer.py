@@ -95,7 +95,8 @@ class ShardWriter:
         out: the output directory.
         resume: continue an interrupted merge into ``out``.
         direct: write around the page cache where the file system allows (directio.py); False where the
-            shards are read again at once (a push uploads each as it is finished), so they come from memory.
+            shards are read again at once by path (a push through Xet uploads each as it is finished), so
+            they come from the cache.
     """
 
     def __init__(self, out: Path, *, resume: bool = False, direct: bool = True) -> None:

@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..directio import DirectFile, DirectIO
+from ..directio import writing
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 GIT_OID_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -169,19 +169,17 @@ class BlobStore:
         fd, tmp_name = tempfile.mkstemp(dir=self.tmp_dir, prefix="lfs-")
         # Around the page cache where the file system allows (hubmerge/directio.py): an upload of gigabytes
         # would otherwise be copied into fresh cache pages, most of the server's CPU for a push.
-        io = DirectIO()
-        tmp = DirectFile(fd, tmp_name, io)
         try:
             try:
-                for chunk in chunks:
-                    digest.update(chunk)
-                    if received + len(chunk) > size:
-                        raise BlobMismatchError(f"LFS object {sha256}: more than the announced {size} bytes")
-                    tmp.write(memoryview(chunk), received)
-                    received += len(chunk)
+                with writing(fd, tmp_name) as tmp:
+                    for chunk in chunks:
+                        digest.update(chunk)
+                        if received + len(chunk) > size:
+                            too_long = f"LFS object {sha256}: more than the announced {size} bytes"
+                            raise BlobMismatchError(too_long)
+                        tmp.write(memoryview(chunk), received)
+                        received += len(chunk)
             finally:
-                tmp.close()
-                io.close()
                 os.close(fd)
             if received != size:
                 raise BlobMismatchError(f"LFS object {sha256}: expected {size} bytes, received {received}")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypeVar
 
-from ..directio import DirectFile, DirectIO, DirectReader
+from ..directio import DirectReader, writing
 from ..errors import (
     EntryNotFoundError,
     GatedRepoError,
@@ -303,19 +303,7 @@ class HubSource:
     def read(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
         from .tensors import view_bytes
 
-        if self.transfer == "shards":
-            # The shard's bytes are read around the page cache (a thread reading ahead) into a buffer of the
-            # kind the ranged reads use: mapping the downloaded file would fault in every page of it, new to
-            # the page cache, on the merge's cores.
-            reader = self._shard_reader(info.file)
-            start, end = _row_span(info, rows or (0, info.shape[0] if info.shape else 1))
-            data = buffer(end - start)
-            reader.seek(start)
-            if reader.readinto(writable(data)) != end - start:
-                raise OSError(f"{self.label}: {info.file} is shorter than its header says")
-            shape = (rows[1] - rows[0], *info.shape[1:]) if rows is not None else info.shape
-            return view_bytes(data, TensorInfo(info.name, info.dtype, shape, info.file, 0, end - start), None)
-        span = self._pending.get(info.name)
+        span = self._pending.get(info.name)  # never set with transfer="shards" (prefetch does nothing)
         if span is not None:
             # The run loop reads a tensor in row ranges, in order: the prefetched bytes serve them all, and
             # the tensor is done with at its last one.
@@ -328,17 +316,33 @@ class HubSource:
         want = rows or (0, count)
         start, end = _row_span(info, want)
         held = self._ahead.pop(info.name, None)
-        if held is not None and held[0] == want:
+        if self.transfer == "shards":
+            data = self._shard_bytes(info.file, start, end)
+        elif held is not None and held[0] == want:
             data = held[1].result()
         else:
             if held is not None:
                 held[1].cancel()
             data = self._range(info.file, start, end, buffer(end - start))
-        if rows is not None and rows[1] < count:
+        if rows is not None and rows[1] < count and self.transfer != "shards":
             # The run reads a large tensor's row ranges in order: the next downloads while this one merges.
             self._read_ahead(info, (rows[1], min(count, 2 * rows[1] - rows[0])))
         shape = (want[1] - want[0], *info.shape[1:]) if rows is not None else info.shape
         return view_bytes(data, TensorInfo(info.name, info.dtype, shape, info.file, 0, end - start), None)
+
+    def _shard_bytes(self, shard: str, start: int, end: int) -> Buffer:
+        """Bytes ``[start, end)`` of ``shard``, downloaded first if it is not the one on disk.
+
+        They are read around the page cache (a thread reading ahead) into a buffer of the kind the ranged
+        reads use: mapping the downloaded file would fault in every page of it, new to the page cache, on
+        the merge's cores.
+        """
+        reader = self._shard_reader(shard)
+        data = buffer(end - start)
+        reader.seek(start)
+        if reader.readinto(writable(data)) != end - start:
+            raise OSError(f"{self.label}: {shard} is shorter than its header says")
+        return data
 
     def _read_ahead(self, info: TensorInfo, rows: tuple[int, int]) -> None:
         """Start reading rows ``[a, b)`` of ``info`` in the background; :meth:`read` takes them when asked."""
@@ -413,18 +417,13 @@ class HubSource:
         # gigabytes into fresh buffers and fresh cache pages cost more CPU than the transfer itself.
         piece = bytearray(min(size, SHARD_PIECE))
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        io = DirectIO()
         try:
-            out = DirectFile(fd, path, io)
-            try:
+            with writing(fd, path) as out:
                 for start in range(0, size, SHARD_PIECE):
                     end = min(size, start + SHARD_PIECE)
                     into = piece if end - start == len(piece) else bytearray(end - start)  # the last piece
                     out.write(writable(self._range(shard, start, end, into)), start)
-            finally:
-                out.close()
         finally:
-            io.close()
             os.close(fd)
         self._shard = (shard, DirectReader(path))
         log.debug("%s: downloaded %s (%d bytes)", self.label, shard, size)
