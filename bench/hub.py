@@ -124,7 +124,9 @@ def main() -> None:
         samples: dict[str, list[tuple[measure.Sample, int, float]]] = {
             name: [] for name in ("local", "hub (ranges)", "hub (shards)", "hub + push")
         }
-        measure.warm(dirs)
+        # Warm at both ends, as for the local merge: the server stores uploads around the page cache, and
+        # the first reads into fresh cache pages made the first Hub round 2.4x slower (RESULTS.md item 18).
+        measure.warm([*dirs, *sorted(f for f in (work / "storage" / "blobs").rglob("*") if f.is_file())])
         for round_ in range(args.runs):
             # Each round weighs the models a little differently: the pushed shard is then new to the server,
             # which would otherwise find it stored by an earlier round and skip the upload.
