@@ -1,0 +1,147 @@
+"""The benchmark itself (``bench/``), run on the ``tiny`` family: its checkpoints are real Llama models, its
+floor computes the same merge as hubmerge (or its ratios would compare unlike work), and both scripts write
+their tables."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+
+import cases  # noqa: E402
+import gen  # noqa: E402
+
+HUBMERGE = [sys.executable, "-m", "hubmerge.cli"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    data = tmp_path_factory.mktemp("bench-data")
+    return data, gen.ensure(data, "tiny")
+
+
+def _tensors(directory: Path) -> dict[str, torch.Tensor]:
+    found = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            found |= {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
+    return found
+
+
+def test_families_are_seeded_llama_checkpoints(tiny: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    from transformers import LlamaForCausalLM
+
+    data, dirs = tiny
+    config = gen.FAMILIES["tiny"].config
+    assert [d.name for d in dirs] == ["base", "tune1", "tune2", "tune3"]
+    # Odd models are sharded, even ones are not: the benchmark reads both layouts.
+    assert (dirs[1] / "model.safetensors.index.json").is_file() and (dirs[0] / "model.safetensors").is_file()
+    assert len(list(dirs[1].glob("model-*.safetensors"))) >= 2
+    base = _tensors(dirs[0])
+    assert {n: tuple(t.shape) for n, t in base.items()} == gen.tensor_shapes(config)
+    assert sum(t.numel() * 2 for t in base.values()) == gen.model_bytes(config)
+    # A fine-tune is the base plus a small seeded delta (norms start at one).
+    tune = _tensors(dirs[1])
+    delta = (tune["model.layers.0.mlp.up_proj.weight"] - base["model.layers.0.mlp.up_proj.weight"]).float()
+    assert 0.5 * gen.TUNE_STD < delta.std().item() < 1.5 * gen.TUNE_STD
+    torch.testing.assert_close(base["model.norm.weight"].float(), torch.ones(config["hidden_size"]))
+    # The same seed writes the same bytes.
+    again = gen.ensure(tmp_path, "tiny")
+    for a, b in zip(dirs, again, strict=True):
+        for file in sorted(a.glob("*.safetensors")):
+            assert file.read_bytes() == (b / file.name).read_bytes(), file
+    # transformers loads every model as the Llama its config names, and runs it.
+    for directory in (dirs[0], dirs[1]):
+        model = LlamaForCausalLM.from_pretrained(directory, dtype=torch.bfloat16)
+        logits = model(torch.tensor([[1, 5, 9, 2]])).logits
+        assert logits.shape == (1, 4, config["vocab_size"]) and torch.isfinite(logits).all()
+        torch.testing.assert_close(
+            model.model.embed_tokens.weight, _tensors(directory)["model.embed_tokens.weight"]
+        )
+
+
+@pytest.mark.parametrize("name", [m.name for m in cases.METHODS.values() if m.linear])
+def test_floor_computes_the_merge_hubmerge_computes(
+    tiny: tuple[Path, list[Path]], tmp_path: Path, name: str
+) -> None:
+    _, dirs = tiny
+    method = cases.METHODS[name]
+    cmds = cases.commands(method, dirs, tmp_path, source="local", device="cpu", mergekit=None)
+    for tool in ("hubmerge", "floor"):
+        cmd = HUBMERGE + cmds[tool][1:] if tool == "hubmerge" else cmds[tool]
+        subprocess.run(cmd, check=True, capture_output=True)
+    merged = _tensors(tmp_path / "hubmerge")
+    floor = _tensors(tmp_path)  # floor.safetensors
+    assert merged.keys() == floor.keys()
+    # And both are the method by hand, in float32 from the inputs.
+    models = [_tensors(d) for d in cases.inputs(method, dirs)]
+    coefs = method.floor_coefficients()
+    for tensor, value in merged.items():
+        expected = sum(c * m[tensor].float() for c, m in zip(coefs, models, strict=True))
+        torch.testing.assert_close(
+            value.float(), expected, rtol=1e-2, atol=1e-4, msg=lambda m, t=tensor: f"{t}: {m}"
+        )
+        torch.testing.assert_close(floor[tensor], value, rtol=1e-2, atol=1e-4)
+
+
+def _rows(text: str, header: str) -> list[list[str]]:
+    """The cells of the markdown table whose header row starts with ``header``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_bench_script_writes_its_table(tiny: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    data, _ = tiny
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Notes kept\n\n<!-- bench:begin -->\nold\n<!-- bench:end -->\n\nmore notes\n")
+    cmd = [sys.executable, str(BENCH / "bench.py"), "--data", str(data), "--work", str(tmp_path / "work")]
+    cmd += ["--families", "tiny", "--methods", "weighted", "ties", "--tools", "hubmerge", "floor"]
+    subprocess.run([*cmd, "--runs", "1", "--results", str(results)], check=True, capture_output=True)
+    text = results.read_text()
+    assert text.startswith("# Notes kept") and text.rstrip().endswith("more notes") and "\nold\n" not in text
+    rows = _rows(text, "| models | method | tool |")
+    assert [(r[1], r[2]) for r in rows] == [
+        ("weighted", "hubmerge"),
+        ("weighted", "floor"),
+        ("ties", "hubmerge"),
+        ("ties", "floor"),
+    ]
+    for row in rows:
+        low, high = (float(x) for x in row[4].split("-"))
+        assert 0 < low <= float(row[3]) <= high and float(row[7]) > 0  # wall time, peak anonymous memory
+        if row[2] == "hubmerge":  # hubmerge/floor: both are measured, so the ratio is there
+            assert float(row[8]) > 0
+    assert "mergekit" not in {r[2] for r in rows}
+
+
+def test_hub_script_writes_its_table(tiny: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    data, _ = tiny
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Notes kept\n")
+    cmd = [sys.executable, str(BENCH / "hub.py"), "--data", str(data), "--family", "tiny", "--runs", "1"]
+    # Every run is checked: a merge or push that fails fails the script (measure.run).
+    done = subprocess.run([*cmd, "--results", str(results)], check=True, capture_output=True, text=True)
+    assert "round 1: local" in done.stdout and "hub + push" in done.stdout
+    text = results.read_text()
+    assert text.startswith("# Notes kept")
+    rows = _rows(text, "| case | median s |")
+    assert [r[0] for r in rows] == ["local", "hub (ranges)", "hub (shards)", "hub + push"]
+    assert float(rows[0][4]) == 1.0  # x local
+    for row in rows:
+        assert float(row[1]) > 0 and float(row[4]) > 0
+    assert re.search(r"merge \+ push: \d+\.\d+x the Hub merge alone", text)
+    assert not (data / "work" / "hub").exists()  # the script cleans up its server storage and outputs
