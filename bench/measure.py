@@ -13,7 +13,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,13 +94,20 @@ def tree_memory(pid: int) -> tuple[int, int]:
     return rss, anon
 
 
-def run(cmd: Sequence[str], *, env: dict[str, str] | None = None, interval: float = INTERVAL) -> Sample:
+def run(
+    cmd: Sequence[str],
+    *,
+    env: dict[str, str] | None = None,
+    interval: float = INTERVAL,
+    on_sample: Callable[[int], None] | None = None,
+) -> Sample:
     """Run ``cmd`` to completion, sampling its memory; raise :class:`CommandFailed` on a non-zero exit.
 
     Args:
         cmd: the command line.
         env: the environment (default: this process's).
         interval: seconds between memory samples.
+        on_sample: called with the process id at every sample, while the process runs.
 
     Returns:
         The measured sample.
@@ -116,6 +123,8 @@ def run(cmd: Sequence[str], *, env: dict[str, str] | None = None, interval: floa
                 break
             rss, anon = tree_memory(proc.pid)
             peak_rss, peak_anon = max(peak_rss, rss), max(peak_anon, anon)
+            if on_sample is not None:
+                on_sample(proc.pid)
             time.sleep(interval)
         proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode:

@@ -145,3 +145,32 @@ def test_hub_script_writes_its_table(tiny: tuple[Path, list[Path]], tmp_path: Pa
         assert float(row[1]) > 0 and float(row[4]) > 0
     assert re.search(r"merge \+ push: \d+\.\d+x the Hub merge alone", text)
     assert not (data / "work" / "hub").exists()  # the script cleans up its server storage and outputs
+
+
+def test_ab_script_alternates_cases_with_their_settings(tiny: tuple[Path, list[Path]]) -> None:
+    data, _ = tiny
+    cmd = [sys.executable, str(BENCH / "ab.py"), "--data", str(data), "--family", "tiny", "--runs", "2"]
+    cases = ["local", "push HUBMERGE_DIRECT_WRITE=0"]
+    done = subprocess.run([*cmd, "--timeline", *cases], check=True, capture_output=True, text=True)
+    lines = done.stdout.splitlines()
+    rounds = [line for line in lines if line.startswith("round ")]
+    assert [r.split(":")[0] for r in rounds] == ["round 1", "round 2"]
+    assert all(
+        re.fullmatch(r"round \d: local \d+\.\d\d s, push HUBMERGE_DIRECT_WRITE=0 \d+\.\d\d s", r)
+        for r in rounds
+    )
+    # One timeline per run: t:client/server/idle every 100 ms, the client busy at some point.
+    timelines = [line.strip() for line in lines if line.startswith("  ")]
+    assert len(timelines) == 4 and timelines[1].startswith("push HUBMERGE_DIRECT_WRITE=0: ")
+    points = [tuple(map(float, re.split("[:/]", p))) for p in timelines[0].split(": ", 1)[1].split()]
+    assert len(points) >= 3 and max(c for _, c, _, _ in points) > 0.3
+    summary = [line for line in lines if line.startswith("push HUBMERGE_DIRECT_WRITE=0: median")]
+    assert len(summary) == 1 and re.search(r"\d+\.\d\dx local; CPU hubmerge \d+\.\d\d s", summary[0])
+    assert not list(data.glob("ab-*"))  # server storage and outputs are removed
+
+    bad = subprocess.run([*cmd, "pull"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "the kind must be one of local, hub, shards, push" in bad.stderr
+    # A case's settings reach its process: offline, a Hub merge has nothing to read, and the run fails.
+    offline = subprocess.run([*cmd[:-1], "1", "hub HF_HUB_OFFLINE=1"], capture_output=True, text=True)
+    assert offline.returncode != 0 and "exited 2" in offline.stderr, offline.stderr[-2000:]
+    assert "HF_HUB_OFFLINE is set" in offline.stderr

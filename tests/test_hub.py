@@ -412,6 +412,37 @@ def test_delete_local_keeps_only_small_files(
     torch.testing.assert_close(merged["layer.0.weight"], (a["layer.0.weight"] + b["layer.0.weight"]) / 2)
 
 
+def test_offline_mode_is_a_clear_error_not_a_lost_connection(
+    tmp_path: Path, hub: HubServer, hub_token: str, sources: dict[str, object]
+) -> None:
+    ids, local = sources["ids"], sources["local"]
+    assert isinstance(ids, list) and isinstance(local, list)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: centroid\nmodels: [{ids[0]}, {ids[1]}]\n")
+    out = tmp_path / "out"
+    # No retry (huggingface_hub raises it as a ConnectionError): the first attempt's error, on one line.
+    offline = _cli(str(recipe), "--out", str(out), endpoint=hub.url, token=hub_token, HF_HUB_OFFLINE="1")
+    assert offline.returncode == 2, offline.stderr
+    lines = offline.stderr.strip().splitlines()
+    assert len(lines) == 1 and "HF_HUB_OFFLINE is set" in lines[0] and "`path:`" in lines[0], lines
+    assert ids[0] in lines[0] and not out.exists()
+    # A push from local models stops before merging, with the same cause and nothing written.
+    local_recipe = tmp_path / "l.yaml"
+    local_recipe.write_text(f"method: centroid\nmodels: [{{path: {local[0]}}}, {{path: {local[1]}}}]\n")
+    push = _cli(
+        str(local_recipe),
+        "--out",
+        str(out),
+        "--push",
+        "alice/offline",
+        endpoint=hub.url,
+        token=hub_token,
+        HF_HUB_OFFLINE="1",
+    )
+    assert push.returncode == 2 and "HF_HUB_OFFLINE is set" in push.stderr, push.stderr
+    assert "retrying" not in push.stderr and not out.exists()
+
+
 def test_gated_source_is_a_clear_error(
     tmp_path: Path, hub_token: str, other_token: str, repo_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -118,6 +118,14 @@ def hub_call(
                 revision=revision,
                 hint="check that the repository holds a safetensors checkpoint",
             ) from None
+        except hf.OfflineModeIsEnabled:
+            # A ConnectionError to huggingface_hub, but no retry brings the Hub back: the user asked for none.
+            raise HubError(
+                f"{what} from {where} needs the Hub, and HF_HUB_OFFLINE is set",
+                repo_id=repo_id,
+                revision=revision,
+                hint="unset HF_HUB_OFFLINE, or name a local copy of the model with `path:` in the recipe",
+            ) from None
         except hf.LocalTokenNotFoundError:
             raise HubError(
                 f"{what} on {where} needs a Hub token, and none is set",

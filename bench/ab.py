@@ -1,0 +1,165 @@
+"""A/B runs of the Hub path: cases alternating round by round on one Hub server, with a CPU timeline.
+
+    python bench/ab.py --family mid --runs 5 local hub "hub HUBMERGE_HUB_DIRECT=0"
+    python bench/ab.py --family mid --runs 3 --timeline push "push HUBMERGE_DIRECT_WRITE=0"
+
+A case is a kind (``local``, ``hub``, ``shards``, ``push``) and ``VAR=VALUE`` settings for its process. The
+fine-tunes are uploaded to a ``hubmerge hub serve`` on 127.0.0.1 once, and both ends' files read once so the
+page cache is warm, as in ``bench/hub.py``. Each round then runs every case in turn with weights new to the
+round, so that a slow drift of the machine hits all cases alike and a push always uploads. Reported per case:
+median and spread of wall time, and the median CPU seconds of ``hubmerge`` and of the server (on the same
+cores). With ``--timeline``, each run also prints one ``t:client/server/idle`` triple per 100 ms: the CPU
+cores ``hubmerge`` and the server used in that interval, and the machine's idle cores (``/proc/stat``).
+Nothing is written to RESULTS.md: this is the tool for trying a change (items 16-18 there were measured so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import gen  # noqa: E402
+import hub  # noqa: E402
+import measure  # noqa: E402
+
+from hubmerge.hubserver.process import spawn  # noqa: E402
+
+KINDS = ("local", "hub", "shards", "push")
+TICK = 0.1  # seconds between timeline points
+
+
+@dataclass
+class Case:
+    """One case: what runs, with which settings, and what each of its runs measured."""
+
+    label: str
+    kind: str
+    env: dict[str, str]
+    walls: list[float] = field(default_factory=list)
+    cpus: list[float] = field(default_factory=list)
+    server_cpus: list[float] = field(default_factory=list)
+
+
+def parse_case(text: str) -> Case:
+    """``"push HUBMERGE_DIRECT_WRITE=0"`` -> a case of kind push with that variable set."""
+    kind, *settings = text.split()
+    if kind not in KINDS:
+        raise SystemExit(f"ab.py: case {text!r}: the kind must be one of {', '.join(KINDS)}")
+    env = {}
+    for setting in settings:
+        name, eq, value = setting.partition("=")
+        if not eq or not name:
+            raise SystemExit(f"ab.py: case {text!r}: {setting!r} is not VAR=VALUE")
+        env[name] = value
+    return Case(text, kind, env)
+
+
+def idle_seconds() -> float:
+    """Seconds all CPUs have spent idle or waiting for I/O since boot (``/proc/stat``)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
+
+
+class Timeline:
+    """Every ``TICK`` seconds of a run: the cores the command, the server and nobody (idle) used."""
+
+    def __init__(self, server: int) -> None:
+        self.server = server
+        self.points: list[tuple[float, float, float, float]] = []
+        self._start = time.monotonic()
+        self._last = (self._start, 0.0, measure.process_cpu(server), idle_seconds())
+
+    def __call__(self, pid: int) -> None:
+        now = time.monotonic()
+        if now - self._last[0] < TICK:
+            return
+        cpu, server, idle = measure.process_cpu(pid), measure.process_cpu(self.server), idle_seconds()
+        span = now - self._last[0]
+        self.points.append(
+            (
+                now - self._start,
+                (cpu - self._last[1]) / span,
+                (server - self._last[2]) / span,
+                (idle - self._last[3]) / span,
+            )
+        )
+        self._last = (now, cpu, server, idle)
+
+    def render(self) -> str:
+        return " ".join(f"{t:.1f}:{c:.1f}/{s:.1f}/{i:.1f}" for t, c, s, i in self.points)
+
+
+def main() -> None:
+    """Run the cases, alternating, and print what they measured."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("cases", nargs="+", help='a kind and VAR=VALUE settings: "hub HUBMERGE_HUB_DIRECT=0"')
+    parser.add_argument("--data", type=Path, default=Path("bench/data"))
+    parser.add_argument("--family", default="mid", choices=sorted(gen.FAMILIES))
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--timeline", action="store_true", help="print each run's CPU use every 100 ms")
+    args = parser.parse_args()
+    cases = [parse_case(text) for text in args.cases]
+    dirs = [d.resolve() for d in gen.ensure(args.data, args.family)[1:4]]
+    work = Path(tempfile.mkdtemp(prefix="ab-", dir=args.data.resolve()))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env |= {
+        "HF_TOKEN": hub.TOKEN,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HOME": str(work / "hf-home"),
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
+    server, url = spawn(work / "storage", {hub.TOKEN: "bench"})
+    env["HF_ENDPOINT"] = url
+    try:
+        ids = hub.upload(url, dirs, env)
+        measure.warm([*dirs, *sorted(f for f in (work / "storage" / "blobs").rglob("*") if f.is_file())])
+        shard_bytes = gen.model_bytes(gen.FAMILIES[args.family].config) // 4 + 1
+        out = work / "out"
+        for round_ in range(args.runs):
+            local, remote = hub.recipes(work, dirs, ids, round_, shard_bytes)
+            for k, case in enumerate(cases):
+                cmd = [sys.executable, "-m", "hubmerge.cli", str(local if case.kind == "local" else remote)]
+                cmd += ["--out", str(out), "--force", "-q"]
+                if case.kind == "shards":
+                    cmd += ["--hub-transfer", "shards"]
+                if case.kind == "push":
+                    cmd += ["--push", f"bench/ab-{round_}-{k}"]
+                timeline = Timeline(server.pid)
+                server_before = measure.process_cpu(server.pid)
+                sample = measure.run(cmd, env=env | case.env, on_sample=timeline)
+                case.walls.append(sample.wall)
+                case.cpus.append(sample.cpu)
+                case.server_cpus.append(measure.process_cpu(server.pid) - server_before)
+                shutil.rmtree(out, ignore_errors=True)
+                if args.timeline:
+                    print(f"  {case.label}: {timeline.render()}")
+            print(
+                f"round {round_ + 1}: " + ", ".join(f"{c.label} {c.walls[-1]:.2f} s" for c in cases),
+                flush=True,
+            )
+    finally:
+        server.terminate()
+        server.wait()
+        shutil.rmtree(work, ignore_errors=True)
+    first = statistics.median(cases[0].walls)
+    for case in cases:
+        median = statistics.median(case.walls)
+        print(
+            f"{case.label}: median {median:.2f} s ({min(case.walls):.2f}-{max(case.walls):.2f}), "
+            f"{median / first:.2f}x {cases[0].label}; CPU hubmerge {statistics.median(case.cpus):.2f} s, "
+            f"server {statistics.median(case.server_cpus):.2f} s"
+        )
+
+
+if __name__ == "__main__":
+    main()
