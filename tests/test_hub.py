@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from huggingface_hub import HfApi, ModelCard
+from huggingface_hub import HfApi, ModelCard, snapshot_download
 from safetensors.torch import load_file
 
 import hubmerge
@@ -412,35 +412,54 @@ def test_delete_local_keeps_only_small_files(
     torch.testing.assert_close(merged["layer.0.weight"], (a["layer.0.weight"] + b["layer.0.weight"]) / 2)
 
 
-def test_offline_mode_is_a_clear_error_not_a_lost_connection(
-    tmp_path: Path, hub: HubServer, hub_token: str, sources: dict[str, object]
+def test_offline_mode_reads_the_local_cache(
+    tmp_path: Path, hub: HubServer, hub_token: str, repo_name: str, sources: dict[str, object]
 ) -> None:
-    ids, local = sources["ids"], sources["local"]
-    assert isinstance(ids, list) and isinstance(local, list)
+    ids, local, commits = sources["ids"], sources["local"], sources["commits"]
+    assert isinstance(ids, list) and isinstance(local, list) and isinstance(commits, list)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"method: centroid\nmodels: [{ids[0]}, {ids[1]}]\n")
     out = tmp_path / "out"
-    # No retry (huggingface_hub raises it as a ConnectionError): the first attempt's error, on one line.
-    offline = _cli(str(recipe), "--out", str(out), endpoint=hub.url, token=hub_token, HF_HUB_OFFLINE="1")
-    assert offline.returncode == 2, offline.stderr
-    lines = offline.stderr.strip().splitlines()
-    assert len(lines) == 1 and "HF_HUB_OFFLINE is set" in lines[0] and "`path:`" in lines[0], lines
-    assert ids[0] in lines[0] and not out.exists()
-    # A push from local models stops before merging, with the same cause and nothing written.
+
+    def offline(*args: str) -> subprocess.CompletedProcess[str]:
+        return _cli(*args, endpoint=hub.url, token=hub_token, HF_HUB_OFFLINE="1")
+
+    # Not downloaded: one line naming the model and how to get it; no retry, nothing written.
+    missing = offline(str(recipe), "--out", str(out))
+    assert missing.returncode == 2, missing.stderr
+    lines = missing.stderr.strip().splitlines()
+    assert len(lines) == 1 and "HF_HUB_OFFLINE is set" in lines[0], lines
+    assert "not in the local Hugging Face cache" in lines[0] and f"`hf download {ids[0]}`" in lines[0]
+    assert not out.exists()
+    # Downloaded as `hf download` does: the merge reads the cached snapshots, pinned to their commits, and
+    # writes the bytes the online merge writes.
+    for repo_id in ids:
+        snapshot_download(repo_id, token=hub_token)
+    online = _cli(str(recipe), "--out", str(tmp_path / "online"), endpoint=hub.url, token=hub_token)
+    assert online.returncode == 0, online.stderr
+    done = offline(str(recipe), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    shards = sorted(p.name for p in (tmp_path / "online").glob("*.safetensors"))
+    assert shards and shards == sorted(p.name for p in out.glob("*.safetensors"))
+    for name in shards:
+        assert (out / name).read_bytes() == (tmp_path / "online" / name).read_bytes()
+    card = (out / "README.md").read_text()
+    assert all(f"{i}" in card and c in card for i, c in zip(ids, commits, strict=True)), card
+    # Partly downloaded (a config, no weights): named as such, with the same way out.
+    api = HfApi(token=hub_token)
+    partial_id = f"{repo_name}-partial"
+    _publish(api, partial_id, tiny_llama(5, tmp_path / "partial", card=LICENSED))
+    api.hf_hub_download(partial_id, "config.json")
+    recipe.write_text(f"method: centroid\nmodels: [{ids[0]}, {partial_id}]\n")
+    partial = offline(str(recipe), "--out", str(tmp_path / "p-out"))
+    assert partial.returncode == 2 and len(partial.stderr.strip().splitlines()) == 1, partial.stderr
+    assert "no model.safetensors" in partial.stderr and f"`hf download {partial_id}`" in partial.stderr
+    # A push needs the Hub: it stops before merging, with the cause, and nothing is written.
     local_recipe = tmp_path / "l.yaml"
     local_recipe.write_text(f"method: centroid\nmodels: [{{path: {local[0]}}}, {{path: {local[1]}}}]\n")
-    push = _cli(
-        str(local_recipe),
-        "--out",
-        str(out),
-        "--push",
-        "alice/offline",
-        endpoint=hub.url,
-        token=hub_token,
-        HF_HUB_OFFLINE="1",
-    )
+    push = offline(str(local_recipe), "--out", str(tmp_path / "push-out"), "--push", "alice/offline")
     assert push.returncode == 2 and "HF_HUB_OFFLINE is set" in push.stderr, push.stderr
-    assert "retrying" not in push.stderr and not out.exists()
+    assert "retrying" not in push.stderr and not (tmp_path / "push-out").exists()
 
 
 def test_gated_source_is_a_clear_error(

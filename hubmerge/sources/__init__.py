@@ -65,6 +65,8 @@ def open_source(
         label: short name for messages (``models.0``, ``base``).
         transfer: how Hub sources read tensors: ranged requests, or one downloaded shard at a time.
 
+    With ``HF_HUB_OFFLINE`` set, a Hub model is read from its snapshot in the local Hugging Face cache.
+
     Returns:
         An open source; close it when done.
 
@@ -75,6 +77,8 @@ def open_source(
         from .local import LocalSource
 
         return LocalSource(ref, label=label)
-    from .hub import HubSource
+    from .hub import HubSource, offline, open_cached
 
+    if offline():
+        return open_cached(ref, label=label)
     return HubSource(ref, label=label, transfer=transfer)

@@ -34,7 +34,7 @@ from ..refs import ModelRef
 from . import ranged
 from .buffers import buffer, writable
 from .header import TensorInfo, header_length, parse_header, parse_index
-from .local import INDEX, PICKLE_SUFFIXES, SINGLE
+from .local import INDEX, PICKLE_SUFFIXES, SINGLE, LocalSource
 from .ranged import Fallback
 
 if TYPE_CHECKING:
@@ -151,6 +151,60 @@ def hub_call(
             log.warning("%s from %s failed (%s); retrying in %.1f s", what, where, exc, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def offline() -> bool:
+    """Whether huggingface_hub is in offline mode (``HF_HUB_OFFLINE``, read when it is imported)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def open_cached(ref: ModelRef, *, label: str) -> LocalSource:
+    """A Hub model from its snapshot in the local Hugging Face cache, for offline mode.
+
+    The snapshot is the one the cache maps ``ref.revision`` to (a branch or tag through ``refs/``), and its
+    commit is what the card pins. Only the weights must be complete; other files are used where present.
+
+    Raises:
+        HubError: the cache has no snapshot for that revision, or one that lacks weight files.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    assert ref.repo_id is not None
+    where = f"{ref.repo_id}@{ref.revision}" if ref.revision else ref.repo_id
+    hint = (
+        f"download it while online (`hf download {ref.repo_id}"
+        + (f" --revision {ref.revision}" if ref.revision else "")
+        + "`), unset HF_HUB_OFFLINE, or name a local copy with `path:` in the recipe"
+    )
+    try:
+        folder = Path(
+            snapshot_download(
+                ref.repo_id,
+                revision=ref.revision,
+                local_files_only=True,
+                allow_patterns=["*.safetensors", INDEX],
+            )
+        )
+    except LocalEntryNotFoundError as exc:
+        found = f"only part of {where} is" if "incomplete" in str(exc) else f"{where} is not"
+        raise HubError(
+            f"{label}: {found} in the local Hugging Face cache, and HF_HUB_OFFLINE is set",
+            repo_id=ref.repo_id,
+            revision=ref.revision,
+            hint=hint,
+        ) from None
+    try:
+        return LocalSource(ref, label=label, path=folder, commit=folder.name)
+    except SourceError as exc:  # a snapshot with files missing that no cached listing told of
+        raise HubError(
+            f"{exc.message} (the cached snapshot of {where}; HF_HUB_OFFLINE is set)",
+            repo_id=ref.repo_id,
+            revision=ref.revision,
+            hint=hint,
+        ) from None
 
 
 class HubSource:

@@ -81,12 +81,15 @@ def pickle_refused(path: Path, *, label: str) -> SourceError:
 class LocalSource:
     """A model on local disk, memory-mapped shard by shard."""
 
-    def __init__(self, ref: ModelRef, *, label: str) -> None:
-        assert ref.path is not None  # open_source dispatches on this
+    def __init__(
+        self, ref: ModelRef, *, label: str, path: Path | None = None, commit: str | None = None
+    ) -> None:
+        """Open ``ref.path``, or ``path`` with ``commit`` for a Hub model's snapshot in the local cache."""
+        path = path or ref.path
+        assert path is not None  # open_source dispatches on this
         self.ref = ref
         self.label = label
-        self.commit: str | None = None
-        path = ref.path
+        self.commit: str | None = commit
         if not path.exists():
             raise SourceError(
                 f"{label}: {path} does not exist",
