@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from huggingface_hub import HfApi, ModelCard, snapshot_download
+from huggingface_hub import HfApi, ModelCard, snapshot_download, try_to_load_from_cache
 from safetensors.torch import load_file
 
 import hubmerge
@@ -412,6 +412,41 @@ def test_delete_local_keeps_only_small_files(
     torch.testing.assert_close(merged["layer.0.weight"], (a["layer.0.weight"] + b["layer.0.weight"]) / 2)
 
 
+def test_models_in_the_local_cache_are_read_there(
+    tmp_path: Path, hub: HubServer, hub_token: str, sources: dict[str, object]
+) -> None:
+    ids, commits = sources["ids"], sources["commits"]
+    assert isinstance(ids, list) and isinstance(commits, list)
+    recipe = {"method": "linear", "models": ids, "parameters": {"t": 0.3}}
+
+    def weights_served() -> dict[str, int]:
+        return {k: v for k, v in hub.bytes_served_by_path.items() if k.endswith(".safetensors")}
+
+    hub.reset_stats()
+    streamed = hubmerge.merge(recipe, out=tmp_path / "streamed").out
+    assert set(weights_served()) == {f"{i}/model.safetensors" for i in ids}
+    # One model downloaded before (as `hf download` or from_pretrained do): its weights come from the cache at
+    # the pinned commit, the other's from the Hub, and the bytes written are the same.
+    snapshot_download(ids[0], token=hub_token)
+    hub.reset_stats()
+    hubmerge.merge(recipe, out=tmp_path / "cached")
+    assert set(weights_served()) == {f"{ids[1]}/model.safetensors"}
+    for name in sorted(p.name for p in streamed.glob("*.safetensors")):
+        assert (tmp_path / "cached" / name).read_bytes() == (streamed / name).read_bytes()
+    card = (tmp_path / "cached" / "README.md").read_text()
+    assert commits[0] in card and commits[1] in card
+    # A cached file that is not whole (its size differs from the Hub's) is not trusted: streamed again.
+    cached = Path(try_to_load_from_cache(ids[0], "model.safetensors", revision=commits[0]))
+    blob = cached.resolve()
+    blob.write_bytes(blob.read_bytes()[:-8])
+    hub.reset_stats()
+    hubmerge.merge(recipe, out=tmp_path / "again")
+    assert set(weights_served()) == {f"{i}/model.safetensors" for i in ids}
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (
+        streamed / "model.safetensors"
+    ).read_bytes()
+
+
 def test_offline_mode_reads_the_local_cache(
     tmp_path: Path, hub: HubServer, hub_token: str, repo_name: str, sources: dict[str, object]
 ) -> None:
@@ -432,11 +467,11 @@ def test_offline_mode_reads_the_local_cache(
     assert "not in the local Hugging Face cache" in lines[0] and f"`hf download {ids[0]}`" in lines[0]
     assert not out.exists()
     # Downloaded as `hf download` does: the merge reads the cached snapshots, pinned to their commits, and
-    # writes the bytes the online merge writes.
-    for repo_id in ids:
-        snapshot_download(repo_id, token=hub_token)
+    # writes the bytes the merge streamed from the Hub wrote.
     online = _cli(str(recipe), "--out", str(tmp_path / "online"), endpoint=hub.url, token=hub_token)
     assert online.returncode == 0, online.stderr
+    for repo_id in ids:
+        snapshot_download(repo_id, token=hub_token)
     done = offline(str(recipe), "--out", str(out))
     assert done.returncode == 0, done.stderr
     shards = sorted(p.name for p in (tmp_path / "online").glob("*.safetensors"))

@@ -65,7 +65,8 @@ def open_source(
         label: short name for messages (``models.0``, ``base``).
         transfer: how Hub sources read tensors: ranged requests, or one downloaded shard at a time.
 
-    With ``HF_HUB_OFFLINE`` set, a Hub model is read from its snapshot in the local Hugging Face cache.
+    A Hub model whose weight files are all in the local Hugging Face cache at the resolved commit is read
+    there; with ``HF_HUB_OFFLINE`` set, it is read from the cached snapshot the revision resolves to.
 
     Returns:
         An open source; close it when done.

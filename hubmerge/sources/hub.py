@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +153,32 @@ def hub_call(
     raise AssertionError("unreachable")
 
 
+def cached_snapshot(repo_id: str, commit: str, files: Sequence[str], sizes: Mapping[str, int]) -> Path | None:
+    """The local Hugging Face cache's snapshot folder of ``repo_id`` at ``commit``, if it holds every one of
+    ``files`` whole (the size the Hub lists); else None.
+
+    Models downloaded before (`hf download`, ``from_pretrained``) are then read from disk, not streamed again.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    folder: Path | None = None
+    for name in files:
+        found = try_to_load_from_cache(repo_id, name, revision=commit)
+        if not isinstance(found, str):
+            return None
+        path = Path(found)
+        try:
+            if path.stat().st_size != sizes.get(name, -1):
+                return None
+        except OSError:
+            return None
+        here = path.parents[len(Path(name).parts) - 1]
+        if folder is not None and here != folder:
+            return None
+        folder = here
+    return folder
+
+
 def offline() -> bool:
     """Whether huggingface_hub is in offline mode (``HF_HUB_OFFLINE``, read when it is imported)."""
     from huggingface_hub import constants
@@ -244,6 +270,15 @@ class HubSource:
             headers = build_hf_headers(token=self.api.token)
             self._direct = ranged.RangeClient(headers, constants.HF_HUB_DOWNLOAD_TIMEOUT)
         shards = self._shards()
+        # Every weight file in the local cache at this commit (downloaded before): tensors are read there,
+        # other files (config, tokenizer) still come from the Hub as they are asked for.
+        self._local: LocalSource | None = None
+        snapshot = cached_snapshot(self.repo_id, self._sha, shards, self._sizes)
+        if snapshot is not None:
+            self._local = LocalSource(ref, label=label, path=snapshot, commit=self._sha)
+            self.tensors = self._local.tensors
+            log.info("%s: %s@%s is in the local Hugging Face cache; reading it there", label, ref, self._sha)
+            return
         # One request per shard (two if its header is over HEADER_READ), all shards at once: on a remote Hub
         # each request is a round trip or two (a redirect), and a large model has dozens of shards.
         for shard, raw in zip(shards, self._pool.map(self._header_bytes, shards), strict=True):
@@ -365,6 +400,8 @@ class HubSource:
     def read(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
         from .tensors import view_bytes
 
+        if self._local is not None:
+            return self._local.read(info, rows)
         span = self._pending.get(info.name)  # never set with transfer="shards" (prefetch does nothing)
         if span is not None:
             # The run loop reads a tensor in row ranges, in order: the prefetched bytes serve them all, and
@@ -421,6 +458,9 @@ class HubSource:
         tensors of a checkpoint (norms, biases, small projections) then cost no request of their own.
         Of a tensor over ``PREFETCH_LIMIT``, only ``rows`` are read, the part the run asks for first.
         """
+        if self._local is not None:
+            self._local.prefetch(infos, rows)
+            return
         if self.transfer == "shards":
             return
         for info in infos:
@@ -517,6 +557,8 @@ class HubSource:
         return Path(path)
 
     def close(self) -> None:
+        if self._local is not None:
+            self._local.close()
         for span in self._spans:
             span.future.cancel()
         for _, future in self._ahead.values():
