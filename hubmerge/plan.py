@@ -29,11 +29,13 @@ DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes of compute buffers per tensor befor
 
 @dataclass(frozen=True)
 class SourceInfo:
-    """A model as the plan records it: role label, reference, pinned commit (Hub sources)."""
+    """A model as the plan records it: role label, reference, pinned commit (Hub sources), and whether a Hub
+    model's tensors are read from the local Hugging Face cache."""
 
     label: str
     ref: ModelRef
     commit: str | None
+    cached: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,10 @@ class MergePlan:
         return {
             "method": self.method,
             "recipe_sha256": self.recipe_sha256,
-            "sources": [{"label": s.label, "ref": str(s.ref), "commit": s.commit} for s in self.sources],
+            "sources": [
+                {"label": s.label, "ref": str(s.ref), "commit": s.commit, "cached": s.cached}
+                for s in self.sources
+            ],
             "shards": [{"file": s.filename, "bytes": s.size, "tensors": len(s.jobs)} for s in self.shards],
             "tensors": [
                 {
@@ -218,7 +223,9 @@ def build_plan(
             f"they are merged in {target} and written as the output dtype"
         )
     labels = [*(s.label for s in models), *([base.label] if base is not None else [])]
-    source_infos = tuple(SourceInfo(label, s.ref, s.commit) for label, s in zip(labels, sources, strict=True))
+    source_infos = tuple(
+        SourceInfo(label, s.ref, s.commit, s.cached) for label, s in zip(labels, sources, strict=True)
+    )
     float_bytes: dict[str, int] = {}
     for job in jobs:
         if job.dtype in FLOAT_DTYPES:

@@ -22,7 +22,7 @@ def plan_summary(plan: MergePlan) -> str:
     lines = [f"method   {plan.method}  (compute {plan.compute_dtype}, output {plan.model_dtype})"]
     for src in plan.sources:
         pin = f"  @ {src.commit}" if src.commit else ""
-        lines.append(f"{src.label:<9}{src.ref}{pin}")
+        lines.append(f"{src.label:<9}{src.ref}{pin}" + ("  (local Hugging Face cache)" if src.cached else ""))
     actions = Counter(job.action for job in plan.jobs)
     chunked = sum(job.chunk_rows is not None for job in plan.jobs)
     lines.append(

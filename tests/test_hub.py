@@ -428,6 +428,12 @@ def test_models_in_the_local_cache_are_read_there(
     # One model downloaded before (as `hf download` or from_pretrained do): its weights come from the cache at
     # the pinned commit, the other's from the Hub, and the bytes written are the same.
     snapshot_download(ids[0], token=hub_token)
+    plan = hubmerge.plan(recipe)
+    assert [(s.commit, s.cached) for s in plan.sources] == [(commits[0], True), (commits[1], False)]
+    (tmp_path / "r.yaml").write_text(json.dumps(recipe))
+    shown = _cli("plan", str(tmp_path / "r.yaml"), endpoint=hub.url, token=hub_token)
+    assert f"models.0 {ids[0]}  @ {commits[0]}  (local Hugging Face cache)" in shown.stdout, shown.stderr
+    assert f"models.1 {ids[1]}  @ {commits[1]}\n" in shown.stdout
     hub.reset_stats()
     hubmerge.merge(recipe, out=tmp_path / "cached")
     assert set(weights_served()) == {f"{ids[1]}/model.safetensors"}

@@ -25,6 +25,7 @@ class TensorSource(Protocol):
     ref: ModelRef
     label: str
     commit: str | None  # the pinned commit SHA of a Hub source; None for local sources
+    cached: bool  # a Hub source whose tensors are read from the local Hugging Face cache
 
     @property
     def tensors(self) -> Mapping[str, TensorInfo]:

@@ -270,6 +270,7 @@ class HubSource:
             headers = build_hf_headers(token=self.api.token)
             self._direct = ranged.RangeClient(headers, constants.HF_HUB_DOWNLOAD_TIMEOUT)
         shards = self._shards()
+        self.cached = False
         # Every weight file in the local cache at this commit (downloaded before): tensors are read there,
         # other files (config, tokenizer) still come from the Hub as they are asked for.
         self._local: LocalSource | None = None
@@ -277,6 +278,7 @@ class HubSource:
         if snapshot is not None:
             self._local = LocalSource(ref, label=label, path=snapshot, commit=self._sha)
             self.tensors = self._local.tensors
+            self.cached = True
             log.info("%s: %s@%s is in the local Hugging Face cache; reading it there", label, ref, self._sha)
             return
         # One request per shard (two if its header is over HEADER_READ), all shards at once: on a remote Hub

@@ -90,6 +90,7 @@ class LocalSource:
         self.ref = ref
         self.label = label
         self.commit: str | None = commit
+        self.cached = ref.path is None  # a Hub model's snapshot in the local cache
         if not path.exists():
             raise SourceError(
                 f"{label}: {path} does not exist",
