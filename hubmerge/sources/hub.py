@@ -205,6 +205,10 @@ def open_cached(ref: ModelRef, *, label: str) -> LocalSource:
         + (f" --revision {ref.revision}" if ref.revision else "")
         + "`), unset HF_HUB_OFFLINE, or name a local copy with `path:` in the recipe"
     )
+
+    def not_cached(message: str) -> HubError:
+        return HubError(message, repo_id=ref.repo_id, revision=ref.revision, hint=hint)
+
     try:
         folder = Path(
             snapshot_download(
@@ -216,21 +220,13 @@ def open_cached(ref: ModelRef, *, label: str) -> LocalSource:
         )
     except LocalEntryNotFoundError as exc:
         found = f"only part of {where} is" if "incomplete" in str(exc) else f"{where} is not"
-        raise HubError(
-            f"{label}: {found} in the local Hugging Face cache, and HF_HUB_OFFLINE is set",
-            repo_id=ref.repo_id,
-            revision=ref.revision,
-            hint=hint,
+        raise not_cached(
+            f"{label}: {found} in the local Hugging Face cache, and HF_HUB_OFFLINE is set"
         ) from None
     try:
         return LocalSource(ref, label=label, path=folder, commit=folder.name)
     except SourceError as exc:  # a snapshot with files missing that no cached listing told of
-        raise HubError(
-            f"{exc.message} (the cached snapshot of {where}; HF_HUB_OFFLINE is set)",
-            repo_id=ref.repo_id,
-            revision=ref.revision,
-            hint=hint,
-        ) from None
+        raise not_cached(f"{exc.message} (the cached snapshot of {where}; HF_HUB_OFFLINE is set)") from None
 
 
 class HubSource:
