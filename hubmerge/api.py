@@ -195,12 +195,13 @@ def merge(
         uploader = HubUploader(push, writer.tmp, read_direct=direct) if push is not None else None
         commit_url = None
         try:
+            if uploader is not None:  # the push target first: a Hub that refuses it leaves nothing here
+                uploader.begin(merge_plan)
             done = writer.begin(merge_plan)
             # The first reads start now and download while torch is imported (its first use is in execute).
             start_reads(merge_plan, sources, done=frozenset(done), device=device)
             sinks: list[Sink] = [writer]
             if uploader is not None:
-                uploader.begin(merge_plan)
                 sinks.append(uploader)
             execute(merge_plan, sources, sinks, done=frozenset(done), device=device, progress=progress)
             repo_id = push.repo_id if push is not None else None

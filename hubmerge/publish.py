@@ -79,9 +79,13 @@ class HubUploader:
         self._digests: dict[int, _Digest] = {}
         self.read_direct = read_direct
 
-    def _call(self, fn: Any, what: str) -> Any:
+    def _call(self, fn: Any, what: str, *, merged: bool = True) -> Any:
         # huggingface_hub retries its own requests with backoff; one attempt here, errors mapped to ours.
-        keep = "the merged files are kept: rerun with --resume to finish the push"
+        keep = (
+            "the merged files are kept: rerun with --resume to finish the push"
+            if merged
+            else "nothing was merged yet"
+        )
         try:
             return hub_call(
                 fn, repo_id=self.target.repo_id, revision=self.target.branch, what=what, attempts=1
@@ -104,14 +108,17 @@ class HubUploader:
         self._plan = plan
         self._digests = {i: _Digest(shard.header, shard.size) for i, shard in enumerate(plan.shards)}
         target = self.target
-        self._call(lambda: self.api.whoami(), "whoami")
+        self._call(lambda: self.api.whoami(), "whoami", merged=False)
         self._call(
             lambda: self.api.create_repo(target.repo_id, private=target.private, exist_ok=True),
             "create repository",
+            merged=False,
         )
         if target.branch:
             self._call(
-                lambda: self.api.create_branch(target.repo_id, branch=target.branch, exist_ok=True), "branch"
+                lambda: self.api.create_branch(target.repo_id, branch=target.branch, exist_ok=True),
+                "branch",
+                merged=False,
             )
         return set()
 

@@ -500,7 +500,8 @@ def test_offline_mode_reads_the_local_cache(
     local_recipe.write_text(f"method: centroid\nmodels: [{{path: {local[0]}}}, {{path: {local[1]}}}]\n")
     push = offline(str(local_recipe), "--out", str(tmp_path / "push-out"), "--push", "alice/offline")
     assert push.returncode == 2 and "HF_HUB_OFFLINE is set" in push.stderr, push.stderr
-    assert "retrying" not in push.stderr and not (tmp_path / "push-out").exists()
+    assert "nothing was merged yet" in push.stderr and "retrying" not in push.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if "push-out" in p.name) == []  # no partial output
 
 
 def test_gated_source_is_a_clear_error(

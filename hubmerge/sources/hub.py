@@ -120,11 +120,12 @@ def hub_call(
             ) from None
         except hf.OfflineModeIsEnabled:
             # A ConnectionError to huggingface_hub, but no retry brings the Hub back: the user asked for none.
+            # (Sources read the local cache when offline, open_cached: this is a push, or a file not cached.)
             raise HubError(
-                f"{what} from {where} needs the Hub, and HF_HUB_OFFLINE is set",
+                f"{what} on {where} needs the Hub, and HF_HUB_OFFLINE is set",
                 repo_id=repo_id,
                 revision=revision,
-                hint="unset HF_HUB_OFFLINE, or name a local copy of the model with `path:` in the recipe",
+                hint="unset HF_HUB_OFFLINE to reach the Hub",
             ) from None
         except hf.LocalTokenNotFoundError:
             raise HubError(
