@@ -45,6 +45,7 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     mode = "ok"
     redirect_to = ""
+    signature = ""  # when set, /data answers 403 unless asked with ?sig=<signature> (a signed CDN URL)
     connections = 0
     seen: list[dict[str, str]]
 
@@ -77,8 +78,10 @@ class _Files(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(b"moved")
             return
-        if self.path != "/data":
-            self.send_response(404)
+        path, _, query = self.path.partition("?")
+        refused = 403 if self.server.signature and query != f"sig={self.server.signature}" else 0
+        if path != "/data" or refused:
+            self.send_response(refused or 404)
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
@@ -162,9 +165,35 @@ def test_redirects_drop_the_token_across_origins(files: _Server, other: _Server,
     assert _read(client, _url(files, "/redirect"), 10, 20) == DATA[10:30]  # same origin: token kept
     assert [h.get("authorization") for h in files.seen] == ["Bearer secret"] * 2
     files.redirect_to = _url(other)
-    assert _read(client, _url(files, "/redirect"), 40, 20) == DATA[40:60]
+    client = RangeClient({name: "Bearer secret"}, timeout=10)  # one that has not seen /redirect yet
+    for start in (
+        40,
+        70,
+    ):  # the second read goes straight to the target it remembers, still without the token
+        assert _read(client, _url(files, "/redirect"), start, 20) == DATA[start : start + 20]
     assert files.seen[-1]["authorization"] == "Bearer secret"
-    assert "authorization" not in other.seen[-1]
+    assert len(other.seen) == 2 and not any("authorization" in h for h in other.seen)
+
+
+def test_redirect_targets_are_remembered_until_they_expire(
+    files: _Server, other: _Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = RangeClient({"authorization": "Bearer secret"}, timeout=10)
+    files.redirect_to, other.signature = _url(other, "/data?sig=1"), "1"
+    for start in (0, 100, 5000):
+        assert _read(client, _url(files, "/redirect"), start, 50) == DATA[start : start + 50]
+    assert len(files.seen) == 1 and len(other.seen) == 3  # one round trip to the Hub, then the CDN only
+    # The signature expires (the CDN answers 403): the next read asks the Hub for a new target, once.
+    files.redirect_to, other.signature = _url(other, "/data?sig=2"), "2"
+    for start in (200, 300):
+        assert _read(client, _url(files, "/redirect"), start, 50) == DATA[start : start + 50]
+    assert len(files.seen) == 2 and len(other.seen) == 6  # the refused try, the new target, one more read
+    assert not any("authorization" in h for h in other.seen)
+    # A target is only trusted for LOCATION_TTL seconds after the Hub gave it.
+    monkeypatch.setattr(hubmerge.sources.ranged, "LOCATION_TTL", 0.0)
+    assert _read(client, _url(files, "/redirect"), 400, 50) == DATA[400:450]
+    assert len(files.seen) == 3 and len(other.seen) == 7
+    client.close()
 
 
 @pytest.mark.parametrize(
