@@ -226,7 +226,14 @@ def hub_group() -> None:
 @click.option(
     "--token", "tokens", multiple=True, metavar="TOKEN=USER", help="Accept TOKEN as USER (repeatable)."
 )
-def hub_serve(root: Path, host: str, port: int, tokens: tuple[str, ...]) -> None:
+@click.option(
+    "--cdn-ttl",
+    type=click.IntRange(min=0),
+    default=0,
+    metavar="SECONDS",
+    help="Redirect LFS files to signed URLs valid SECONDS, as huggingface.co does (0: serve them).",
+)
+def hub_serve(root: Path, host: str, port: int, tokens: tuple[str, ...], cdn_ttl: int) -> None:
     """Serve model repositories from ROOT over the Hub's HTTP API."""
     from .hubserver import serve_forever
 
@@ -236,7 +243,9 @@ def hub_serve(root: Path, host: str, port: int, tokens: tuple[str, ...]) -> None
         if not sep or not token or not user:
             raise HubmergeError(f"--token {item!r} is not TOKEN=USER", hint="write --token mysecret=alice")
         users[token] = user
-    serve_forever(root, host, port, users, on_ready=lambda url: click.echo(f"serving {root} at {url}"))
+    serve_forever(
+        root, host, port, users, on_ready=lambda url: click.echo(f"serving {root} at {url}"), cdn_ttl=cdn_ttl
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

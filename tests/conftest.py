@@ -27,7 +27,8 @@ if "huggingface_hub" in sys.modules:  # pragma: no cover - a guard for whoever e
     raise RuntimeError("huggingface_hub was imported before tests/conftest.py set HF_ENDPOINT: keep it lazy")
 
 _HUB_TMP = Path(tempfile.mkdtemp(prefix="hubmerge-test-hub-"))
-_HUB = HubServer(_HUB_TMP / "storage", tokens={HUB_TOKEN: "alice", OTHER_TOKEN: "bob"}).start()
+# As huggingface.co, LFS files redirect to signed URLs on another origin (the server's CDN port).
+_HUB = HubServer(_HUB_TMP / "storage", tokens={HUB_TOKEN: "alice", OTHER_TOKEN: "bob"}, cdn_ttl=3600).start()
 for _name in (
     "HF_TOKEN",
     "HUGGING_FACE_HUB_TOKEN",

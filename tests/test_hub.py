@@ -20,6 +20,7 @@ from huggingface_hub import HfApi, ModelCard, snapshot_download, try_to_load_fro
 from safetensors.torch import load_file
 
 import hubmerge
+import hubmerge.sources.ranged
 from hubmerge.directio import DirectReader
 from hubmerge.errors import (
     GatedRepoError,
@@ -410,6 +411,29 @@ def test_delete_local_keeps_only_small_files(
         merged |= load_file(api.hf_hub_download(repo_name, shard))
     a, b = random_tensors(0), random_tensors(1)
     torch.testing.assert_close(merged["layer.0.weight"], (a["layer.0.weight"] + b["layer.0.weight"]) / 2)
+
+
+def test_reads_follow_the_cdn_redirect_once_per_file(
+    tmp_path: Path, hub: HubServer, sources: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The session server redirects LFS files to its CDN port, as huggingface.co does (conftest.py)."""
+    ids = sources["ids"]
+    assert isinstance(ids, list)
+    recipe = {"method": "linear", "models": ids, "parameters": {"t": 0.3}}
+    direct = tmp_path / "direct"
+    with monkeypatch.context() as served:
+        served.setattr(hub.context, "cdn_ttl", 0)
+        hubmerge.merge(recipe, out=direct)  # also caches the small files (config, card) the merge fetches
+    counts = []
+    for ttl in (0.0, hubmerge.sources.ranged.LOCATION_TTL):
+        monkeypatch.setattr(hubmerge.sources.ranged, "LOCATION_TTL", ttl)
+        hub.reset_stats()
+        out = hubmerge.merge(recipe, out=tmp_path / f"cdn-{ttl}").out
+        assert (out / "model.safetensors").read_bytes() == (direct / "model.safetensors").read_bytes()
+        counts.append((hub.stats.requests["resolve"], hub.stats.requests["cdn"]))
+    (resolved_each, ranges), (resolved_once, ranges_again) = counts
+    # Every range read is served by the CDN; asked of the Hub each time, or once per file when remembered.
+    assert ranges == ranges_again >= 2 * len(ids) and resolved_each == ranges and resolved_once == len(ids)
 
 
 def test_models_in_the_local_cache_are_read_there(

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import urlsplit
 
 import pytest
@@ -21,6 +22,7 @@ from huggingface_hub import CommitOperationAdd, CommitOperationCopy, HfApi
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from huggingface_hub.hf_api import RepoFile
 
+import hubmerge.hubserver.context
 import hubmerge.hubserver.server
 from hubmerge.hubserver import HubServer
 from hubmerge.hubserver.app import split_revision
@@ -63,6 +65,13 @@ def call(
         return ask(conn, method, path, body, {"Authorization": f"Bearer {token}"} if token else {})
     finally:
         conn.close()
+
+
+@pytest.fixture(autouse=True)
+def _served_directly(hub: HubServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests read files at the HTTP level, from resolve itself; the session server redirects LFS files
+    to its CDN port (conftest.py), which the CDN test turns back on."""
+    monkeypatch.setattr(hub.context, "cdn_ttl", 0)
 
 
 @pytest.fixture
@@ -119,6 +128,43 @@ def test_head_carries_what_hf_hub_download_needs(hub: HubServer, repo: str) -> N
     assert "x-linked-etag" not in regular
     status, missing, _ = call(hub, "HEAD", f"/{repo}/resolve/main/nope.txt")
     assert (status, missing["x-error-code"], missing["x-repo-commit"]) == (404, "EntryNotFound", sha)
+
+
+def test_cdn_mode_redirects_lfs_files_to_signed_urls(
+    hub: HubServer, repo: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As huggingface.co: an LFS file resolves to a 302 with its metadata, to a URL needing no token."""
+    monkeypatch.setattr(hub.context, "cdn_ttl", 60)
+    sha = HfApi().model_info(repo).sha
+    digest = hashlib.sha256(DATA).hexdigest()
+    status, head, body = call(hub, "HEAD", f"/{repo}/resolve/main/data.bin")
+    assert (status, body, head["x-repo-commit"], head["x-linked-size"]) == (302, b"", sha, str(len(DATA)))
+    cdn = hub.context.cdn_url
+    assert (
+        cdn != hub.url and cdn.rsplit(":", 1)[0] == hub.url.rsplit(":", 1)[0]
+    )  # another port: another origin
+    assert head["x-linked-etag"] == f'"{digest}"' and head["location"].startswith(f"{cdn}/cdn/{digest}?")
+    signed = head["location"][len(cdn) :]
+    conn = http.client.HTTPConnection("127.0.0.1", urlsplit(cdn).port, timeout=10)
+    try:
+        status, headers, body = ask(conn, "GET", signed, headers={"Range": "bytes=100-199"})
+        assert (status, body, headers["content-range"]) == (206, DATA[100:200], f"bytes 100-199/{len(DATA)}")
+        assert ask(conn, "GET", signed)[::2] == (200, DATA)
+        # A signature that does not match, or one past its time, is refused: the client resolves again.
+        assert ask(conn, "GET", signed.replace("signature=", "signature=0"))[0] == 403
+        assert ask(conn, "GET", signed.replace("data.bin", "other.bin"))[0] == 403
+        later = time.time() + 61
+        monkeypatch.setattr(hubmerge.hubserver.context, "time", SimpleNamespace(time=lambda: later))
+        assert ask(conn, "GET", signed)[0] == 403
+    finally:
+        conn.close()
+    monkeypatch.undo()
+    monkeypatch.setattr(hub.context, "cdn_ttl", 60)
+    assert hub.stats.bytes_served_by_path[f"{repo}/data.bin"] >= 100 + len(DATA)  # counted as the file
+    # Regular files are still served as they are; huggingface_hub downloads LFS files through the redirect.
+    assert call(hub, "GET", f"/{repo}/resolve/main/dir%2Fhello.json")[::2] == (200, TEXT)
+    path = HfApi().hf_hub_download(repo, "data.bin", cache_dir=tmp_path / "cache")
+    assert Path(path).read_bytes() == DATA
 
 
 def test_errors_are_json_with_error_codes(hub: HubServer, repo: str, hub_token: str) -> None:

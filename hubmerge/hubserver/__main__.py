@@ -1,6 +1,7 @@
 """Serve a Hub until Ctrl-C.
 
-Usage: ``python -m hubmerge.hubserver --root DIR [--port N] [--token TOKEN=USER]... [--org ORG=USER]...``
+Usage: ``python -m hubmerge.hubserver --root DIR [--port N] [--token TOKEN=USER]... [--org ORG=USER]...
+[--cdn-ttl S]``
 """
 
 from __future__ import annotations
@@ -38,6 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="port (default: 0, a free one)")
     parser.add_argument("--token", action="append", default=[], metavar="TOKEN=USER", help="accepted token")
     parser.add_argument("--org", action="append", default=[], metavar="ORG=USER", help="organisation member")
+    parser.add_argument(
+        "--cdn-ttl",
+        type=int,
+        default=0,
+        metavar="S",
+        help="redirect LFS files to signed URLs valid S seconds",
+    )
     parser.add_argument("--verbose", action="store_true", help="log every request")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING)
@@ -51,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         tokens=dict(_pairs(args.token, "--token")),
         orgs=orgs,
         on_ready=lambda url: print(url, flush=True),
+        cdn_ttl=args.cdn_ttl,
     )
     return 0
 

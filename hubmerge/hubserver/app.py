@@ -73,6 +73,7 @@ ROUTES: tuple[Route, ...] = (
         routes_upload.lfs_verify,
     ),
     _route("resolve", "GET HEAD", rf"/{_REPO}/(?:resolve|raw)/(?P<revpath>.+)", routes_files.resolve_file),
+    _route("cdn", "GET HEAD", r"/cdn/(?P<oid>[0-9a-f]{64})", routes_files.cdn_file),
 )
 
 _REF_NAMESPACES = ("heads", "tags", "pr", "convert")

@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlencode
 
 from .auth import Accounts
 from .blobs import BlobStore, atomic_write
@@ -69,6 +70,10 @@ class HubContext:
     store: RepoStore = field(init=False)
     blobs: BlobStore = field(init=False)
     stats: ServerStats = field(default_factory=ServerStats)
+    # cdn_ttl > 0: LFS files redirect to a signed /cdn/ URL valid for this many seconds, as on the Hub, at
+    # cdn_url (the server's second port, another origin); "" for the server's own URL.
+    cdn_ttl: int = 0
+    cdn_url: str = ""
     secret: bytes = field(init=False)
 
     def __post_init__(self) -> None:
@@ -115,8 +120,49 @@ class HubContext:
             )
         return size
 
+    def sign_download(self, sha256: str, key: str) -> str:
+        """Query string of a CDN URL serving one LFS object for ``cdn_ttl`` seconds, to anyone who has it.
+
+        Args:
+            sha256: The object's sha256.
+            key: ``namespace/name/path`` of the file it was asked as (what the byte counters count under).
+
+        Returns:
+            ``path=..&expires=..&signature=..``.
+        """
+        expires = int(time.time()) + self.cdn_ttl
+        signature = self._mac(f"get:{sha256}:{key}:{expires}")
+        return f"{urlencode({'path': key})}&expires={expires}&signature={signature}"
+
+    def check_download(self, sha256: str, req: Request) -> str:
+        """Verify the signed query string of a CDN URL.
+
+        Args:
+            sha256: The object's sha256, from the URL path.
+            req: The request.
+
+        Returns:
+            The ``namespace/name/path`` the URL was signed for.
+
+        Raises:
+            ApiError: 403 when the signature is wrong or expired (ask the file's resolve URL again).
+        """
+        key, given = req.arg("path") or "", req.arg("signature") or ""
+        try:
+            expires = int(req.arg("expires") or "")
+        except ValueError:
+            expires = 0
+        if expires < time.time() or not hmac.compare_digest(
+            given, self._mac(f"get:{sha256}:{key}:{expires}")
+        ):
+            raise ApiError(403, "Request has expired or its signature is invalid: resolve the file again")
+        return key
+
     def _signature(self, sha256: str, size: int, expires: int) -> str:
-        return hmac.new(self.secret, f"{sha256}:{size}:{expires}".encode(), hashlib.sha256).hexdigest()
+        return self._mac(f"{sha256}:{size}:{expires}")
+
+    def _mac(self, text: str) -> str:
+        return hmac.new(self.secret, text.encode(), hashlib.sha256).hexdigest()
 
 
 def _upload_secret(root: Path) -> bytes:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 def spawn(
-    root: Path, tokens: Mapping[str, str], *, timeout: float = 30.0
+    root: Path, tokens: Mapping[str, str], *, timeout: float = 30.0, cdn_ttl: int = 0
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Start ``hubmerge hub serve`` on a free port of 127.0.0.1 and wait until it accepts connections.
 
@@ -19,6 +19,7 @@ def spawn(
         root: storage directory.
         tokens: token -> user name.
         timeout: seconds to wait for the server.
+        cdn_ttl: when over 0, LFS files redirect to signed URLs valid this many seconds (``--cdn-ttl``).
 
     Returns:
         The process (terminate or kill it when done) and the server's URL.
@@ -32,6 +33,8 @@ def spawn(
     cmd = [sys.executable, "-m", "hubmerge.cli", "hub", "serve", "--root", str(root), "--port", str(port)]
     for token, user in tokens.items():
         cmd += ["--token", f"{token}={user}"]
+    if cdn_ttl:
+        cmd += ["--cdn-ttl", str(cdn_ttl)]
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:

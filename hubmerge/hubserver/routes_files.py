@@ -1,11 +1,16 @@
 """File downloads: ``HEAD``/``GET /{ns}/{name}/resolve/{rev}/{path}``, with byte ranges.
 
-Files are served directly (no redirect to a CDN): huggingface_hub accepts that, reading the LFS etag and size
-from ``X-Linked-Etag`` / ``X-Linked-Size``. The body is streamed from the blob store, never held in memory.
+By default files are served directly: huggingface_hub accepts that, reading the LFS etag and size from
+``X-Linked-Etag`` / ``X-Linked-Size``. With ``cdn_ttl`` set (``hub serve --cdn-ttl``) an LFS file is
+answered as huggingface.co answers it: a 302 carrying those headers, to a signed ``/cdn/{sha256}`` URL on
+another origin (the server's second port) that serves the object (ranges too) without a token until it
+expires, then 403. The body is streamed from the
+blob store, never held in memory.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from urllib.parse import quote
 
 from .context import HubContext, repo_id_of, resolve_revision
@@ -51,20 +56,51 @@ def resolve_file(ctx: HubContext, req: Request) -> Response:
     else:
         blob = ctx.blobs.regular_path(entry.oid)
         headers["ETag"] = f'"{entry.oid}"'
-    headers["Content-Type"] = "application/octet-stream"
+    stats_key = f"{repo_id}/{path}"
+    if entry.lfs is not None and ctx.cdn_ttl > 0:
+        cdn = ctx.cdn_url or req.base_url
+        headers["Location"] = f"{cdn}/cdn/{entry.lfs}?{ctx.sign_download(entry.lfs, stats_key)}"
+        return Response(302, headers)
     headers["Content-Disposition"] = f"inline; filename*=UTF-8''{quote(path.rsplit('/', 1)[-1])}"
+    return _file(req, headers, blob, entry.size, stats_key)
+
+
+def cdn_file(ctx: HubContext, req: Request) -> Response:
+    """Serve an LFS object by the signed URL a resolve redirected to, whole or a single byte range.
+
+    Args:
+        ctx: Server state.
+        req: The request (``HEAD`` or ``GET``, optional ``Range``); no token needed, the URL is the key.
+
+    Returns:
+        200 with the whole object, or 206 with the asked range.
+
+    Raises:
+        ApiError: 403 when the signature is wrong or expired; 416 when the range lies outside the object.
+    """
+    oid = req.params["oid"]
+    key = ctx.check_download(oid, req)
+    size = ctx.blobs.lfs_size(oid)
+    if size is None:
+        raise ApiError(404, f"LFS object {oid} not found")
+    headers = {"ETag": f'"{oid}"', "Accept-Ranges": "bytes"}
+    return _file(req, headers, ctx.blobs.lfs_path(oid), size, key)
+
+
+def _file(req: Request, headers: dict[str, str], blob: Path, size: int, stats_key: str) -> Response:
+    """The answer serving ``blob`` (``size`` bytes), or the byte range the request asks for."""
+    headers["Content-Type"] = "application/octet-stream"
     try:
-        span = parse_range(req.header("Range"), entry.size)
+        span = parse_range(req.header("Range"), size)
     except RangeNotSatisfiable:
-        headers["Content-Range"] = f"bytes */{entry.size}"
+        headers["Content-Range"] = f"bytes */{size}"
         raise ApiError(
             416,
-            f"Requested range {req.header('Range')} not satisfiable: {path!r} has {entry.size} bytes",
+            f"Requested range {req.header('Range')} not satisfiable: {stats_key!r} has {size} bytes",
             headers=headers,
         ) from None
-    stats_key = f"{repo_id}/{path}"
     if span is None:
-        return Response(200, headers, file=FileBody(blob, 0, entry.size), stats_key=stats_key)
+        return Response(200, headers, file=FileBody(blob, 0, size), stats_key=stats_key)
     start, end = span
-    headers["Content-Range"] = f"bytes {start}-{end - 1}/{entry.size}"
+    headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
     return Response(206, headers, file=FileBody(blob, start, end - start), stats_key=stats_key)

@@ -153,6 +153,8 @@ class HubServer:
         port: Port; 0 picks a free one (read it back from :attr:`url`).
         tokens: Token -> user name.
         orgs: Organisation -> member user names (members may write to the organisation's namespace).
+        cdn_ttl: When over 0, LFS files are answered with a redirect to a signed URL valid this many seconds,
+            as huggingface.co redirects them to its CDN (``routes_files``); 0 serves them directly.
 
     Example::
 
@@ -167,13 +169,16 @@ class HubServer:
         port: int = 0,
         tokens: Mapping[str, str] | None = None,
         orgs: Mapping[str, Iterable[str]] | None = None,
+        cdn_ttl: int = 0,
     ) -> None:
         self.root = Path(root)
         self.host = host
         self.port = port
-        self.context = HubContext(self.root, Accounts.build(tokens, orgs))
+        self.context = HubContext(self.root, Accounts.build(tokens, orgs), cdn_ttl=cdn_ttl)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        self._cdn: _Server | None = None
+        self._cdn_thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -206,19 +211,25 @@ class HubServer:
             target=self._server.serve_forever, name=f"hubserver-{self.url}", daemon=True
         )
         self._thread.start()
+        # The "CDN" that LFS files redirect to with cdn_ttl set: another port, so another origin, as on the
+        # Hub (clients keep the token from it and do not follow the redirect of a HEAD).
+        self._cdn = _Server((self.host, 0), self.context)
+        self.context.cdn_url = self.url.rsplit(":", 1)[0] + f":{self._cdn.server_address[1]}"
+        self._cdn_thread = threading.Thread(target=self._cdn.serve_forever, name="hubserver-cdn", daemon=True)
+        self._cdn_thread.start()
         logger.info("hub server listening on %s (storage: %s)", self.url, self.root)
         return self
 
     def stop(self) -> None:
-        """Stop serving, end open connections and release the port. Safe to call twice."""
-        server, thread = self._server, self._thread
-        if server is None or thread is None:
-            return
-        server.shutdown()
-        thread.join()
-        server.close_connections()
-        server.server_close()
-        self._server = self._thread = None
+        """Stop serving, end open connections and release the ports. Safe to call twice."""
+        for server, thread in ((self._server, self._thread), (self._cdn, self._cdn_thread)):
+            if server is None or thread is None:
+                continue
+            server.shutdown()
+            thread.join()
+            server.close_connections()
+            server.server_close()
+        self._server = self._thread = self._cdn = self._cdn_thread = None
 
     def __enter__(self) -> HubServer:
         return self.start()
@@ -253,6 +264,7 @@ def serve_forever(
     tokens: Mapping[str, str] | None = None,
     orgs: Mapping[str, Iterable[str]] | None = None,
     on_ready: Callable[[str], None] | None = None,
+    cdn_ttl: int = 0,
 ) -> None:
     """Serve in the foreground until interrupted (Ctrl-C); backs ``hubmerge hub serve``.
 
@@ -263,8 +275,9 @@ def serve_forever(
         tokens: Token -> user name.
         orgs: Organisation -> member user names.
         on_ready: Called with the server URL once it listens (e.g. to print it).
+        cdn_ttl: When over 0, LFS files redirect to signed URLs valid this many seconds, as on huggingface.co.
     """
-    hub = HubServer(root, host=host, port=port, tokens=tokens, orgs=orgs)
+    hub = HubServer(root, host=host, port=port, tokens=tokens, orgs=orgs, cdn_ttl=cdn_ttl)
     hub.start()
     try:
         if on_ready is not None:
