@@ -64,11 +64,17 @@ def sources(tmp_path: Path, hub: HubServer, hub_token: str, repo_name: str) -> d
     return {"api": api, "local": local, "ids": ids, "commits": commits}
 
 
+def _unpacked(sources: dict[str, object]) -> tuple[list[str], list[Path], list[str]]:
+    """The ``sources`` fixture's repository ids, local folders and commits."""
+    ids, local, commits = sources["ids"], sources["local"], sources["commits"]
+    assert isinstance(ids, list) and isinstance(local, list) and isinstance(commits, list)
+    return ids, local, commits
+
+
 def test_merge_from_hub_and_push(
     tmp_path: Path, hub: HubServer, hub_token: str, repo_name: str, sources: dict[str, object]
 ) -> None:
-    ids, local, commits = sources["ids"], sources["local"], sources["commits"]
-    assert isinstance(ids, list) and isinstance(local, list) and isinstance(commits, list)
+    ids, local, commits = _unpacked(sources)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         f"method: linear\nmodels: [{ids[0]}, 'hf://{ids[1]}@main']\nparameters: {{t: 0.3}}\n"
@@ -480,8 +486,7 @@ def test_models_in_the_local_cache_are_read_there(
 def test_offline_mode_reads_the_local_cache(
     tmp_path: Path, hub: HubServer, hub_token: str, repo_name: str, sources: dict[str, object]
 ) -> None:
-    ids, local, commits = sources["ids"], sources["local"], sources["commits"]
-    assert isinstance(ids, list) and isinstance(local, list) and isinstance(commits, list)
+    ids, local, commits = _unpacked(sources)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"method: centroid\nmodels: [{ids[0]}, {ids[1]}]\n")
     out = tmp_path / "out"
