@@ -255,15 +255,22 @@ def test_concurrent_commits_to_one_branch_all_land(hub: HubServer, repo_name: st
 def test_module_entry_point_prints_the_url_and_serves(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[1]
     command = [sys.executable, "-m", "hubmerge.hubserver", "--root", str(tmp_path), "--token", "t0k=carol"]
-    with subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, text=True) as process:
+    with subprocess.Popen(
+        [*command, "--cdn-ttl", "30"], cwd=root, stdout=subprocess.PIPE, text=True
+    ) as process:
         try:
             assert process.stdout is not None
             url = process.stdout.readline().strip()
             address = urlsplit(url)
             conn = http.client.HTTPConnection(address.hostname or "", address.port, timeout=10)
             status, _, body = ask(conn, "GET", "/api/whoami-v2", headers={"Authorization": "Bearer t0k"})
-            conn.close()
             assert (status, json.loads(body)["name"]) == (200, "carol")
+            api = HfApi(endpoint=url, token="t0k")
+            api.create_repo("carol/cdn")
+            api.create_commit("carol/cdn", [CommitOperationAdd("data.bin", DATA)], commit_message="data")
+            status, headers, _ = ask(conn, "HEAD", "/carol/cdn/resolve/main/data.bin")
+            conn.close()
+            assert status == 302 and f":{address.port}/" not in headers["location"]  # --cdn-ttl: redirected
         finally:
             process.send_signal(2)  # SIGINT: the server stops cleanly
             process.wait(timeout=10)
