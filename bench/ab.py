@@ -106,6 +106,9 @@ def main() -> None:
     parser.add_argument("--family", default="mid", choices=sorted(gen.FAMILIES))
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--timeline", action="store_true", help="print each run's CPU use every 100 ms")
+    parser.add_argument(
+        "--cdn-ttl", type=int, default=hub.CDN_TTL, help="the server's --cdn-ttl (0: files served directly)"
+    )
     args = parser.parse_args()
     cases = [parse_case(text) for text in args.cases]
     dirs = [d.resolve() for d in gen.ensure(args.data, args.family)[1:4]]
@@ -118,7 +121,7 @@ def main() -> None:
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
         "HF_HUB_DISABLE_TELEMETRY": "1",
     }
-    server, url = spawn(work / "storage", {hub.TOKEN: "bench"})
+    server, url = spawn(work / "storage", {hub.TOKEN: "bench"}, cdn_ttl=args.cdn_ttl)
     env["HF_ENDPOINT"] = url
     try:
         ids = hub.upload(url, dirs, env)

@@ -1,11 +1,12 @@
 """The Hub path of the benchmark: merging from a Hub server, and merging + pushing, against the local merge.
 
-A ``hubmerge hub serve`` process on 127.0.0.1 holds the three fine-tunes of a family. Each round's merge, a
-weighted average with weights new to the round, runs in turn from local files, from the Hub by ranged reads,
-from the Hub one shard at a time, and from the Hub with ``--push`` to a new repository. Reported: median and
-spread of wall time, the ratios to the local merge and to the Hub merge, peak anonymous memory, and peak disk
-used while merging (the drop of free space on the output's file system, sampled every 20 ms) against the
-output size plus one input shard per model.
+A ``hubmerge hub serve`` process on 127.0.0.1 holds the three fine-tunes of a family, and redirects requests
+for their weights to signed URLs on a second port, as huggingface.co redirects them to its CDN. Each round's
+merge, a weighted average with weights new to the round, runs in turn from local files, from the Hub by ranged
+reads, from the Hub one shard at a time, and from the Hub with ``--push`` to a new repository. Reported:
+median and spread of wall time, the ratios to the local merge and to the Hub merge, peak anonymous memory, and
+peak disk used while merging (the drop of free space on the output's file system, sampled every 20 ms) against
+the output size plus one input shard per model.
 
     python bench/hub.py --data bench/data --family small --runs 3
 """
@@ -31,6 +32,7 @@ import measure  # noqa: E402
 from hubmerge.hubserver.process import spawn  # noqa: E402
 
 TOKEN = "hubmerge-bench-token"
+CDN_TTL = 3600  # seconds the server's signed CDN URLs stay valid (hub serve --cdn-ttl)
 MARK_BEGIN, MARK_END = "<!-- hub:begin -->", "<!-- hub:end -->"
 
 
@@ -114,7 +116,8 @@ def main() -> None:
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
         "HF_HUB_DISABLE_TELEMETRY": "1",
     }
-    server, url = spawn(work / "storage", {TOKEN: "bench"})
+    # As huggingface.co serves weights: each file's URL redirects to a signed URL on another origin (its CDN).
+    server, url = spawn(work / "storage", {TOKEN: "bench"}, cdn_ttl=CDN_TTL)
     env["HF_ENDPOINT"] = url
     try:
         ids = upload(url, dirs, env)
