@@ -4,8 +4,7 @@ By default files are served directly: huggingface_hub accepts that, reading the 
 ``X-Linked-Etag`` / ``X-Linked-Size``. With ``cdn_ttl`` set (``hub serve --cdn-ttl``) an LFS file is
 answered as huggingface.co answers it: a 302 carrying those headers, to a signed ``/cdn/{sha256}`` URL on
 another origin (the server's second port) that serves the object (ranges too) without a token until it
-expires, then 403. The body is streamed from the
-blob store, never held in memory.
+expires, then 403. The body is streamed from the blob store, never held in memory.
 """
 
 from __future__ import annotations
