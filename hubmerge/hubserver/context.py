@@ -70,10 +70,10 @@ class HubContext:
     store: RepoStore = field(init=False)
     blobs: BlobStore = field(init=False)
     stats: ServerStats = field(default_factory=ServerStats)
-    # cdn_ttl > 0: LFS files redirect to a signed /cdn/ URL valid for this many seconds, as on the Hub, at
-    # cdn_url (the server's second port, another origin); "" for the server's own URL.
+    # cdn_ttl > 0: LFS files redirect to a signed /cdn/ URL valid for this many seconds, as on the Hub, on
+    # cdn_port (the server's second port: another origin, same host); 0 for the server's own port.
     cdn_ttl: int = 0
-    cdn_url: str = ""
+    cdn_port: int = 0
     secret: bytes = field(init=False)
 
     def __post_init__(self) -> None:

@@ -10,7 +10,7 @@ expires, then 403. The body is streamed from the blob store, never held in memor
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from .context import HubContext, repo_id_of, resolve_revision
 from .protocol import ApiError, FileBody, RangeNotSatisfiable, Request, Response, parse_range
@@ -57,11 +57,21 @@ def resolve_file(ctx: HubContext, req: Request) -> Response:
         headers["ETag"] = f'"{entry.oid}"'
     stats_key = f"{repo_id}/{path}"
     if entry.lfs is not None and ctx.cdn_ttl > 0:
-        cdn = ctx.cdn_url or req.base_url
-        headers["Location"] = f"{cdn}/cdn/{entry.lfs}?{ctx.sign_download(entry.lfs, stats_key)}"
+        headers["Location"] = (
+            f"{_cdn_origin(ctx, req)}/cdn/{entry.lfs}?{ctx.sign_download(entry.lfs, stats_key)}"
+        )
         return Response(302, headers)
     headers["Content-Disposition"] = f"inline; filename*=UTF-8''{quote(path.rsplit('/', 1)[-1])}"
     return _file(req, headers, blob, entry.size, stats_key)
+
+
+def _cdn_origin(ctx: HubContext, req: Request) -> str:
+    """The CDN port on the host the client reached the server by (its ``Host`` header)."""
+    if not ctx.cdn_port:
+        return req.base_url
+    parts = urlsplit(req.base_url)
+    host = parts.hostname or "127.0.0.1"
+    return f"{parts.scheme}://{f'[{host}]' if ':' in host else host}:{ctx.cdn_port}"
 
 
 def cdn_file(ctx: HubContext, req: Request) -> Response:

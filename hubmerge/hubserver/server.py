@@ -211,12 +211,15 @@ class HubServer:
             target=self._server.serve_forever, name=f"hubserver-{self.url}", daemon=True
         )
         self._thread.start()
-        # The "CDN" that LFS files redirect to with cdn_ttl set: another port, so another origin, as on the
-        # Hub (clients keep the token from it and do not follow the redirect of a HEAD).
-        self._cdn = _Server((self.host, 0), self.context)
-        self.context.cdn_url = self.url.rsplit(":", 1)[0] + f":{self._cdn.server_address[1]}"
-        self._cdn_thread = threading.Thread(target=self._cdn.serve_forever, name="hubserver-cdn", daemon=True)
-        self._cdn_thread.start()
+        if self.context.cdn_ttl > 0:
+            # The "CDN" LFS files redirect to: another port, so another origin, as on the Hub (clients keep
+            # the token from it, and do not follow a HEAD's redirect to it).
+            self._cdn = _Server((self.host, 0), self.context)
+            self.context.cdn_port = self._cdn.server_address[1]
+            self._cdn_thread = threading.Thread(
+                target=self._cdn.serve_forever, name="hubserver-cdn", daemon=True
+            )
+            self._cdn_thread.start()
         logger.info("hub server listening on %s (storage: %s)", self.url, self.root)
         return self
 
