@@ -144,7 +144,9 @@ def test_cdn_mode_redirects_lfs_files_to_signed_urls(
     assert head["x-linked-etag"] == f'"{digest}"' and head["location"].startswith(f"{cdn}/cdn/{digest}?")
     signed = head["location"][len(cdn) :]
     # The CDN port on the host the client used (a server on 0.0.0.0 is reached by other names).
-    by_name = ask(connect(hub), "HEAD", f"/{repo}/resolve/main/data.bin", headers={"Host": "localhost:1"})
+    conn = connect(hub)
+    by_name = ask(conn, "HEAD", f"/{repo}/resolve/main/data.bin", headers={"Host": "localhost:1"})
+    conn.close()
     assert by_name[1]["location"].startswith(f"http://localhost:{hub.context.cdn_port}/cdn/{digest}?")
     conn = http.client.HTTPConnection("127.0.0.1", urlsplit(cdn).port, timeout=10)
     try:
