@@ -19,6 +19,7 @@ import argparse
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,8 +31,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import gen  # noqa: E402
 import hub  # noqa: E402
 import measure  # noqa: E402
-
-from hubmerge.hubserver.process import spawn  # noqa: E402
 
 KINDS = ("local", "hub", "shards", "push")
 TICK = 0.1  # seconds between timeline points
@@ -98,6 +97,41 @@ class Timeline:
         return " ".join(f"{t:.1f}:{c:.1f}/{s:.1f}/{i:.1f}" for t, c, s, i in self.points)
 
 
+def run_rounds(
+    args: argparse.Namespace,
+    cases: list[Case],
+    dirs: list[Path],
+    work: Path,
+    server: subprocess.Popen[bytes],
+    env: dict[str, str],
+    ids: list[str],
+) -> None:
+    """Each round, every case once, in turn; what each run measured goes into its case."""
+    out = work / "out"
+    for round_ in range(args.runs):
+        local, remote = hub.recipes(work, dirs, ids, round_, args.family)
+        for k, case in enumerate(cases):
+            cmd = [sys.executable, "-m", "hubmerge.cli", str(local if case.kind == "local" else remote)]
+            cmd += ["--out", str(out), "--force", "-q"]
+            if case.kind == "shards":
+                cmd += ["--hub-transfer", "shards"]
+            if case.kind == "push":
+                cmd += ["--push", f"bench/ab-{round_}-{k}"]
+            timeline = Timeline(server.pid)
+            server_before = measure.process_cpu(server.pid)
+            sample = measure.run(cmd, env=env | case.env, on_sample=timeline)
+            case.walls.append(sample.wall)
+            case.cpus.append(sample.cpu)
+            case.server_cpus.append(measure.process_cpu(server.pid) - server_before)
+            shutil.rmtree(out, ignore_errors=True)
+            if args.timeline:
+                print(f"  {case.label}: {timeline.render()}")
+        print(
+            f"round {round_ + 1}: " + ", ".join(f"{c.label} {c.walls[-1]:.2f} s" for c in cases),
+            flush=True,
+        )
+
+
 def main() -> None:
     """Run the cases, alternating, and print what they measured."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -113,46 +147,10 @@ def main() -> None:
     cases = [parse_case(text) for text in args.cases]
     dirs = [d.resolve() for d in gen.ensure(args.data, args.family)[1:4]]
     work = Path(tempfile.mkdtemp(prefix="ab-", dir=args.data.resolve()))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env |= {
-        "HF_TOKEN": hub.TOKEN,
-        "HF_HUB_DISABLE_XET": "1",
-        "HF_HOME": str(work / "hf-home"),
-        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-    }
-    server, url = spawn(work / "storage", {hub.TOKEN: "bench"}, cdn_ttl=args.cdn_ttl)
-    env["HF_ENDPOINT"] = url
     try:
-        ids = hub.upload(url, dirs, env)
-        measure.warm([*dirs, *sorted(f for f in (work / "storage" / "blobs").rglob("*") if f.is_file())])
-        shard_bytes = gen.model_bytes(gen.FAMILIES[args.family].config) // 4 + 1
-        out = work / "out"
-        for round_ in range(args.runs):
-            local, remote = hub.recipes(work, dirs, ids, round_, shard_bytes)
-            for k, case in enumerate(cases):
-                cmd = [sys.executable, "-m", "hubmerge.cli", str(local if case.kind == "local" else remote)]
-                cmd += ["--out", str(out), "--force", "-q"]
-                if case.kind == "shards":
-                    cmd += ["--hub-transfer", "shards"]
-                if case.kind == "push":
-                    cmd += ["--push", f"bench/ab-{round_}-{k}"]
-                timeline = Timeline(server.pid)
-                server_before = measure.process_cpu(server.pid)
-                sample = measure.run(cmd, env=env | case.env, on_sample=timeline)
-                case.walls.append(sample.wall)
-                case.cpus.append(sample.cpu)
-                case.server_cpus.append(measure.process_cpu(server.pid) - server_before)
-                shutil.rmtree(out, ignore_errors=True)
-                if args.timeline:
-                    print(f"  {case.label}: {timeline.render()}")
-            print(
-                f"round {round_ + 1}: " + ", ".join(f"{c.label} {c.walls[-1]:.2f} s" for c in cases),
-                flush=True,
-            )
+        with hub.serving(dirs, work, args.cdn_ttl) as (server, env, ids):
+            run_rounds(args, cases, dirs, work, server, env, ids)
     finally:
-        server.terminate()
-        server.wait()
         shutil.rmtree(work, ignore_errors=True)
     first = statistics.median(cases[0].walls)
     for case in cases:

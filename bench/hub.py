@@ -22,6 +22,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -50,9 +52,40 @@ def upload(url: str, dirs: list[Path], env: dict[str, str]) -> list[str]:
     return ids
 
 
-def recipes(work: Path, dirs: list[Path], ids: list[str], round_: int, shard_bytes: int) -> tuple[Path, Path]:
+@contextmanager
+def serving(
+    dirs: list[Path], work: Path, cdn_ttl: int = CDN_TTL
+) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, str], list[str]]]:
+    """A ``hub serve`` process on ``work/storage`` holding ``dirs``, the files warm at both ends.
+
+    Yields the server process, the environment a ``hubmerge`` run needs to use it, and the repository ids.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env |= {
+        "HF_TOKEN": TOKEN,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HOME": str(work / "hf-home"),
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
+    # As huggingface.co serves weights: each file's URL redirects to a signed URL on another origin (its CDN).
+    server, url = spawn(work / "storage", {TOKEN: "bench"}, cdn_ttl=cdn_ttl)
+    env["HF_ENDPOINT"] = url
+    try:
+        ids = upload(url, dirs, env)
+        # Warm at both ends, as for the local merge: the server stores uploads around the page cache, and
+        # the first reads into fresh cache pages made the first Hub round 2.4x slower (RESULTS.md item 18).
+        measure.warm([*dirs, *sorted(f for f in (work / "storage" / "blobs").rglob("*") if f.is_file())])
+        yield server, env, ids
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def recipes(work: Path, dirs: list[Path], ids: list[str], round_: int, family: str) -> tuple[Path, Path]:
     """The round's weighted average of the models, from local files and from the Hub (JSON is YAML)."""
     weights = [1.0, 1.0, 1.0 + (round_ + 1) / 1000]
+    shard_bytes = gen.model_bytes(gen.FAMILIES[family].config) // 4 + 1
     paths = []
     for name, models in (
         ("local", [{"path": str(d)} for d in dirs]),
@@ -108,34 +141,17 @@ def main() -> None:
     work = (args.data / "work" / "hub").resolve()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env |= {
-        "HF_TOKEN": TOKEN,
-        "HF_HUB_DISABLE_XET": "1",
-        "HF_HOME": str(work / "hf-home"),
-        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-    }
-    # As huggingface.co serves weights: each file's URL redirects to a signed URL on another origin (its CDN).
-    server, url = spawn(work / "storage", {TOKEN: "bench"}, cdn_ttl=CDN_TTL)
-    env["HF_ENDPOINT"] = url
-    try:
-        ids = upload(url, dirs, env)
+    with serving(dirs, work) as (server, env, ids):
         out = work / "out"
         base = [sys.executable, "-m", "hubmerge.cli"]
         flags = ["--out", str(out), "--force", "-q"]
         samples: dict[str, list[tuple[measure.Sample, int, float]]] = {
             name: [] for name in ("local", "hub (ranges)", "hub (shards)", "hub + push")
         }
-        # Warm at both ends, as for the local merge: the server stores uploads around the page cache, and
-        # the first reads into fresh cache pages made the first Hub round 2.4x slower (RESULTS.md item 18).
-        measure.warm([*dirs, *sorted(f for f in (work / "storage" / "blobs").rglob("*") if f.is_file())])
         for round_ in range(args.runs):
             # Each round weighs the models a little differently: the pushed shard is then new to the server,
             # which would otherwise find it stored by an earlier round and skip the upload.
-            local, hub = recipes(
-                work, dirs, ids, round_, gen.model_bytes(gen.FAMILIES[args.family].config) // 4 + 1
-            )
+            local, hub = recipes(work, dirs, ids, round_, args.family)
             cases: dict[str, list[str]] = {
                 "local": [*base, str(local), *flags],
                 "hub (ranges)": [*base, str(hub), *flags],
@@ -150,9 +166,6 @@ def main() -> None:
             print(
                 f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1][0].wall:.2f} s" for k, v in samples.items())
             )
-    finally:
-        server.terminate()
-        server.wait()
     model_bytes = sum(f.stat().st_size for d in dirs for f in d.glob("*.safetensors"))
     largest_shard = max(f.stat().st_size for d in dirs for f in d.glob("*.safetensors"))
     output_bytes = gen.model_bytes(gen.FAMILIES[args.family].config)
