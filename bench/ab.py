@@ -5,10 +5,11 @@
 
 A case is a kind (``local``, ``hub``, ``shards``, ``push``) and ``VAR=VALUE`` settings for its process. The
 fine-tunes are uploaded to a ``hubmerge hub serve`` on 127.0.0.1 once, and both ends' files read once so the
-page cache is warm, as in ``bench/hub.py``. Each round then runs every case in turn with weights new to the
-round, so that a slow drift of the machine hits all cases alike and a push always uploads. Reported per case:
-median and spread of wall time, and the median CPU seconds of ``hubmerge`` and of the server (on the same
-cores). With ``--timeline``, each run also prints one ``t:client/server/idle`` triple per 100 ms: the CPU
+page cache is warm, as in ``bench/hub.py``. Each round then runs every case in turn, each run with weights
+of its own, so that a slow drift of the machine hits all cases alike and every push uploads. Reported per case:
+median and spread of wall time, the median CPU seconds of ``hubmerge`` and of the server (on the same
+cores), the median peak anonymous memory of ``hubmerge``, and the median bytes the server stored (a push's
+upload). With ``--timeline``, each run also prints one ``t:client/server/idle`` triple per 100 ms: the CPU
 cores ``hubmerge`` and the server used in that interval, and the machine's idle cores (``/proc/stat``).
 Nothing is written to RESULTS.md: this is the tool for trying a change (items 16-18 there were measured so).
 """
@@ -46,6 +47,8 @@ class Case:
     walls: list[float] = field(default_factory=list)
     cpus: list[float] = field(default_factory=list)
     server_cpus: list[float] = field(default_factory=list)
+    anons: list[int] = field(default_factory=list)
+    uploaded: list[int] = field(default_factory=list)
 
 
 def parse_case(text: str) -> Case:
@@ -97,6 +100,11 @@ class Timeline:
         return " ".join(f"{t:.1f}:{c:.1f}/{s:.1f}/{i:.1f}" for t, c, s, i in self.points)
 
 
+def stored_bytes(work: Path) -> int:
+    """Bytes of the LFS objects the server holds: a push that uploads grows it by its output."""
+    return sum(f.stat().st_size for f in (work / "storage" / "blobs" / "sha256").rglob("*") if f.is_file())
+
+
 def run_rounds(
     args: argparse.Namespace,
     cases: list[Case],
@@ -109,8 +117,9 @@ def run_rounds(
     """Each round, every case once, in turn; what each run measured goes into its case."""
     out = work / "out"
     for round_ in range(args.runs):
-        local, remote = hub.recipes(work, dirs, ids, round_, args.family)
         for k, case in enumerate(cases):
+            # Weights of its own for every run: a push of bytes the server already holds would upload nothing.
+            local, remote = hub.recipes(work, dirs, ids, round_ * len(cases) + k, args.family)
             cmd = [sys.executable, "-m", "hubmerge.cli", str(local if case.kind == "local" else remote)]
             cmd += ["--out", str(out), "--force", "-q"]
             if case.kind == "shards":
@@ -118,10 +127,12 @@ def run_rounds(
             if case.kind == "push":
                 cmd += ["--push", f"bench/ab-{round_}-{k}"]
             timeline = Timeline(server.pid)
-            server_before = measure.process_cpu(server.pid)
+            server_before, stored = measure.process_cpu(server.pid), stored_bytes(work)
             sample = measure.run(cmd, env=env | case.env, on_sample=timeline)
+            case.uploaded.append(stored_bytes(work) - stored)
             case.walls.append(sample.wall)
             case.cpus.append(sample.cpu)
+            case.anons.append(sample.peak_anon)
             case.server_cpus.append(measure.process_cpu(server.pid) - server_before)
             shutil.rmtree(out, ignore_errors=True)
             if args.timeline:
@@ -158,7 +169,9 @@ def main() -> None:
         print(
             f"{case.label}: median {median:.2f} s ({min(case.walls):.2f}-{max(case.walls):.2f}), "
             f"{median / first:.2f}x {cases[0].label}; CPU hubmerge {statistics.median(case.cpus):.2f} s, "
-            f"server {statistics.median(case.server_cpus):.2f} s"
+            f"server {statistics.median(case.server_cpus):.2f} s; "
+            f"peak anon {statistics.median(case.anons) / 2**20:.0f} MB; "
+            f"uploaded {statistics.median(case.uploaded) / 1e6:.1f} MB"
         )
 
 

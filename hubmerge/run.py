@@ -41,7 +41,7 @@ Progress = Callable[[int], None]
 T = TypeVar("T")
 
 SEED_STRIDE = 1_000_003  # block k of a tensor draws from seed + k * SEED_STRIDE
-EARLY_READ_BYTES = 2 * READ_BYTES  # start_reads asks for the first tensors up to about this much per model
+EARLY_READ_BYTES = 128 << 20  # start_reads asks for the first tensors up to about this much per model
 
 
 @dataclass(frozen=True)

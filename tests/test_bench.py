@@ -166,7 +166,14 @@ def test_ab_script_alternates_cases_with_their_settings(tiny: tuple[Path, list[P
     assert len(points) >= 3 and max(c for _, c, _, _ in points) > 0.3
     summary = [line for line in lines if line.startswith("push HUBMERGE_DIRECT_WRITE=0: median")]
     assert len(summary) == 1 and re.search(r"\d+\.\d\dx local; CPU hubmerge \d+\.\d\d s", summary[0])
+    assert re.search(r"peak anon [1-9]\d* MB; uploaded 0\.[1-9] MB", summary[0])  # the tiny output: 0.3 MB
     assert not list(data.glob("ab-*"))  # server storage and outputs are removed
+
+    # Two pushes in one round merge different weights: the second uploads too, instead of finding its
+    # objects on the server already.
+    pushes = subprocess.run([*cmd[:-1], "1", "push", "push"], check=True, capture_output=True, text=True)
+    uploads = re.findall(r"uploaded (\d+\.\d) MB", pushes.stdout)
+    assert len(uploads) == 2 and all(float(u) > 0 for u in uploads), pushes.stdout
 
     bad = subprocess.run([*cmd, "pull"], capture_output=True, text=True)
     assert bad.returncode != 0 and "the kind must be one of local, hub, shards, push" in bad.stderr

@@ -65,10 +65,10 @@ def writable(buf: Buffer) -> memoryview:
 def retain_freed_memory(retain: bool) -> None:
     """Tell glibc's malloc to keep freed memory (``retain``), or go back to its defaults and trim.
 
-    Every block allocates and frees a few MiB of temporaries, and every read a buffer of up to 64 MiB. With
-    the default thresholds malloc hands that memory back to the kernel after each use and the next use faults
-    it in again, page by page, zeroed: that churn alone cost as much system time as the whole merge. Other C
-    libraries are left alone.
+    Every block allocates and frees a few MiB of temporaries, and every read a buffer of up to ``READ_BYTES``.
+    With the default thresholds malloc hands that memory back to the kernel after each use and the next use
+    faults it in again, page by page, zeroed: that churn alone cost as much system time as the whole merge.
+    Other C libraries are left alone.
     """
     mallopt, trim = (getattr(_LIBC, name, None) for name in ("mallopt", "malloc_trim"))
     if mallopt is None or trim is None:
