@@ -6,12 +6,12 @@
 A case is a kind (``local``, ``hub``, ``shards``, ``push``) and ``VAR=VALUE`` settings for its process. The
 fine-tunes are uploaded to a ``hubmerge hub serve`` on 127.0.0.1 once, and both ends' files read once so the
 page cache is warm, as in ``bench/hub.py``. Each round then runs every case in turn, each run with weights
-of its own, so that a slow drift of the machine hits all cases alike and every push uploads. Reported per case:
-median and spread of wall time, the median CPU seconds of ``hubmerge`` and of the server (on the same
+of its own, so that a slow drift of the machine hits all cases alike and every push uploads. Reported per
+case: median and spread of wall time, the median CPU seconds of ``hubmerge`` and of the server (on the same
 cores), the median peak anonymous memory of ``hubmerge``, and the median bytes the server stored (a push's
 upload). With ``--timeline``, each run also prints one ``t:client/server/idle`` triple per 100 ms: the CPU
 cores ``hubmerge`` and the server used in that interval, and the machine's idle cores (``/proc/stat``).
-Nothing is written to RESULTS.md: this is the tool for trying a change (items 16-18 there were measured so).
+Nothing is written to RESULTS.md: this is the tool for trying a change (items 16-20 there were measured so).
 """
 
 from __future__ import annotations

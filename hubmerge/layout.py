@@ -15,8 +15,8 @@ from .sources.header import DTYPE_SIZES, TensorInfo
 # How the run loop cuts a tensor (hubmerge/run.py); here so that planning can estimate memory without torch.
 BLOCK = 1 << 18  # elements per merge step: 1 MiB per float32 buffer, so a step's buffers stay in L2
 BATCH_BYTES = 1 << 20  # output bytes per batch: one task for a worker, one write, still in cache when written
-# Input bytes per read of one input (a view of a local file; a download from the Hub). 16 MiB, not 64: the same
-# speed or better for every method, and a Hub merge holds 290 MB less (bench/RESULTS.md item 20).
+# Input bytes per read of one input (a view of a local file; a download from the Hub). 16 MiB, not 64: the
+# same speed or better for every method, and a Hub merge holds 220 MB less (bench/RESULTS.md item 20).
 READ_BYTES = 16 << 20
 WRITE_QUEUE = 2  # merged batches waiting for the writer thread
 
