@@ -14,7 +14,7 @@ import hubmerge
 from hubmerge import kernels
 from hubmerge.methods import METHODS
 from hubmerge.methods.basic import weighted_sum
-from hubmerge.methods.blocks import TIES_PASSES, ties_block
+from hubmerge.methods.blocks import TIES_PASSES, slerp_block, slerp_kernel, ties_block
 
 from .util import save_model
 
@@ -142,6 +142,19 @@ def test_kernels_decline_what_they_do_not_handle() -> None:
     assert kernels.ties_hist(xs, base, 2, [0] * 3, [False] * 3) is None  # float64 levels
 
 
+def test_slerp_kernel_mixes_on_the_arc_and_leaves_the_linear_fallback_to_torch() -> None:
+    _, xs = _models(70_000, torch.bfloat16)
+    a, b = xs[0], xs[1]
+    out = torch.full((70_000,), 7.0)
+    assert slerp_kernel([a, b], None, out, {"t": 0.3, "coefficients": (0.8, 0.35)})
+    expected = slerp_block([a.float(), b.float()], t=0.3, coefficients=(0.8, 0.35))
+    assert torch.equal(_bits(out), _bits(expected))
+    # Nearly parallel models interpolate linearly (lerp, rounded unlike the weighted sum): not fused.
+    out.fill_(7.0)
+    assert not slerp_kernel([a, b], None, out, {"t": 0.3, "coefficients": None})
+    assert bool((out == 7.0).all())
+
+
 def test_environment_variable_turns_kernels_off() -> None:
     code = "from hubmerge import kernels; print(kernels.available(), kernels.variant())"
     env = {**os.environ, "HUBMERGE_KERNELS": "0"}
@@ -158,6 +171,8 @@ def test_kernel_methods() -> None:
         "dare_linear",
         "dare_ties",
         "linear",
+        "model_stock",
+        "slerp",
         "task_arithmetic",
         "ties",
         "weighted",
@@ -182,9 +197,9 @@ def test_engine_gives_the_same_bytes_with_and_without_kernels(
     n = spec.max_models or 3
     recipe: dict[str, object] = {"method": method, "dtype": dtype, "parameters": {}}
     recipe["models"] = [{"path": str(d), "weight": 0.5 + k} for k, d in enumerate(dirs[1 : 1 + n])]
-    if method in ("linear", "centroid"):
+    if method in ("linear", "centroid", "slerp", "model_stock"):
         recipe["models"] = [str(d) for d in dirs[1 : 1 + n]]
-    if method == "linear":
+    if method in ("linear", "slerp"):
         recipe["parameters"] = {"t": 0.3}
     if spec.needs_base:
         recipe["base"] = str(dirs[0])

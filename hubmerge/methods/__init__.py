@@ -13,7 +13,9 @@ from hubmerge.methods.blocks import (
     STOCK_PASSES,
     TIES_PASSES,
     model_stock_block,
+    model_stock_kernel,
     slerp_block,
+    slerp_kernel,
     ties_block,
     ties_kernel,
 )
@@ -165,6 +167,7 @@ METHODS: dict[str, MethodSpec] = {
             summary="spherical interpolation between two models along the arc joining them",
             passes=SLERP_PASSES,
             block_fn=slerp_block,
+            kernel=slerp_kernel,
         ),
         MethodSpec(
             name="model_stock",
@@ -179,6 +182,7 @@ METHODS: dict[str, MethodSpec] = {
             summary="move from the base toward the models' mean by a ratio set by their task vectors' angle",
             passes=STOCK_PASSES,
             block_fn=model_stock_block,
+            kernel=model_stock_kernel,
         ),
     )
 }

@@ -228,6 +228,18 @@ def slerp_block(
     return slerp_mix(tensors, coefficients, t)
 
 
+def slerp_kernel(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor | None, out: torch.Tensor, kwargs: Mapping[str, Any]
+) -> bool:
+    """:func:`slerp_block` into ``out`` by the fused weighted-sum kernel; False if it cannot run.
+
+    Only SLERP's mix is fused, a weighted sum with the arc's two weights; the linear fallback (``lerp``,
+    rounded differently) stays on the torch path.
+    """
+    coefficients = kwargs["coefficients"]
+    return coefficients is not None and kernels.weighted_sum(tensors, list(coefficients), out)
+
+
 def _stock_step(
     tensors: Sequence[torch.Tensor], base: torch.Tensor | None, kwargs: Mapping[str, Any]
 ) -> torch.Tensor:
@@ -267,3 +279,13 @@ def model_stock_block(tensors: Sequence[torch.Tensor], *, base: torch.Tensor, ra
     """
     check_count(tensors, "model_stock", 2)
     return stock_mix(tensors, base, ratio)
+
+
+def model_stock_kernel(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor | None, out: torch.Tensor, kwargs: Mapping[str, Any]
+) -> bool:
+    """:func:`model_stock_block` into ``out`` by the fused weighted-sum kernel; False if it cannot run."""
+    if base is None:
+        return False
+    ratio, n = kwargs["ratio"], len(tensors)
+    return kernels.weighted_sum([base, *tensors], [1.0 - ratio, *([ratio / n] * n)], out)
