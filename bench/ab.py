@@ -101,8 +101,8 @@ class Timeline:
 
 
 def stored_bytes(work: Path) -> int:
-    """Bytes of the LFS objects the server holds: a push that uploads grows it by its output."""
-    return sum(f.stat().st_size for f in (work / "storage" / "blobs" / "sha256").rglob("*") if f.is_file())
+    """Bytes of the files the server holds: a push that uploads grows them by its output."""
+    return sum(f.stat().st_size for f in hub.stored_files(work))
 
 
 def run_rounds(

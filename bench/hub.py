@@ -52,6 +52,11 @@ def upload(url: str, dirs: list[Path], env: dict[str, str]) -> list[str]:
     return ids
 
 
+def stored_files(work: Path) -> list[Path]:
+    """The files the server of :func:`serving` holds (regular files and LFS objects), in order."""
+    return sorted(f for f in (work / "storage" / "blobs").rglob("*") if f.is_file())
+
+
 @contextmanager
 def serving(
     dirs: list[Path], work: Path, cdn_ttl: int = CDN_TTL
@@ -75,7 +80,7 @@ def serving(
         ids = upload(url, dirs, env)
         # Warm at both ends, as for the local merge: the server stores uploads around the page cache, and
         # the first reads into fresh cache pages made the first Hub round 2.4x slower (RESULTS.md item 18).
-        measure.warm([*dirs, *sorted(f for f in (work / "storage" / "blobs").rglob("*") if f.is_file())])
+        measure.warm([*dirs, *stored_files(work)])
         yield server, env, ids
     finally:
         server.terminate()

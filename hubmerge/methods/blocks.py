@@ -20,7 +20,7 @@ from typing import Any
 
 from hubmerge import kernels
 from hubmerge._torch import torch
-from hubmerge.methods.geometric import slerp_mix, stock_mix, stock_ratio
+from hubmerge.methods.geometric import slerp_mix, stock_coefficients, stock_mix, stock_ratio
 from hubmerge.methods.spec import Pass, check_count, check_densities, per_model
 from hubmerge.methods.task_vectors import disjoint_merge, elect_sign, prune_at_
 
@@ -287,5 +287,4 @@ def model_stock_kernel(
     """:func:`model_stock_block` into ``out`` by the fused weighted-sum kernel; False if it cannot run."""
     if base is None:
         return False
-    ratio, n = kwargs["ratio"], len(tensors)
-    return kernels.weighted_sum([base, *tensors], [1.0 - ratio, *([ratio / n] * n)], out)
+    return kernels.weighted_sum([base, *tensors], stock_coefficients(len(tensors), kwargs["ratio"]), out)

@@ -145,5 +145,9 @@ def stock_mix(tensors: Sequence[torch.Tensor], base: torch.Tensor, ratio: float)
     Returns:
         A new tensor.
     """
-    n = len(tensors)
-    return weighted_sum([base, *tensors], [1.0 - ratio, *([ratio / n] * n)])
+    return weighted_sum([base, *tensors], stock_coefficients(len(tensors), ratio))
+
+
+def stock_coefficients(n: int, ratio: float) -> list[float]:
+    """The weights of the base and of each of ``n`` models in :func:`stock_mix`'s weighted sum."""
+    return [1.0 - ratio, *([ratio / n] * n)]
