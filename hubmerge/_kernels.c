@@ -1,10 +1,12 @@
-/* Fused CPU kernels for the merge loop: TIES' magnitude histograms and merge, and weighted sums.
+/* Fused CPU kernels for the merge loop: TIES' magnitude histograms and merge, weighted sums, and the Gram
+ * matrices of SLERP's and Model Stock's angles.
  *
  * Why C: in torch each step of a merge (cast, subtract, abs, compare, multiply, add, cast back) is its own
  * pass over the block, and TIES is a dozen such steps per model plus two histogram passes. Here one loop over
  * a chunk of 256 elements does them all while the chunk sits in L1; the arithmetic is the same float32
  * operations, in the same order, as the torch functions in hubmerge/methods, so the results agree bit for bit
- * (tests/test_kernels.py checks it). hubmerge/kernels.py decides when these are used; without this module
+ * (tests/test_kernels.py checks it). The one exception is a sum over a whole tensor (gram_sum), whose order no
+ * two implementations share: it is float64, so the two paths agree to the last bits of a float64. hubmerge/kernels.py decides when these are used; without this module
  * (no compiler at install time, HUBMERGE_KERNELS=0, a GPU, float64) the torch path runs.
  *
  * Every function takes raw addresses (torch's data_ptr()) and element counts, checks nothing the Python
@@ -23,6 +25,8 @@
 typedef float vf __attribute__((vector_size(32)));
 typedef int32_t vi __attribute__((vector_size(32)));
 typedef int16_t vs __attribute__((vector_size(16))); /* LANES random 16-bit lanes (DARE) */
+typedef float vf4 __attribute__((vector_size(16)));
+typedef double vd __attribute__((vector_size(32))); /* half of LANES, widened (Gram sums) */
 
 /* Each kernel is compiled twice: for AVX2 with FMA, which any x86-64 of the last decade has, and for the
  * baseline; the module picks one when it loads. `a + b * c` is contracted to one fused multiply-add
@@ -259,6 +263,66 @@ INLINE void weighted_sum(int64_t n, int m, const void *const *xs, const int *typ
     }
 }
 
+INLINE vd vload_wide(const float *p) {
+    vf4 v;
+    memcpy(&v, p, sizeof v);
+    return __builtin_convertvector(v, vd);
+}
+
+INLINE vd vload_double(const double *p) {
+    vd v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+INLINE void vstore_double(double *p, vd v) { memcpy(p, &v, sizeof v); }
+
+#define GRAM_ACCS 4 /* independent sums per pair, to keep the FMA units busy */
+
+/* Adds to gram (m x m, row-major) the dot products d_i . d_j, i <= j, of d_k = x_k - base (float32, as torch
+ * subtracts) or d_k = x_k without a base. Each product of two float32 values is exact in float64 and the sums
+ * are float64, so the result differs from any other float64 summation (the torch path's) only in the last
+ * bits of the sum, never by the float32 roundings a float32 dot product accumulates. Each chunk of d_k is
+ * widened once; every pair then reads the widened chunks. */
+INLINE void gram_sum(int64_t n, int m, const void *const *xs, const int *types, const void *base, int base_type,
+                     double *gram) {
+    float b[CHUNK] __attribute__((aligned(32)));
+    float x[CHUNK] __attribute__((aligned(32)));
+    double d[MAX_MODELS][CHUNK] __attribute__((aligned(32)));
+    vd acc[MAX_MODELS * (MAX_MODELS + 1) / 2][GRAM_ACCS];
+    memset(acc, 0, sizeof acc);
+    for (int64_t off = 0; off < n; off += CHUNK) {
+        int c = n - off < CHUNK ? (int)(n - off) : CHUNK;
+        if (base != NULL) load_chunk(b, base, base_type, off, c);
+        for (int k = 0; k < m; k++) {
+            load_chunk(x, xs[k], types[k], off, c);
+            if (base != NULL)
+                for (int j = 0; j < CHUNK; j += LANES) vstore(x + j, vload(x + j) - vload(b + j));
+            /* past c the chunk is zero (load_chunk), so the padding adds nothing */
+            for (int j = 0; j < CHUNK; j += 4) vstore_double(d[k] + j, vload_wide(x + j));
+        }
+        for (int i = 0, p = 0; i < m; i++)
+            for (int k = i; k < m; k++, p++) {
+                vd a0 = acc[p][0], a1 = acc[p][1], a2 = acc[p][2], a3 = acc[p][3];
+                for (int j = 0; j < CHUNK; j += 4 * GRAM_ACCS) {
+                    a0 += vload_double(d[i] + j) * vload_double(d[k] + j);
+                    a1 += vload_double(d[i] + j + 4) * vload_double(d[k] + j + 4);
+                    a2 += vload_double(d[i] + j + 8) * vload_double(d[k] + j + 8);
+                    a3 += vload_double(d[i] + j + 12) * vload_double(d[k] + j + 12);
+                }
+                acc[p][0] = a0;
+                acc[p][1] = a1;
+                acc[p][2] = a2;
+                acc[p][3] = a3;
+            }
+    }
+    for (int i = 0, p = 0; i < m; i++)
+        for (int k = i; k < m; k++, p++) {
+            vd v = (acc[p][0] + acc[p][1]) + (acc[p][2] + acc[p][3]);
+            gram[i * m + k] += (v[0] + v[1]) + (v[2] + v[3]);
+        }
+}
+
 /* The two compiled copies of each kernel, and the one this CPU runs. */
 #define HIST_ARGS int64_t n, int m, const void *const *xs, const int *types, const void *base, int base_type, \
     int level, const uint32_t *prefix, const uint8_t *skip, int64_t *hist
@@ -274,15 +338,20 @@ INLINE void weighted_sum(int64_t n, int m, const void *const *xs, const int *typ
 #define DARE_ARGS int64_t n, int m, const void *const *xs, const int *types, const void *base, int base_type, \
     const int16_t *const *lanes, const int *cuts, const float *keeps, const float *values, void *out, int out_type
 #define DARE_CALL n, m, xs, types, base, base_type, lanes, cuts, keeps, values, out, out_type
+#define GRAM_ARGS int64_t n, int m, const void *const *xs, const int *types, const void *base, int base_type, \
+    double *gram
+#define GRAM_CALL n, m, xs, types, base, base_type, gram
 
 static void hist_base(HIST_ARGS) { ties_hist(HIST_CALL); }
 static void merge_base(MERGE_ARGS) { ties_merge(MERGE_CALL); }
 static void sum_base(SUM_ARGS) { weighted_sum(SUM_CALL); }
 static void dare_base(DARE_ARGS) { dare_sum(DARE_CALL); }
+static void gram_base(GRAM_ARGS) { gram_sum(GRAM_CALL); }
 static void (*run_hist)(HIST_ARGS) = hist_base;
 static void (*run_merge)(MERGE_ARGS) = merge_base;
 static void (*run_sum)(SUM_ARGS) = sum_base;
 static void (*run_dare)(DARE_ARGS) = dare_base;
+static void (*run_gram)(GRAM_ARGS) = gram_base;
 static const char *variant = "baseline";
 
 #if X86_DISPATCH
@@ -290,6 +359,7 @@ FAST static void hist_fast(HIST_ARGS) { ties_hist(HIST_CALL); }
 FAST static void merge_fast(MERGE_ARGS) { ties_merge(MERGE_CALL); }
 FAST static void sum_fast(SUM_ARGS) { weighted_sum(SUM_CALL); }
 FAST static void dare_fast(DARE_ARGS) { dare_sum(DARE_CALL); }
+FAST static void gram_fast(GRAM_ARGS) { gram_sum(GRAM_CALL); }
 #endif
 
 static void choose_variant(void) {
@@ -300,6 +370,7 @@ static void choose_variant(void) {
         run_merge = merge_fast;
         run_sum = sum_fast;
         run_dare = dare_fast;
+        run_gram = gram_fast;
         variant = "avx2+fma";
     }
 #endif
@@ -449,8 +520,26 @@ static PyObject *py_dare_sum(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
+static PyObject *py_gram(PyObject *self, PyObject *args) {
+    Py_ssize_t n;
+    PyObject *xs_obj, *types_obj, *base_obj, *gram_obj;
+    int base_type;
+    if (!PyArg_ParseTuple(args, "nOOOiO", &n, &xs_obj, &types_obj, &base_obj, &base_type, &gram_obj)) return NULL;
+    int m = model_count(xs_obj);
+    if (m < 0) return NULL;
+    const void *xs[MAX_MODELS];
+    int types[MAX_MODELS];
+    if (parse_addresses(xs_obj, m, xs, types, types_obj) < 0) return NULL;
+    const void *base = PyLong_AsVoidPtr(base_obj); /* 0: no base */
+    double *gram = (double *)PyLong_AsVoidPtr(gram_obj);
+    if (PyErr_Occurred()) return NULL;
+    Py_BEGIN_ALLOW_THREADS run_gram(n, m, xs, types, base, base_type, gram);
+    Py_END_ALLOW_THREADS Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"dare_sum", py_dare_sum, METH_VARARGS, "DARE-linear sum of one span (see hubmerge/kernels.py)."},
+    {"gram", py_gram, METH_VARARGS, "Gram matrix of one span, added in float64 (see hubmerge/kernels.py)."},
     {"ties_hist", py_ties_hist, METH_VARARGS, "TIES magnitude histogram (see hubmerge/kernels.py)."},
     {"ties_merge", py_ties_merge, METH_VARARGS, "TIES merge of one span (see hubmerge/kernels.py)."},
     {"weighted_sum", py_weighted_sum, METH_VARARGS, "Weighted sum of one span (see hubmerge/kernels.py)."},
@@ -464,7 +553,7 @@ PyMODINIT_FUNC PyInit__kernels(void) {
     PyObject *mod = PyModule_Create(&module);
     if (mod != NULL) {
         PyModule_AddStringConstant(mod, "VARIANT", variant);
-        PyModule_AddIntConstant(mod, "ABI", 3); /* bump with any change of the functions' arguments */
+        PyModule_AddIntConstant(mod, "ABI", 4); /* bump with any change of the functions' arguments */
         PyModule_AddIntConstant(mod, "MAX_MODELS", MAX_MODELS);
         PyModule_AddIntConstant(mod, "CHUNK", CHUNK);
     }

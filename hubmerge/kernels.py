@@ -3,7 +3,8 @@
 Each function returns False (or None) when it cannot take the job: the module is not built, kernels are
 turned off with ``HUBMERGE_KERNELS=0``, a tensor is not a contiguous bfloat16 or float32 CPU tensor, or there
 are more models than the kernels hold. The caller then runs the torch path, which computes the same float32
-operations in the same order; tests/test_kernels.py holds the two to bit-equal results.
+operations in the same order; tests/test_kernels.py holds the two to bit-equal results. :func:`gram` is the
+exception: a float64 sum over a whole tensor, agreeing with the torch path's to the last bits of a float64.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from hubmerge._torch import torch
 
 log = logging.getLogger(__name__)
 
-_ABI = 3  # the _kernels.c interface this module calls (its ABI constant)
+_ABI = 4  # the _kernels.c interface this module calls (its ABI constant)
 _TYPES = {"torch.bfloat16": 0, "torch.float32": 1}  # by name: building this imports no torch
 
 
@@ -242,3 +243,31 @@ def dare_sum(
         _TYPES[str(out.dtype)],
     )
     return True
+
+
+def gram(tensors: Sequence[torch.Tensor], base: torch.Tensor | None) -> torch.Tensor | None:
+    """The dot products ``d_i . d_j`` (``i <= j``) of ``d_k = x_k - base``, or of the ``x_k`` without a base.
+
+    Each ``d_k`` is computed in float32 as torch subtracts; products and sums are float64. The statistics of
+    :data:`hubmerge.methods.blocks.SLERP_PASSES` and ``STOCK_PASSES``.
+
+    Args:
+        tensors: one span of each model's tensor.
+        base: the same span of the base tensor, or None.
+
+    Returns:
+        A float64 tensor of shape (models, models), the upper triangle and the diagonal filled and the rest
+        zero, or None where the kernels cannot run.
+    """
+    if not _usable(tensors, [] if base is None else [base]):
+        return None
+    assert _K is not None
+    out = torch.zeros((len(tensors), len(tensors)), dtype=torch.float64)
+    _K.gram(
+        tensors[0].numel(),
+        *_addresses(tensors),
+        0 if base is None else base.data_ptr(),
+        0 if base is None else _TYPES[str(base.dtype)],
+        out.data_ptr(),
+    )
+    return out

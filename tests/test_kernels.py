@@ -14,7 +14,14 @@ import hubmerge
 from hubmerge import kernels
 from hubmerge.methods import METHODS
 from hubmerge.methods.basic import weighted_sum
-from hubmerge.methods.blocks import TIES_PASSES, slerp_block, slerp_kernel, ties_block
+from hubmerge.methods.blocks import (
+    SLERP_PASSES,
+    STOCK_PASSES,
+    TIES_PASSES,
+    slerp_block,
+    slerp_kernel,
+    ties_block,
+)
 
 from .util import save_model
 
@@ -153,6 +160,76 @@ def test_slerp_kernel_mixes_on_the_arc_and_leaves_the_linear_fallback_to_torch()
     out.fill_(7.0)
     assert not slerp_kernel([a, b], None, out, {"t": 0.3, "coefficients": None})
     assert bool((out == 7.0).all())
+
+
+def _gram64(ds: list[torch.Tensor]) -> torch.Tensor:
+    """The upper triangle of the Gram matrix of ``ds``, by hand: float64 products and sums."""
+    m = len(ds)
+    gram = torch.zeros((m, m), dtype=torch.float64)
+    for i in range(m):
+        for j in range(i, m):
+            gram[i, j] = sum(float(p) for p in (ds[i].double() * ds[j].double()).reshape(-1).tolist())
+    return gram
+
+
+@pytest.mark.parametrize("n", (1, 255, 1000, 65_537))
+@pytest.mark.parametrize("with_base", (True, False))
+def test_gram_is_the_float64_gram_matrix_of_the_task_vectors(n: int, with_base: bool) -> None:
+    base, xs = _models(n, torch.bfloat16, count=4, seed=n)
+    xs[2] = xs[2].float()  # a float32 model among bfloat16 ones
+    gram = kernels.gram(xs, base if with_base else None)
+    assert gram is not None
+    # d = x - base in float32 first, as torch subtracts; then exact products, summed in float64.
+    ds = [x.float() - base.float() if with_base else x.float() for x in xs]
+    torch.testing.assert_close(gram, _gram64(ds), rtol=1e-13, atol=1e-12)
+    assert bool((gram.tril(-1) == 0).all())
+
+
+def test_gram_holds_every_model_the_kernels_take_and_refuses_what_they_cannot() -> None:
+    n = 3001
+    base, _ = _models(n, torch.float32)
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(n, generator=g).bfloat16() for _ in range(16)]
+    gram = kernels.gram(xs, base)
+    assert gram is not None
+    torch.testing.assert_close(gram, _gram64([x.float() - base for x in xs]), rtol=1e-13, atol=1e-12)
+    assert kernels.gram([*xs, xs[0]], base) is None  # more models than the kernels hold
+    assert kernels.gram([x.half() for x in xs[:2]], None) is None
+    assert kernels.gram([xs[0], xs[1][:-1]], None) is None  # different lengths
+    wide = torch.randn(20, 30, generator=g)
+    assert kernels.gram([wide[:, :10], wide[:, 10:20]], None) is None  # not contiguous
+
+
+@pytest.mark.parametrize("method", ["slerp", "model_stock"])
+def test_angle_passes_sum_in_the_kernel_as_the_torch_steps_do(method: str) -> None:
+    """The pass kernels give the torch steps' sums (both in float64) over a span of stored bfloat16 rows."""
+    base, xs = _models(40_000, torch.bfloat16, count=3, seed=9)
+    p = SLERP_PASSES[0] if method == "slerp" else STOCK_PASSES[0]
+    tensors = xs[:2] if method == "slerp" else xs
+    fused = p.kernel(tensors, base, {}) if p.kernel is not None else None
+    assert fused is not None
+    step = p.step([t.float() for t in tensors], base.float(), {})
+    torch.testing.assert_close(fused, step, rtol=1e-13, atol=1e-12)
+    assert p.finish(fused, 40_000, torch.float32, {"t": 0.3}) == p.finish(
+        step, 40_000, torch.float32, {"t": 0.3}
+    )
+
+
+def test_angle_passes_use_the_kernel_in_a_merge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SLERP and Model Stock read their statistics with the Gram kernel, not the torch steps."""
+    dirs = []
+    for m in range(3):
+        g = torch.Generator().manual_seed(30 + m)
+        dirs.append(save_model(tmp_path / f"m{m}", {"w": torch.randn(1500, 700, generator=g).bfloat16()}))
+    calls = []
+    real = kernels.gram
+    monkeypatch.setattr(kernels, "gram", lambda *args: calls.append(len(args[0])) or real(*args))
+    models = [str(d) for d in dirs[1:]]
+    hubmerge.merge({"method": "slerp", "models": models, "parameters": {"t": 0.3}}, tmp_path / "slerp")
+    assert calls and set(calls) == {2}
+    calls.clear()
+    hubmerge.merge({"method": "model_stock", "models": models, "base": str(dirs[0])}, tmp_path / "stock")
+    assert calls and set(calls) == {2}
 
 
 def test_environment_variable_turns_kernels_off() -> None:

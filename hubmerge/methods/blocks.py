@@ -187,7 +187,9 @@ def ties_kernel(
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.dot(a.reshape(-1), b.reshape(-1)).to(torch.float64)
+    # In float64, where each product of two float32 values is exact: the fused kernel (kernels.gram) sums in
+    # float64 too, so the two paths agree to the last bits of a float64 and give the same weights.
+    return torch.dot(a.reshape(-1).double(), b.reshape(-1).double())
 
 
 def _slerp_step(
@@ -207,7 +209,15 @@ def _slerp_finish(
     return {"coefficients": slerp_coefficients(cos, kwargs["t"], kwargs.get("eps", 5e-4))}
 
 
-SLERP_PASSES = (Pass(_slerp_step, _slerp_finish),)
+def _slerp_gram(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor | None, kwargs: Mapping[str, Any]
+) -> torch.Tensor | None:
+    """:func:`_slerp_step`'s sum over a span by the fused Gram kernel; None where it cannot run."""
+    gram = kernels.gram(tensors, None)
+    return None if gram is None else torch.stack([gram[0, 0], gram[1, 1], gram[0, 1]])
+
+
+SLERP_PASSES = (Pass(_slerp_step, _slerp_finish, kernel=_slerp_gram),)
 
 
 def slerp_block(
@@ -263,7 +273,14 @@ def _stock_finish(
     return {"ratio": stock_ratio(norms, dots)}
 
 
-STOCK_PASSES = (Pass(_stock_step, _stock_finish),)
+def _stock_gram(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor | None, kwargs: Mapping[str, Any]
+) -> torch.Tensor | None:
+    """:func:`_stock_step`'s sum over a span by the fused Gram kernel; None where it cannot run."""
+    return None if base is None else kernels.gram(tensors, base)
+
+
+STOCK_PASSES = (Pass(_stock_step, _stock_finish, kernel=_stock_gram),)
 
 
 def model_stock_block(tensors: Sequence[torch.Tensor], *, base: torch.Tensor, ratio: float) -> torch.Tensor:

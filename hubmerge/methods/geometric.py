@@ -20,13 +20,13 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
 
     Returns:
         The cosine clamped to [-1, 1], or None when either vector is zero (no angle is defined).
+        Products and sums are float64, as in the blocked engine's pass (``methods.blocks``).
     """
-    norm_a = float(torch.linalg.vector_norm(a))
-    norm_b = float(torch.linalg.vector_norm(b))
-    if norm_a == 0.0 or norm_b == 0.0:
+    a64, b64 = a.reshape(-1).double(), b.reshape(-1).double()
+    aa, bb = float(torch.dot(a64, a64)), float(torch.dot(b64, b64))
+    if aa == 0.0 or bb == 0.0:
         return None
-    dot = float(torch.dot(a.reshape(-1), b.reshape(-1)))
-    return min(1.0, max(-1.0, dot / (norm_a * norm_b)))
+    return min(1.0, max(-1.0, float(torch.dot(a64, b64)) / (aa**0.5 * bb**0.5)))
 
 
 def slerp(tensors: Sequence[torch.Tensor], *, t: float, eps: float = 5e-4) -> torch.Tensor:
@@ -108,8 +108,9 @@ def model_stock(tensors: Sequence[torch.Tensor], *, base: torch.Tensor) -> torch
     """
     check_count(tensors, "model_stock", 2)
     n = len(tensors)
-    deltas = [torch.sub(x, base).reshape(-1) for x in tensors]
-    norms = [float(torch.linalg.vector_norm(d)) for d in deltas]
+    # float64 products and sums, as in the blocked engine's pass (methods.blocks)
+    deltas = [torch.sub(x, base).reshape(-1).double() for x in tensors]
+    norms = [float(torch.dot(d, d)) ** 0.5 for d in deltas]
     dots = {(i, j): float(torch.dot(deltas[i], deltas[j])) for i, j in combinations(range(n), 2)}
     del deltas  # free the task vectors before the result is allocated
     return stock_mix(tensors, base, stock_ratio(norms, dots))
