@@ -269,7 +269,33 @@ def _results(job: Job, ctx: _Context) -> Iterator[tuple[int, torch.Tensor, int]]
         return
     grid = _grid(job, ctx.device)
     kwargs: dict[str, Any] = dict(job.params)
+    # Statistics passes read the inputs again: sources that would download them twice keep them instead.
+    repeated = not spec.elementwise and any(p.active(kwargs) for p in spec.passes)
+    if repeated:
+        _hold(job, ctx, keep=True)
+    try:
+        yield from _blocked(job, ctx, grid, kwargs)
+    finally:
+        if repeated:
+            _hold(job, ctx, keep=False)
+
+
+def _hold(job: Job, ctx: _Context, *, keep: bool) -> None:
+    """Tell the sources of ``job``'s inputs to keep their bytes across reads, or that the job is done."""
+    held = [(ctx.sources[s], i) for s, i in zip(job.sources, job.inputs, strict=True)]
+    if ctx.spec.needs_base and job.base is not None and job.base_source is not None:
+        held.append((ctx.sources[job.base_source], job.base))
+    for source, info in held:
+        (source.keep if keep else source.drop)([info])
+
+
+def _blocked(
+    job: Job, ctx: _Context, grid: _Grid, kwargs: dict[str, Any]
+) -> Iterator[tuple[int, torch.Tensor, int]]:
+    """:func:`_results` for a tensor merged in blocks: the method's passes, then the merge."""
+    spec = ctx.spec
     fn = spec.fn
+    numel = math.prod(job.shape)
     if not spec.elementwise:
         assert spec.block_fn is not None  # blockwise and not elementwise
         for p in spec.passes:

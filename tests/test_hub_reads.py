@@ -522,3 +522,115 @@ def test_early_reads_of_many_large_tensors_are_each_read_once(
     a, b = (load_file(str(d / "model.safetensors")) for d in dirs)
     for k in range(5):
         torch.testing.assert_close(result[f"big.{k}"], 0.75 * a[f"big.{k}"] + 0.25 * b[f"big.{k}"])
+
+
+def _upload(api: HfApi, repo_name: str, dirs: list[Path]) -> list[str]:
+    ids = []
+    for i, directory in enumerate(dirs):
+        ids.append(f"{repo_name}-{i}")
+        api.create_repo(ids[-1])
+        api.upload_folder(folder_path=directory, repo_id=ids[-1])
+    return ids
+
+
+def _pass_recipe(method: str, models: list[str]) -> dict[str, Any]:
+    """A recipe of ``method`` over ``models`` (the first is the base where the method takes one)."""
+    if method == "slerp":
+        return {"method": "slerp", "models": models[1:], "parameters": {"t": 0.3}}
+    if method == "ties":
+        entries = [{"path" if Path(m).is_dir() else "repo": m, "density": 0.4} for m in models[1:]]
+        return {"method": "ties", "base": models[0], "models": entries}
+    return {"method": method, "base": models[0], "models": models[1:]}
+
+
+@pytest.mark.parametrize("method", ["ties", "slerp", "model_stock"])
+def test_statistics_passes_download_each_byte_once(
+    tmp_path: Path,
+    hub: HubServer,
+    hub_token: str,
+    repo_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+) -> None:
+    """TIES reads every input three times, SLERP and Model Stock twice: the later passes read the bytes the
+    first one downloaded (kept in memory for tensors read whole, in a scratch file for those read in row
+    ranges), and the merge is the local one, byte for byte."""
+    monkeypatch.setattr(hubmerge.sources.hub, "PREFETCH_LIMIT", 32 << 10)
+    monkeypatch.setattr(hubmerge.run, "BLOCK", 1024)
+    monkeypatch.setattr(hubmerge.run, "BATCH_BYTES", 8 << 10)
+    monkeypatch.setattr(hubmerge.run, "READ_BYTES", 48 << 10)
+    spills: list[Path] = []
+    real_spill = hubmerge.sources.hub._Spill.__init__
+
+    def spill(self: Any, path: Path, size: int) -> None:
+        spills.append(path)
+        real_spill(self, path, size)
+
+    monkeypatch.setattr(hubmerge.sources.hub._Spill, "__init__", spill)
+    g = torch.Generator().manual_seed(11)
+    base = {
+        "embed.weight": torch.randn(1024, 96, generator=g),  # 384 KiB: row ranges, kept in a scratch file
+        "layer.0.weight": torch.randn(64, 96, generator=g),  # 24 KiB: one read, kept in memory
+        "head.weight": torch.randn(
+            700, 96, generator=g
+        ).bfloat16(),  # 131 KiB, in the read of the tensor before
+        "norm.weight": torch.randn(96, generator=g),  # one block: a single read, no passes
+    }
+    dirs = [save_model(tmp_path / "m0", base)]
+    for i in (1, 2):
+        tuned = {
+            n: (t.float() + 0.05 * torch.randn(t.shape, generator=g)).to(t.dtype) for n, t in base.items()
+        }
+        dirs.append(save_model(tmp_path / f"m{i}", tuned))
+    read = dirs if method != "slerp" else dirs[1:]
+    ids = _upload(HfApi(token=hub_token), repo_name, dirs)
+    hub.reset_stats()
+    merged = hubmerge.merge(_pass_recipe(method, ids), tmp_path / "hub")
+    served = _safetensors_served(hub)
+    assert served == _each_byte_once(ids[-len(read) :], read)
+    assert len(spills) == len(
+        read
+    )  # each model's embedding (the head comes in the read of the tensor before it)
+    assert not any(p.exists() for p in spills)  # deleted once the merge is done with each tensor
+    local = hubmerge.merge(_pass_recipe(method, [str(d) for d in dirs]), tmp_path / "local")
+    _assert_same_tensors(merged.out, local.out)
+
+
+@pytest.mark.parametrize("failing", ["_write", "__init__"])
+def test_a_failed_spill_reads_the_hub_again(
+    tmp_path: Path,
+    hub: HubServer,
+    hub_token: str,
+    repo_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+    failing: str,
+) -> None:
+    """A full disk (or no scratch folder) costs the download a scratch file would save, not the merge."""
+    monkeypatch.setattr(hubmerge.sources.hub, "PREFETCH_LIMIT", 32 << 10)
+    monkeypatch.setattr(hubmerge.run, "BLOCK", 1024)
+    monkeypatch.setattr(hubmerge.run, "READ_BYTES", 48 << 10)
+
+    def full(*args: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hubmerge.sources.hub._Spill, failing, full)
+    dirs = _models(tmp_path)
+    ids = _upload(HfApi(token=hub_token), repo_name, dirs)
+    hub.reset_stats()
+    merged = hubmerge.merge({"method": "slerp", "models": ids, "parameters": {"t": 0.6}}, tmp_path / "hub")
+    once = _each_byte_once(ids, dirs)
+    served = _safetensors_served(hub)
+    embed = 1024 * 96 * 4
+    assert served == {k: v + embed for k, v in once.items()}  # the embedding twice, the rest once
+    local = hubmerge.merge(
+        {"method": "slerp", "models": [str(d) for d in dirs], "parameters": {"t": 0.6}}, tmp_path / "local"
+    )
+    _assert_same_tensors(merged.out, local.out)
+
+
+def _assert_same_tensors(out: Path, expected_out: Path) -> None:
+    """Every tensor bit for bit (the files' metadata names the models, which differ)."""
+    result, expected = (load_file(str(d / "model.safetensors")) for d in (out, expected_out))
+    assert result.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(result[name], value, rtol=0, atol=0, msg=name)

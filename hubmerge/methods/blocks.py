@@ -14,6 +14,7 @@ Keys starting with ``_`` are the passes' working state and are not given to the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from itertools import combinations
 from typing import Any
@@ -205,7 +206,7 @@ def _slerp_finish(
     from hubmerge.methods.geometric import slerp_coefficients
 
     aa, bb, ab = (float(v) for v in total)
-    cos = None if aa == 0.0 or bb == 0.0 else min(1.0, max(-1.0, ab / (aa**0.5 * bb**0.5)))
+    cos = None if aa == 0.0 or bb == 0.0 else min(1.0, max(-1.0, ab / (math.sqrt(aa) * math.sqrt(bb))))
     return {"coefficients": slerp_coefficients(cos, kwargs["t"], kwargs.get("eps", 5e-4))}
 
 

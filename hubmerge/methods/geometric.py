@@ -26,7 +26,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
     aa, bb = float(torch.dot(a64, a64)), float(torch.dot(b64, b64))
     if aa == 0.0 or bb == 0.0:
         return None
-    return min(1.0, max(-1.0, float(torch.dot(a64, b64)) / (aa**0.5 * bb**0.5)))
+    return min(1.0, max(-1.0, float(torch.dot(a64, b64)) / (math.sqrt(aa) * math.sqrt(bb))))
 
 
 def slerp(tensors: Sequence[torch.Tensor], *, t: float, eps: float = 5e-4) -> torch.Tensor:

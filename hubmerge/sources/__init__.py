@@ -43,6 +43,17 @@ class TensorSource(Protocol):
         """
         ...
 
+    def keep(self, infos: Sequence[TensorInfo]) -> None:
+        """Hint that these tensors are read more than once (statistics passes): keep their bytes.
+
+        A source that would download them again keeps them instead, until :meth:`drop`. Calls nest.
+        """
+        ...
+
+    def drop(self, infos: Sequence[TensorInfo]) -> None:
+        """The run is done with tensors it asked to :meth:`keep`."""
+        ...
+
     def files(self) -> list[str]:
         """Relative paths of every file the model has (for config and tokenizer files)."""
         ...

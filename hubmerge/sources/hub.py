@@ -9,6 +9,7 @@ shard per model at a time into a temporary directory and evicts it when the mode
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import shutil
 import tempfile
@@ -51,6 +52,7 @@ AHEAD_BYTES = 48 * 2**20  # and at most about this many bytes of them (plus one 
 AHEAD_TENSORS = 2  # large tensors with a row range on its way, per model
 PREFETCH_LIMIT = 32 * 2**20  # larger tensors are read in the row ranges the run asks for, one range ahead
 SPAN_BYTES = 8 * 2**20  # a prefetch also takes the tensors stored right after, up to this many bytes
+SPILL_QUEUE = 4  # writes of a kept tensor's reads on their way to its scratch file (_Spill)
 CHUNK = 1 << 20
 SHARD_PIECE = 64 * CHUNK  # bytes per request of a shard download (transfer="shards")
 HEADER_READ = 64 << 10  # a shard's first request: most headers fit, so one round trip per shard
@@ -65,6 +67,68 @@ class _Span:
     end: int
     last: str  # the name of the last tensor it holds
     unread: set[str]
+
+
+class _Spill:
+    """A tensor read more than once (a method's statistics passes): its bytes go to a file as the first pass
+    downloads them, in order, and the later passes map that file instead of downloading them again.
+
+    Written through the page cache by a thread of its own; the file is deleted when the run is done with the
+    tensor, often before its pages ever reach the disk. Anything that goes wrong (a full disk, bytes out of
+    order) leaves the later passes reading the Hub, as without a spill.
+    """
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path, self.size = path, size
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._queued = 0  # bytes [0, _queued) are written or on their way
+        self._writes: list[Future[None]] = []
+        self._map: mmap.mmap | None = None
+        self._failed = False
+
+    def add(self, writer: ThreadPoolExecutor, offset: int, data: Buffer) -> None:
+        """Write ``data``, the tensor's bytes from ``offset``, if they continue what is written."""
+        if self._failed or offset != self._queued or self._queued >= self.size:
+            return
+        waiting = [write for write in self._writes if not write.done()]
+        if len(waiting) >= SPILL_QUEUE:  # a slow disk must not pile up the reads' buffers
+            waiting[0].exception()  # waits; an error shows in mapped()
+        self._queued = offset + len(writable(data))
+        self._writes.append(writer.submit(self._write, offset, data))
+
+    def _write(self, offset: int, data: Buffer) -> None:
+        view, done = writable(data), 0
+        while done < len(view):
+            done += os.pwrite(self._fd, view[done:], offset + done)
+
+    def mapped(self) -> mmap.mmap | None:
+        """The whole tensor's bytes, once all are written; None before, or if a write failed."""
+        if self._map is not None or self._failed or self._queued < self.size:
+            return self._map
+        try:
+            for write in self._writes:
+                write.result()
+            # private, as LocalSource maps: reads share the page cache, and torch gets a writable buffer
+            self._map = mmap.mmap(self._fd, self.size, access=mmap.ACCESS_COPY)
+        except OSError as exc:
+            log.debug("%s: cannot keep the bytes on disk (%s); the next passes read the Hub", self.path, exc)
+            self._failed = True
+        self._writes.clear()
+        return self._map
+
+    def close(self) -> None:
+        for write in self._writes:
+            write.cancel()
+        for write in self._writes:
+            if not write.cancelled():
+                write.exception()  # wait: the thread must not write to a closed descriptor
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:
+                pass  # a tensor still views it; the mapping goes when that tensor does
+        os.close(self._fd)
+        self.path.unlink(missing_ok=True)
 
 
 def retries() -> int:
@@ -257,7 +321,11 @@ class HubSource:
         self._next: dict[str, TensorInfo] = {}  # tensor name -> the tensor stored right after it
         # A tensor over PREFETCH_LIMIT -> the rows of it read next, on their way (at most two tensors).
         self._ahead: dict[str, tuple[tuple[int, int], Future[Buffer]]] = {}
-        self._shard_dir: Path | None = None
+        self._scratch_dir: Path | None = None  # scratch: downloaded shards, spilled tensors
+        self._kept: dict[str, int] = {}  # tensor name -> how many keep() calls hold it (see keep)
+        self._spills: dict[str, _Spill | None] = {}  # kept tensors read in row ranges (None: no scratch file)
+        self._spilled = 0  # spill files made: their names
+        self._spill_writer: ThreadPoolExecutor | None = None
         self._shard: tuple[str, DirectReader] | None = None  # transfer="shards": the one downloaded
         self._direct: ranged.RangeClient | None = None
         if ranged.enabled():
@@ -402,10 +470,11 @@ class HubSource:
         if self._local is not None:
             return self._local.read(info, rows)
         span = self._pending.get(info.name)  # never set with transfer="shards" (prefetch does nothing)
+        kept = info.name in self._kept
         if span is not None:
             # The run loop reads a tensor in row ranges, in order: the prefetched bytes serve them all, and
-            # the tensor is done with at its last one.
-            if rows is None or rows[1] >= (info.shape[0] if info.shape else 1):
+            # the tensor is done with at its last one (or, kept, when the run drops it).
+            if not kept and (rows is None or rows[1] >= (info.shape[0] if info.shape else 1)):
                 self._done_with(info.name)
             at = info.start - span.start
             local = TensorInfo(info.name, info.dtype, info.shape, info.file, at, at + info.nbytes)
@@ -413,6 +482,11 @@ class HubSource:
         count = info.shape[0] if info.shape else 1
         want = rows or (0, count)
         start, end = _row_span(info, want)
+        spill = self._spills.get(info.name) if kept else None
+        mapped = spill.mapped() if spill is not None else None
+        if mapped is not None:  # a later pass over a kept tensor: its bytes are on disk
+            on_disk = TensorInfo(info.name, info.dtype, info.shape, info.file, 0, info.nbytes)
+            return view_bytes(mapped, on_disk, rows)
         held = self._ahead.pop(info.name, None)
         if self.transfer == "shards":
             data = self._shard_bytes(info.file, start, end)
@@ -422,6 +496,15 @@ class HubSource:
             if held is not None:
                 held[1].cancel()
             data = self._range(info.file, start, end, buffer(end - start))
+        if kept and self.transfer != "shards":
+            if info.name not in self._spills:
+                self._spills[info.name] = spill = self._new_spill(info)
+            if spill is not None:
+                if self._spill_writer is None:
+                    self._spill_writer = ThreadPoolExecutor(
+                        1, thread_name_prefix=f"hubmerge-{self.label}-spill"
+                    )
+                spill.add(self._spill_writer, start - info.start, data)
         if rows is not None and rows[1] < count and self.transfer != "shards":
             # The run reads a large tensor's row ranges in order: the next downloads while this one merges.
             self._read_ahead(info, (rows[1], min(count, 2 * rows[1] - rows[0])))
@@ -498,6 +581,48 @@ class HubSource:
                 for name in list(self._spans[0].unread):
                     self._done_with(name)
 
+    def keep(self, infos: Sequence[TensorInfo]) -> None:
+        """The run reads ``infos`` more than once (statistics passes, then the merge): keep their bytes.
+
+        Small tensors stay in the read that holds them; larger ones read in row ranges are written to a
+        scratch file as they arrive (:class:`_Spill`). Either way each byte is downloaded once, until
+        :meth:`drop`. Calls nest (a model that is also the base).
+        """
+        if self._local is not None or self.transfer == "shards":
+            return  # read from files on disk anyway
+        for info in infos:
+            self._kept[info.name] = self._kept.get(info.name, 0) + 1
+
+    def drop(self, infos: Sequence[TensorInfo]) -> None:
+        """The run is done with tensors it asked to :meth:`keep`: free their bytes."""
+        for info in infos:
+            held = self._kept.get(info.name)
+            if held is None:
+                continue
+            if held > 1:
+                self._kept[info.name] = held - 1
+                continue
+            del self._kept[info.name]
+            self._done_with(info.name)
+            spill = self._spills.pop(info.name, None)
+            if spill is not None:
+                spill.close()
+
+    def _new_spill(self, info: TensorInfo) -> _Spill | None:
+        self._spilled += 1
+        try:
+            return _Spill(self._scratch() / f"kept-{self._spilled}.tensor", info.nbytes)
+        except OSError as exc:
+            log.debug(
+                "%s: no scratch file for %s (%s); its next passes read the Hub", self.label, info.name, exc
+            )
+            return None
+
+    def _scratch(self) -> Path:
+        if self._scratch_dir is None:
+            self._scratch_dir = Path(tempfile.mkdtemp(prefix="hubmerge-"))
+        return self._scratch_dir
+
     def _done_with(self, name: str) -> None:
         span = self._pending.pop(name, None)
         if span is None:
@@ -510,9 +635,7 @@ class HubSource:
         if self._shard is not None and self._shard[0] == shard:
             return self._shard[1]
         self._evict()
-        if self._shard_dir is None:
-            self._shard_dir = Path(tempfile.mkdtemp(prefix="hubmerge-shards-"))
-        path = self._shard_dir / shard.replace("/", "_")
+        path = self._scratch() / shard.replace("/", "_")
         size = self._sizes.get(shard) or 0
         # One reused buffer, and the file written around the page cache (directio.py): a download of
         # gigabytes into fresh buffers and fresh cache pages cost more CPU than the transfer itself.
@@ -535,8 +658,8 @@ class HubSource:
             return
         name, reader = self._shard
         reader.close()
-        assert self._shard_dir is not None
-        (self._shard_dir / name.replace("/", "_")).unlink(missing_ok=True)
+        assert self._scratch_dir is not None
+        (self._scratch_dir / name.replace("/", "_")).unlink(missing_ok=True)
         self._shard = None
 
     def files(self) -> list[str]:
@@ -566,11 +689,18 @@ class HubSource:
         self._pending.clear()
         self._spans.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._kept.clear()
+        for spill in self._spills.values():
+            if spill is not None:
+                spill.close()
+        self._spills.clear()
+        if self._spill_writer is not None:
+            self._spill_writer.shutdown(wait=True)
         if self._direct is not None:
             self._direct.close()
         self._evict()
-        if self._shard_dir is not None:
-            shutil.rmtree(self._shard_dir, ignore_errors=True)
+        if self._scratch_dir is not None:
+            shutil.rmtree(self._scratch_dir, ignore_errors=True)
 
 
 def _row_span(info: TensorInfo, rows: tuple[int, int]) -> tuple[int, int]:

@@ -160,6 +160,12 @@ class LocalSource:
             if info.end > start:
                 self._maps[info.file].madvise(mmap.MADV_WILLNEED, start, info.end - start)
 
+    def keep(self, infos: Sequence[TensorInfo]) -> None:
+        pass  # mapped files: a second read costs no transfer
+
+    def drop(self, infos: Sequence[TensorInfo]) -> None:
+        pass
+
     def files(self) -> list[str]:
         if not self.root.is_dir():
             return []
