@@ -270,6 +270,14 @@ def _models(tmp_path: Path) -> list[Path]:
     return dirs
 
 
+def _scale_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read grid scaled down: the tests' tensors of a few hundred KiB take the paths large ones take."""
+    monkeypatch.setattr(hubmerge.sources.hub, "PREFETCH_LIMIT", 32 << 10)
+    monkeypatch.setattr(hubmerge.run, "BLOCK", 1024)
+    monkeypatch.setattr(hubmerge.run, "BATCH_BYTES", 8 << 10)
+    monkeypatch.setattr(hubmerge.run, "READ_BYTES", 48 << 10)
+
+
 def _safetensors_served(hub: HubServer) -> dict[str, int]:
     return {k: v for k, v in hub.bytes_served_by_path.items() if k.endswith(".safetensors")}
 
@@ -296,10 +304,7 @@ def test_large_tensors_are_read_ahead_and_every_byte_once(
     # Tensors over PREFETCH_LIMIT are read in the run's row ranges (READ_BYTES each), one range ahead. The
     # grid is scaled down so that the 384 KiB float32 embedding takes 9 reads, the 131 KiB bfloat16 head 3,
     # and the copied integer positions 8 (one per batch).
-    monkeypatch.setattr(hubmerge.sources.hub, "PREFETCH_LIMIT", 32 << 10)
-    monkeypatch.setattr(hubmerge.run, "BLOCK", 1024)
-    monkeypatch.setattr(hubmerge.run, "BATCH_BYTES", 8 << 10)
-    monkeypatch.setattr(hubmerge.run, "READ_BYTES", 48 << 10)
+    _scale_down(monkeypatch)
     reads: list[tuple[str, tuple[int, int] | None]] = []
     real_read = hubmerge.sources.hub.HubSource.read
 
@@ -323,12 +328,7 @@ def test_large_tensors_are_read_ahead_and_every_byte_once(
     monkeypatch.setattr(hubmerge.sources.hub.HubSource, "_range", range_)
     monkeypatch.setenv("HUBMERGE_HUB_DIRECT", direct)
     dirs = _models(tmp_path)
-    api = HfApi(token=hub_token)
-    ids = []
-    for i, directory in enumerate(dirs):
-        ids.append(f"{repo_name}-{i}")
-        api.create_repo(ids[-1])
-        api.upload_folder(folder_path=directory, repo_id=ids[-1])
+    ids = _upload(HfApi(token=hub_token), repo_name, dirs)
     hub.reset_stats()
     recipe = {"method": "linear", "models": ids, "parameters": {"t": 0.3}}
     merged = hubmerge.merge(recipe, tmp_path / "hub")
@@ -555,10 +555,7 @@ def test_statistics_passes_download_each_byte_once(
     """TIES reads every input three times, SLERP and Model Stock twice: the later passes read the bytes the
     first one downloaded (kept in memory for tensors read whole, in a scratch file for those read in row
     ranges), and the merge is the local one, byte for byte."""
-    monkeypatch.setattr(hubmerge.sources.hub, "PREFETCH_LIMIT", 32 << 10)
-    monkeypatch.setattr(hubmerge.run, "BLOCK", 1024)
-    monkeypatch.setattr(hubmerge.run, "BATCH_BYTES", 8 << 10)
-    monkeypatch.setattr(hubmerge.run, "READ_BYTES", 48 << 10)
+    _scale_down(monkeypatch)
     spills: list[Path] = []
     real_spill = hubmerge.sources.hub._Spill.__init__
 
@@ -606,9 +603,7 @@ def test_a_failed_spill_reads_the_hub_again(
     failing: str,
 ) -> None:
     """A full disk (or no scratch folder) costs the download a scratch file would save, not the merge."""
-    monkeypatch.setattr(hubmerge.sources.hub, "PREFETCH_LIMIT", 32 << 10)
-    monkeypatch.setattr(hubmerge.run, "BLOCK", 1024)
-    monkeypatch.setattr(hubmerge.run, "READ_BYTES", 48 << 10)
+    _scale_down(monkeypatch)
 
     def full(*args: Any) -> None:
         raise OSError(28, "No space left on device")
