@@ -557,8 +557,8 @@ class HubSource:
             if held is not None:
                 # Already on its way: keep one more read going behind the newest one.
                 after = self._next.get(held.last) if held is self._spans[-1] else None
-                if after is None or after.name in self._pending:
-                    continue
+                if after is None or after.name in self._pending or after.nbytes > PREFETCH_LIMIT:
+                    continue  # a large tensor comes in row ranges, when the run asks for it
                 info = after
             # Bounded read-ahead: a few requests at a time, and only so many bytes on their way.
             flying = [s for s in self._spans if not s.future.done()]
