@@ -142,22 +142,30 @@ def with_chunks(job: Job, compute_size: int, budget: int, blockwise: bool) -> Jo
     return Job(**{**job.__dict__, "chunk_rows": int(rows)})
 
 
-def working_set(job: Job, compute_size: int, *, workers: int, hub_inputs: int, blockwise: bool) -> int:
-    """Estimated anonymous memory while merging ``job``.
+def working_set(
+    job: Job, compute_size: int, *, workers: int, hub_inputs: int, blockwise: bool, repeated: bool = False
+) -> int:
+    """Estimated anonymous memory while merging ``job``, beyond the interpreter's and torch's own.
 
     Blockwise methods hold a few block-sized buffers per worker and a few output batches, whatever the tensor
     size; other methods (and tensors of at most one block) hold every input and the result in the compute
-    dtype. Each Hub input adds two reads of up to ``READ_BYTES`` (the one merging, the one on its way) and the
-    window of smaller tensors read ahead; local inputs are memory-mapped. The writer's staging buffers for
-    direct writes (directio.py) come on top; a push reading its shards back around the page cache holds as
-    many again, which this estimate, made before the push is known, leaves out.
+    dtype. Each Hub input (``hub_inputs``, the base included) adds the read of up to ``READ_BYTES`` merging,
+    one more for each large tensor with rows on their way, and the window of smaller tensors read ahead; with
+    statistics passes (``repeated``), also a kept tensor read whole (``sources.hub``: larger ones are kept
+    in a scratch file). Local inputs are memory-mapped. The writer's staging buffers for direct writes
+    (directio.py) come on top; a push reading its shards back around the page cache holds as many again,
+    which this estimate, made before the push is known, leaves out.
     """
     from .directio import DEPTH, STAGE
-    from .sources.hub import AHEAD_BYTES, SPAN_BYTES
+    from .sources.hub import AHEAD_BYTES, AHEAD_TENSORS, PREFETCH_LIMIT, SPAN_BYTES
 
     numel = _numel(job.shape)
     inputs = len(job.inputs) + (job.base is not None)
-    buffers = hub_inputs * (2 * min(READ_BYTES, max(i.nbytes for i in job.inputs)) + AHEAD_BYTES + SPAN_BYTES)
+    largest = max(i.nbytes for i in job.inputs)
+    per_input = (1 + AHEAD_TENSORS) * min(READ_BYTES, largest) + AHEAD_BYTES + SPAN_BYTES
+    if repeated:
+        per_input += min(PREFETCH_LIMIT, largest)
+    buffers = hub_inputs * per_input
     buffers += DEPTH * STAGE
     if job.action == "copy":
         return buffers

@@ -628,3 +628,25 @@ def _assert_same_tensors(out: Path, expected_out: Path) -> None:
     assert result.keys() == expected.keys()
     for name, value in expected.items():
         torch.testing.assert_close(result[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_plan_counts_the_read_buffers_of_every_hub_input(
+    tmp_path: Path, hub_token: str, repo_name: str
+) -> None:
+    """The estimate adds, per Hub input (the base too), the reads on their way, and for methods with passes a
+    kept tensor: what the sources hold beyond a local merge."""
+    from hubmerge.layout import READ_BYTES
+    from hubmerge.sources.hub import AHEAD_BYTES, AHEAD_TENSORS, PREFETCH_LIMIT, SPAN_BYTES
+
+    dirs = _models(tmp_path)
+    dirs.append(shutil.copytree(dirs[0], tmp_path / "m2"))
+    ids = _upload(HfApi(token=hub_token), repo_name, dirs)
+    largest = 1024 * 96 * 4  # the embedding
+    reads = (1 + AHEAD_TENSORS) * min(READ_BYTES, largest) + AHEAD_BYTES + SPAN_BYTES
+    kept = min(PREFETCH_LIMIT, largest)
+    for method, inputs, extra in (("ties", 3, reads + kept), ("weighted", 2, reads)):
+        remote, local = (
+            _pass_recipe(method, models) if method == "ties" else {"method": method, "models": models[:2]}
+            for models in (ids, [str(d) for d in dirs])
+        )
+        assert hubmerge.plan(remote).peak_memory - hubmerge.plan(local).peak_memory == inputs * extra, method
