@@ -15,7 +15,7 @@ from torch.testing import assert_close
 from hubmerge.errors import RecipeError
 from hubmerge.methods import METHODS, MethodSpec, get_method
 from hubmerge.methods.basic import centroid, linear, weighted
-from hubmerge.methods.geometric import model_stock, slerp
+from hubmerge.methods.geometric import dot64, model_stock, slerp
 from hubmerge.methods.task_vectors import dare_linear, dare_ties, kth_largest_magnitude, task_arithmetic, ties
 
 F64 = torch.float64
@@ -395,3 +395,12 @@ def test_wrong_model_count_is_a_value_error() -> None:
         ties([A, B], base=ONES, weights=[1.0])
     with pytest.raises(ValueError, match="density of model 1"):
         ties([A, B], base=ONES, densities=[0.5, 1.5])
+
+
+def test_dot64_sums_exact_products_in_float64_a_chunk_at_a_time() -> None:
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(50, 50, generator=g), torch.randn(2500, generator=g)
+    exact = math.fsum(float(x) * float(y) for x, y in zip(a.reshape(-1).tolist(), b.tolist(), strict=True))
+    for chunk in (1000, 1 << 20):  # three chunks, the last one short; one chunk
+        assert dot64(a, b, chunk=chunk) == pytest.approx(exact, rel=1e-14, abs=1e-12)
+    assert dot64(a, a) > 0.0 and dot64(torch.zeros(3), b[:3]) == 0.0

@@ -11,6 +11,18 @@ from hubmerge.methods.basic import weighted_sum
 from hubmerge.methods.spec import check_count
 
 
+def dot64(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 20) -> float:
+    """``a . b`` read as flat vectors, with float64 products and sums (as the blocked engine's passes).
+
+    Taken ``chunk`` elements at a time, so no float64 copy of a whole tensor is made.
+    """
+    a, b = a.reshape(-1), b.reshape(-1)
+    total = torch.zeros((), dtype=torch.float64, device=a.device)
+    for start in range(0, a.numel(), chunk):
+        total += torch.dot(a[start : start + chunk].double(), b[start : start + chunk].double())
+    return float(total)
+
+
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
     """Cosine of the angle between two tensors read as flat vectors.
 
@@ -22,11 +34,10 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
         The cosine clamped to [-1, 1], or None when either vector is zero (no angle is defined).
         Products and sums are float64, as in the blocked engine's pass (``methods.blocks``).
     """
-    a64, b64 = a.reshape(-1).double(), b.reshape(-1).double()
-    aa, bb = float(torch.dot(a64, a64)), float(torch.dot(b64, b64))
+    aa, bb = dot64(a, a), dot64(b, b)
     if aa == 0.0 or bb == 0.0:
         return None
-    return min(1.0, max(-1.0, float(torch.dot(a64, b64)) / (math.sqrt(aa) * math.sqrt(bb))))
+    return min(1.0, max(-1.0, dot64(a, b) / (math.sqrt(aa) * math.sqrt(bb))))
 
 
 def slerp(tensors: Sequence[torch.Tensor], *, t: float, eps: float = 5e-4) -> torch.Tensor:
@@ -108,10 +119,9 @@ def model_stock(tensors: Sequence[torch.Tensor], *, base: torch.Tensor) -> torch
     """
     check_count(tensors, "model_stock", 2)
     n = len(tensors)
-    # float64 products and sums, as in the blocked engine's pass (methods.blocks)
-    deltas = [torch.sub(x, base).reshape(-1).double() for x in tensors]
-    norms = [float(torch.dot(d, d)) ** 0.5 for d in deltas]
-    dots = {(i, j): float(torch.dot(deltas[i], deltas[j])) for i, j in combinations(range(n), 2)}
+    deltas = [torch.sub(x, base) for x in tensors]
+    norms = [dot64(d, d) ** 0.5 for d in deltas]
+    dots = {(i, j): dot64(deltas[i], deltas[j]) for i, j in combinations(range(n), 2)}
     del deltas  # free the task vectors before the result is allocated
     return stock_mix(tensors, base, stock_ratio(norms, dots))
 
