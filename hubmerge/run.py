@@ -31,7 +31,7 @@ from .errors import MergeError
 from .layout import BATCH_BYTES, BLOCK, READ_BYTES, WRITE_QUEUE
 from .methods import MethodSpec, Pass, get_method
 from .plan import Job, MergePlan
-from .sources import TensorSource
+from .sources import TensorInfo, TensorSource
 from .sources.buffers import retain_freed_memory
 from .writer import Sink
 
@@ -407,12 +407,28 @@ def _block_seed(job: Job, index: int) -> int:
     return (job.seed + index * SEED_STRIDE) % (1 << 63)
 
 
-def _read(job: Job, ctx: _Context, rows: tuple[int, int]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    views = [ctx.sources[s].read(i, rows) for s, i in zip(job.sources, job.inputs, strict=True)]
+def _read(
+    job: Job, ctx: _Context, rows: tuple[int, int] | None
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """The inputs' rows (None: the scalars), and the base's when the method takes one.
+
+    A source that serves two of them (a base also listed among the models, as mergekit's examples do) is read
+    once: a Hub source would download the bytes twice.
+    """
+    read: dict[tuple[int, str], torch.Tensor] = {}
+
+    def once(src: int, info: TensorInfo) -> torch.Tensor:
+        source = ctx.sources[src]
+        key = (id(source), info.name)
+        if key not in read:
+            read[key] = source.read(info, rows)
+        return read[key]
+
+    views = [once(s, i) for s, i in zip(job.sources, job.inputs, strict=True)]
     base = None
     if ctx.spec.needs_base:
         assert job.base is not None and job.base_source is not None  # guaranteed by build_plan
-        base = ctx.sources[job.base_source].read(job.base, rows)
+        base = once(job.base_source, job.base)
     return views, base
 
 
@@ -434,7 +450,7 @@ def _call(job: Job, method: str, fn: Callable[..., T], /, *args: Any, **kwargs: 
 
 def _merge_whole(job: Job, ctx: _Context) -> torch.Tensor:
     """A tensor in one step: small ones, and methods that need the whole tensor at once."""
-    views, base = _read(job, ctx, (0, job.shape[0])) if job.shape else _read_scalar(job, ctx)
+    views, base = _read(job, ctx, (0, job.shape[0]) if job.shape else None)
     tensors = [v.to(device=ctx.device, dtype=ctx.compute) for v in views]
     kwargs: dict[str, Any] = dict(job.params)
     if base is not None:
@@ -445,15 +461,6 @@ def _merge_whole(job: Job, ctx: _Context) -> torch.Tensor:
         kwargs["generator"] = generator
     result = _call(job, ctx.spec.name, ctx.spec.fn, tensors, **kwargs)
     return result.to(dtype=_torch_dtype(job.dtype), device="cpu")
-
-
-def _read_scalar(job: Job, ctx: _Context) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    views = [ctx.sources[s].read(i) for s, i in zip(job.sources, job.inputs, strict=True)]
-    base = None
-    if ctx.spec.needs_base:
-        assert job.base is not None and job.base_source is not None  # guaranteed by build_plan
-        base = ctx.sources[job.base_source].read(job.base)
-    return views, base
 
 
 def _copy(job: Job, ctx: _Context) -> Iterator[tuple[int, torch.Tensor, int]]:

@@ -650,3 +650,29 @@ def test_plan_counts_the_read_buffers_of_every_hub_input(
             for models in (ids, [str(d) for d in dirs])
         )
         assert hubmerge.plan(remote).peak_memory - hubmerge.plan(local).peak_memory == inputs * extra, method
+
+
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic"])
+def test_a_base_also_listed_among_the_models_is_downloaded_once(
+    tmp_path: Path,
+    hub: HubServer,
+    hub_token: str,
+    repo_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+) -> None:
+    """mergekit's TIES examples list the base among the models too: one source, read once per tensor."""
+    _scale_down(monkeypatch)
+    monkeypatch.setattr(hubmerge.sources.hub, "SPAN_BYTES", 16 << 10)  # the head read in row ranges too
+    dirs = _models(tmp_path)
+    ids = _upload(HfApi(token=hub_token), repo_name, dirs)
+
+    def recipe(refs: list[str]) -> dict[str, Any]:
+        key = "repo" if refs == ids else "path"
+        return {"method": method, "base": refs[0], "models": [{key: r, "weight": 0.5} for r in refs]}
+
+    hub.reset_stats()
+    merged = hubmerge.merge(recipe(ids), tmp_path / "hub")
+    assert _safetensors_served(hub) == _each_byte_once(ids, dirs)
+    local = hubmerge.merge(recipe([str(d) for d in dirs]), tmp_path / "local")
+    _assert_same_tensors(merged.out, local.out)
