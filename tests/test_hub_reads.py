@@ -676,3 +676,29 @@ def test_a_base_also_listed_among_the_models_is_downloaded_once(
     assert _safetensors_served(hub) == _each_byte_once(ids, dirs)
     local = hubmerge.merge(recipe([str(d) for d in dirs]), tmp_path / "local")
     _assert_same_tensors(merged.out, local.out)
+
+
+def test_a_merge_that_fails_leaves_no_scratch_file(
+    tmp_path: Path, hub_token: str, repo_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A method failing halfway through a kept tensor: the error names it, and the scratch files are gone."""
+    _scale_down(monkeypatch)
+    spills: list[Path] = []
+    real_spill = hubmerge.sources.hub._Spill.__init__
+
+    def spill(self: Any, path: Path, size: int) -> None:
+        spills.append(path)
+        real_spill(self, path, size)
+
+    def boom(*args: Any, **kwargs: Any) -> bool:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(hubmerge.sources.hub._Spill, "__init__", spill)
+    monkeypatch.setattr(hubmerge.kernels, "ties_merge", boom)  # the merge after the passes
+    dirs = _models(tmp_path)
+    dirs.append(shutil.copytree(dirs[0], tmp_path / "m2"))
+    ids = _upload(HfApi(token=hub_token), repo_name, dirs)
+    with pytest.raises(hubmerge.errors.MergeError, match="embed.weight.*boom|boom.*embed.weight"):
+        hubmerge.merge(_pass_recipe("ties", ids), tmp_path / "hub")
+    assert spills and not any(path.exists() for path in spills)
+    assert not any(path.parent.exists() for path in spills)  # the scratch folders too
