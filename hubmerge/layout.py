@@ -44,6 +44,14 @@ class Job:
     chunk_rows: int | None
     seed: int
 
+    def reads(self) -> list[tuple[int, TensorInfo]]:
+        """``(source index, tensor)`` for every tensor the job reads: the inputs in order, then the base (set
+        only for methods that take one)."""
+        pairs = list(zip(self.sources, self.inputs, strict=True))
+        if self.base is not None and self.base_source is not None:
+            pairs.append((self.base_source, self.base))
+        return pairs
+
 
 @dataclass(frozen=True)
 class Shard:

@@ -250,7 +250,7 @@ def build_plan(
                 compute_size,
                 workers=os.cpu_count() or 1,
                 blockwise=spec.blockwise,
-                hub_inputs=sum(sources[s].ref.is_hub for s in _read_sources(j, spec.needs_base)),
+                hub_inputs=sum(sources[s].ref.is_hub for s, _ in j.reads()),
                 repeated=bool(spec.passes) and not spec.elementwise,
             )
             for j in jobs
@@ -258,12 +258,6 @@ def build_plan(
         total_size=sum(j.nbytes for j in jobs),
         memory_budget=memory_budget,
     )
-
-
-def _read_sources(job: Job, needs_base: bool) -> list[int]:
-    """The sources ``job`` reads: its models', and the base's when the method takes one."""
-    base = [job.base_source] if needs_base and job.base is not None and job.base_source is not None else []
-    return [*job.sources, *base]
 
 
 def _all_names(models: Sequence[TensorSource]) -> list[str]:

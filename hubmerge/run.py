@@ -31,7 +31,7 @@ from .errors import MergeError
 from .layout import BATCH_BYTES, BLOCK, READ_BYTES, WRITE_QUEUE
 from .methods import MethodSpec, Pass, get_method
 from .plan import Job, MergePlan
-from .sources import TensorInfo, TensorSource
+from .sources import TensorSource
 from .sources.buffers import retain_freed_memory
 from .writer import Sink
 
@@ -187,10 +187,8 @@ def _prefetch(
 ) -> tuple[int, int] | None:
     """Ask the sources for the rows of ``job`` the loop reads first (:func:`_first_rows`); return them."""
     rows = _first_rows(job, spec, device)
-    for src, info in zip(job.sources, job.inputs, strict=True):
+    for src, info in job.reads():
         sources[src].prefetch([info], rows)
-    if job.base is not None and job.base_source is not None and spec.needs_base:
-        sources[job.base_source].prefetch([job.base], rows)
     return rows
 
 
@@ -282,10 +280,8 @@ def _results(job: Job, ctx: _Context) -> Iterator[tuple[int, torch.Tensor, int]]
 
 def _hold(job: Job, ctx: _Context, *, keep: bool) -> None:
     """Tell the sources of ``job``'s inputs to keep their bytes across reads, or that the job is done."""
-    held = [(ctx.sources[s], i) for s, i in zip(job.sources, job.inputs, strict=True)]
-    if ctx.spec.needs_base and job.base is not None and job.base_source is not None:
-        held.append((ctx.sources[job.base_source], job.base))
-    for source, info in held:
+    for src, info in job.reads():
+        source = ctx.sources[src]
         (source.keep if keep else source.drop)([info])
 
 
@@ -416,20 +412,16 @@ def _read(
     once: a Hub source would download the bytes twice.
     """
     read: dict[tuple[int, str], torch.Tensor] = {}
-
-    def once(src: int, info: TensorInfo) -> torch.Tensor:
+    views = []
+    for src, info in job.reads():
         source = ctx.sources[src]
         key = (id(source), info.name)
         if key not in read:
             read[key] = source.read(info, rows)
-        return read[key]
-
-    views = [once(s, i) for s, i in zip(job.sources, job.inputs, strict=True)]
-    base = None
-    if ctx.spec.needs_base:
-        assert job.base is not None and job.base_source is not None  # guaranteed by build_plan
-        base = once(job.base_source, job.base)
-    return views, base
+        views.append(read[key])
+    if job.base is None:
+        return views, None
+    return views[:-1], views[-1]
 
 
 def _block(
