@@ -1,6 +1,8 @@
 """The ``hubmerge`` command: ``hubmerge RECIPE``, ``plan``, ``methods`` and ``hub serve``.
 
-Errors print one line and exit 2; ``--verbose`` adds the traceback.
+Errors print one line and exit 2; ``--verbose`` adds the traceback. Ctrl-C and SIGTERM (``kill``, ``timeout``,
+a batch scheduler's time limit, a cancelled CI job) stop a run the same way, with the same cleanup: Hub
+scratch files deleted, the partial output closed for ``--resume``; one line, exit 130 or 143.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -16,9 +19,29 @@ from typing import Any, NoReturn
 import click
 
 from . import __version__
-from .errors import HubmergeError
+from .errors import HubmergeError, Terminated, sigterm_raises
 
 DTYPES = click.Choice(["float32", "float16", "bfloat16", "float64"])
+
+
+class Stopped(HubmergeError):
+    """A merge stopped by Ctrl-C or SIGTERM; ``code`` is the exit status (128 + the signal's number)."""
+
+    def __init__(self, message: str, *, code: int, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.code = code
+
+
+def _stopped(exc: BaseException | None, partial: Path | None = None) -> Stopped:
+    """What to say when ``exc`` (Ctrl-C or SIGTERM) stopped a run; ``partial``: a partial output kept."""
+    if isinstance(exc, Terminated):
+        message, code = "terminated (SIGTERM)", 128 + signal.SIGTERM
+    else:
+        message, code = "interrupted", 128 + signal.SIGINT
+    hint = None
+    if partial is not None and partial.exists():
+        hint = f"the finished tensors are kept in {partial}: rerun with --resume to continue"
+    return Stopped(message, code=code, hint=hint)
 
 
 class _DefaultToMerge(click.Group):
@@ -151,6 +174,15 @@ def merge_command(
             push=target,
             transfer=hub_transfer,
         )
+    except KeyboardInterrupt as exc:
+        from .api import output_dir
+        from .writer import partial_dir
+
+        try:
+            partial: Path | None = partial_dir(output_dir(loaded, out))
+        except HubmergeError:
+            partial = None
+        raise _stopped(exc, partial) from None
     finally:
         if bar is not None:
             bar.close()
@@ -253,21 +285,27 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     verbose = "--verbose" in args or "-v" in args
     try:
-        cli.main(args=args, prog_name="hubmerge", standalone_mode=False)
+        with sigterm_raises():
+            cli.main(args=args, prog_name="hubmerge", standalone_mode=False)
+    except Stopped as exc:
+        click.echo(exc.message + (f" (hint: {exc.hint})" if exc.hint else ""), err=True)
+        return exc.code
     except HubmergeError as exc:
         if verbose:
             traceback.print_exc()
         click.echo(f"error: {exc.message}" + (f" (hint: {exc.hint})" if exc.hint else ""), err=True)
         return 2
-    except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
-        return 130
+    except click.exceptions.Abort as exc:  # click's word for a KeyboardInterrupt outside a merge
+        stop = _stopped(exc.__cause__ or exc.__context__)
+        click.echo(stop.message, err=True)
+        return stop.code
     except click.ClickException as exc:
         click.echo(f"error: {exc.format_message()}", err=True)
         return 2
-    except KeyboardInterrupt:
-        click.echo("interrupted; rerun with --resume to continue", err=True)
-        return 130
+    except KeyboardInterrupt as exc:
+        stop = _stopped(exc)
+        click.echo(stop.message, err=True)
+        return stop.code
     except Exception as exc:  # anything unexpected still gets one line, unless --verbose
         if verbose:
             traceback.print_exc()

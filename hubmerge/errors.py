@@ -19,9 +19,43 @@ Each class inherits the builtin it resembles, so callers may catch either::
 
 Every message says what failed, where, what was expected and what was found; ``hint`` says what to do.
 The CLI prints ``error: <message> (hint: <hint>)`` on one line.
+
+``Terminated(KeyboardInterrupt)`` is SIGTERM inside :func:`sigterm_raises`: a stop, not an error.
 """
 
 from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread where Ctrl-C raises KeyboardInterrupt, so the same cleanup runs."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """While inside, SIGTERM raises :class:`Terminated` in the main thread.
+
+    By default SIGTERM (``kill``, ``timeout``, a batch scheduler's time limit, a cancelled CI job) ends the
+    process with no cleanup run: Hub scratch files would stay in the temporary folder. Elsewhere than on
+    the main thread this does nothing (only it may set handlers).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 class HubmergeError(Exception):

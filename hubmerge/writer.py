@@ -197,6 +197,13 @@ class ShardWriter:
             pending[:] = [(end, name) for end, name in pending if 0 <= below < end]
             os.write(self._journal, ready.encode())
 
+    def _journal_closed(self, shard: int) -> None:
+        """Journal every finished tensor of ``shard``: its file has just closed, every byte written."""
+        pending = self._unjournaled[shard] if shard < len(self._unjournaled) else []
+        if pending and self._journal is not None:
+            os.write(self._journal, "".join(f"{name}\n" for _, name in pending).encode())
+            pending.clear()
+
     @contextmanager
     def _reporting(self, shard: int) -> Iterator[None]:
         """Report a failed write as an :class:`OutputError` naming the shard file, and what to do."""
@@ -215,7 +222,11 @@ class ShardWriter:
         return OutputError(f"writing {path} failed: {exc.strerror or exc}", path=str(path), hint=hint)
 
     def close(self) -> None:
-        """Write what is still staged and close every file; a failed write is raised once all are closed."""
+        """Write what is still staged and close every file; a failed write is raised once all are closed.
+
+        The finished tensors whose bytes were still staged are journaled once their file closes cleanly, so
+        a run stopped by an error, Ctrl-C or SIGTERM resumes after every tensor it finished.
+        """
         error: OSError | None = None
         for shard, file in enumerate(self._files):
             if file is not None:
@@ -225,6 +236,8 @@ class ShardWriter:
                     error = error or exc
                 except OSError as exc:
                     error = error or self._failed(shard, exc)
+                else:
+                    self._journal_closed(shard)
         self._files.clear()
         if self._io is not None:
             self._io.close()

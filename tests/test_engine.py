@@ -273,6 +273,41 @@ def test_resume_after_kill_gives_identical_bytes(tmp_path: Path) -> None:
     assert not partial.exists()
 
 
+@pytest.mark.parametrize(("sig", "said"), [("SIGTERM", "terminated (SIGTERM)"), ("SIGINT", "interrupted")])
+def test_a_signal_stops_the_merge_cleanly_for_resume(tmp_path: Path, sig: str, said: str) -> None:
+    """SIGTERM (kill, timeout, a scheduler's time limit) stops a merge as Ctrl-C does: one line naming the
+    partial output, exit 128 + the signal, and the finished tensors kept for a resume of identical bytes."""
+    models = [save_model(tmp_path / f"m{i}", random_tensors(i), shards=2) for i in range(2)]
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        f"method: linear\nmodels: [{models[0]}, {models[1]}]\nparameters: {{t: 0.7}}\n"
+        "output: {max_shard_size: 400}\n",
+    )
+    out, partial = tmp_path / "out", tmp_path / ".out.hubmerge-partial"
+    stopped = subprocess.run(
+        [sys.executable, "-c", kill_after_script(signal=sig), str(recipe), "3", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert stopped.returncode == 128 + getattr(signal, sig), stopped.stderr
+    assert stopped.stderr.strip() == (
+        f"{said} (hint: the finished tensors are kept in {partial}: rerun with --resume to continue)"
+    )
+    assert not out.exists()
+    assert len((partial / ".hubmerge-progress" / "journal").read_text().splitlines()) >= 3
+    resumed = subprocess.run(
+        [sys.executable, "-m", "hubmerge.cli", str(recipe), "--out", str(out), "--resume"],
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "tensors resumed" in resumed.stdout
+    fresh = hubmerge.merge(recipe, tmp_path / "fresh")
+    for shard in fresh.plan.shards:
+        assert (out / shard.filename).read_bytes() == (fresh.out / shard.filename).read_bytes()
+    assert not partial.exists()
+
+
 BIG = {"big.weight": (3000, 700), "wide.weight": (3, 200_001), "vec": (600_000,), "small": (7, 9)}
 
 

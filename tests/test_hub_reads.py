@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import re
 import shutil
 import socket
@@ -36,7 +37,7 @@ from hubmerge.sources.hub import HEADER_READ
 from hubmerge.sources.ranged import Fallback, RangeClient
 from hubmerge.sources.tensors import view_bytes
 
-from .util import save_model
+from .util import kill_after_script, save_model
 
 DATA = bytes(range(256)) * 4096  # 1 MiB
 
@@ -702,3 +703,46 @@ def test_a_merge_that_fails_leaves_no_scratch_file(
         hubmerge.merge(_pass_recipe("ties", ids), tmp_path / "hub")
     assert spills and not any(path.exists() for path in spills)
     assert not any(path.parent.exists() for path in spills)  # the scratch folders too
+
+
+def test_sigterm_in_a_hub_merge_deletes_the_scratch_files(
+    tmp_path: Path, hub_token: str, repo_name: str
+) -> None:
+    """SIGTERM while a shard downloaded to scratch is being merged: the scratch folder goes, the partial
+    output stays, and --resume finishes the same merge as the local one."""
+    dirs = _models(tmp_path)
+    ids = _upload(HfApi(token=hub_token), repo_name, dirs)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"method": "linear", "models": ids, "parameters": {"t": 0.3}}))
+    scratch, made = tmp_path / "scratch", tmp_path / "made.txt"
+    scratch.mkdir()
+    prelude = textwrap.dedent(
+        f"""
+        import hubmerge.sources.hub as h
+        made = h.HubSource._scratch
+        def _scratch(self):
+            path = made(self)
+            with open({str(made)!r}, "a") as f:
+                f.write(f"{{path}}\\n")
+            return path
+        h.HubSource._scratch = _scratch
+        """
+    )
+    stopped = subprocess.run(
+        [sys.executable, "-c", kill_after_script(prelude, signal="SIGTERM"), str(recipe), "2"]
+        + [str(tmp_path / "out"), "--hub-transfer", "shards"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TMPDIR": str(scratch)},
+    )
+    assert stopped.returncode == 143, stopped.stderr
+    assert stopped.stderr.startswith("terminated (SIGTERM) (hint: the finished tensors are kept in")
+    folders = {Path(line) for line in made.read_text().splitlines()}
+    assert len(folders) == 2 and all(folder.parent == scratch for folder in folders)
+    assert list(scratch.iterdir()) == []
+    journal = tmp_path / ".out.hubmerge-partial" / ".hubmerge-progress" / "journal"
+    assert len(journal.read_text().splitlines()) >= 2  # the one shard is unfinished: journaled on closing
+    resumed = hubmerge.merge(recipe, tmp_path / "out", resume=True, transfer="shards")
+    assert resumed.resumed_tensors >= 2
+    local = {"method": "linear", "models": [str(d) for d in dirs], "parameters": {"t": 0.3}}
+    _assert_same_tensors(resumed.out, hubmerge.merge(local, tmp_path / "local").out)

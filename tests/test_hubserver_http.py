@@ -6,6 +6,7 @@ import hashlib
 import http.client
 import io
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -456,3 +457,14 @@ def test_upload_urls_survive_a_restart_on_the_same_storage(tmp_path: Path, hub_t
     with HubServer(tmp_path, tokens={hub_token: "alice"}) as second:
         assert call(second, "PUT", path, data)[0] == 200
         assert lfs_upload_url(second, "alice/r", hub_token, data) is None
+
+
+def test_sigterm_stops_the_server_cleanly(tmp_path: Path) -> None:
+    """As `docker stop` or systemd stop it: the server shuts down (exit 0), it is not killed mid-write."""
+    command = [sys.executable, "-m", "hubmerge.hubserver", "--root", str(tmp_path)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as process:
+        assert process.stdout is not None
+        assert process.stdout.readline().startswith("http://127.0.0.1:")
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=10)
+    assert process.returncode == 0

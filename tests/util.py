@@ -96,17 +96,19 @@ def tensor_done(self, job):
     original(self, job)
     count += 1
     if count == int(sys.argv[2]):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.{signal})
 w.ShardWriter.tensor_done = tensor_done
 from hubmerge.cli import main
 sys.exit(main([sys.argv[1], "--out", sys.argv[3], "-q"] + sys.argv[4:]))
 """
 
 
-def kill_after_script(prelude: str = "") -> str:
-    """A ``python -c`` script: ``RECIPE N OUT [ARGS]`` merges and SIGKILLs itself after N finished tensors.
+def kill_after_script(prelude: str = "", signal: str = "SIGKILL") -> str:
+    """A ``python -c`` script: ``RECIPE N OUT [ARGS]`` merges and sends itself ``signal`` after N finished
+    tensors (from the writer's thread, as another process's signal may come at any moment).
 
     Args:
         prelude: statements run first (for example, module settings to change).
+        signal: the signal's name in the ``signal`` module.
     """
-    return _KILL_AFTER.format(prelude=prelude)
+    return _KILL_AFTER.format(prelude=prelude, signal=signal)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import parse_qs, urlsplit
 
+from ..errors import sigterm_raises
 from .app import dispatch
 from .auth import Accounts
 from .body import Body
@@ -269,7 +270,7 @@ def serve_forever(
     on_ready: Callable[[str], None] | None = None,
     cdn_ttl: int = 0,
 ) -> None:
-    """Serve in the foreground until interrupted (Ctrl-C); backs ``hubmerge hub serve``.
+    """Serve in the foreground until interrupted (Ctrl-C or SIGTERM); backs ``hubmerge hub serve``.
 
     Args:
         root: Storage folder.
@@ -283,10 +284,11 @@ def serve_forever(
     hub = HubServer(root, host=host, port=port, tokens=tokens, orgs=orgs, cdn_ttl=cdn_ttl)
     hub.start()
     try:
-        if on_ready is not None:
-            on_ready(hub.url)
-        threading.Event().wait()
-    except KeyboardInterrupt:
+        with sigterm_raises():
+            if on_ready is not None:
+                on_ready(hub.url)
+            threading.Event().wait()
+    except KeyboardInterrupt:  # Terminated (SIGTERM) too
         pass
     finally:
         hub.stop()
