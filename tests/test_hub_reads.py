@@ -49,6 +49,8 @@ class _Server(ThreadingHTTPServer):
     signature = ""  # when set, /data answers 403 unless asked with ?sig=<signature> (a signed CDN URL)
     connections = 0
     seen: list[dict[str, str]]
+    stalled: threading.Event  # mode "stall": set once half a body is sent; the rest waits for ``release``
+    release: threading.Event
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # Clients that drop a connection are what several tests play; a traceback on stderr is noise.
@@ -107,6 +109,13 @@ class _Files(BaseHTTPRequestHandler):
             self.wfile.write(DATA[a : a + (b - a) // 2])
             self.close_connection = True
             return
+        if mode == "stall":  # a connection that goes silent halfway through a body
+            self.wfile.write(DATA[a : a + (b - a) // 2])
+            self.wfile.flush()
+            self.server.stalled.set()
+            self.server.release.wait(30)
+            self.close_connection = True
+            return
         self.wfile.write(DATA[a:b])
         if mode == "drop-idle":  # closes the kept-alive connection without saying so
             self.close_connection = True
@@ -125,9 +134,11 @@ def other() -> Iterator[_Server]:
 def _serve() -> Iterator[_Server]:
     server = _Server(("127.0.0.1", 0), _Files)
     server.seen = []
+    server.stalled, server.release = threading.Event(), threading.Event()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
+    server.release.set()
     server.shutdown()
     server.server_close()
 
@@ -224,6 +235,49 @@ def test_a_short_body_is_a_connection_error(files: _Server) -> None:
     files.mode = "short"
     with pytest.raises(ConnectionError, match="short read|IncompleteRead"):
         _read(RangeClient({}, timeout=10), _url(files), 0, 4096)
+
+
+def test_closing_the_client_ends_a_stalled_read_at_once(files: _Server) -> None:
+    """What a stopped merge relies on to clean up promptly: close() on another thread wakes a read that
+    waits on a silent server (closing the socket alone would leave it waiting out the 60 s timeout)."""
+    files.mode = "stall"
+    client = RangeClient({}, timeout=60)
+    failed: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            _read(client, _url(files), 0, 256 << 10)
+        except BaseException as exc:
+            failed.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert files.stalled.wait(10)
+    time.sleep(0.2)  # the reader is now waiting in recv on the silent connection
+    closer = threading.Thread(target=client.close, daemon=True)  # close() itself once waited on the read
+    closer.start()
+    closer.join(5)
+    reader.join(5)
+    assert not closer.is_alive() and not reader.is_alive()
+    assert len(failed) == 1 and isinstance(failed[0], ConnectionError)
+    with pytest.raises(ConnectionError, match="closed"):
+        _read(client, _url(files), 0, 10)
+
+
+def test_a_closing_source_stops_retrying(monkeypatch: pytest.MonkeyPatch) -> None:
+    """hub_call with ``cancelled`` set: the failed attempt is the last, and no backoff is slept."""
+    calls = []
+
+    def lost() -> bytes:
+        calls.append(1)
+        raise ConnectionError("reset")
+
+    monkeypatch.setattr(time, "sleep", lambda s: pytest.fail("slept"))
+    cancelled = threading.Event()
+    cancelled.set()
+    with pytest.raises(hubmerge.errors.HubConnectionError, match="stopped: the source was closed"):
+        hubmerge.sources.hub.hub_call(lost, repo_id="a/b", revision="c" * 40, what="x", cancelled=cancelled)
+    assert calls == [1]
 
 
 def test_a_proxy_leaves_the_request_to_the_session(files: _Server, monkeypatch: pytest.MonkeyPatch) -> None:

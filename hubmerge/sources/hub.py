@@ -13,6 +13,7 @@ import mmap
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -137,11 +138,18 @@ def retries() -> int:
 
 
 def hub_call(
-    fn: Callable[[], T], *, repo_id: str, revision: str | None, what: str, attempts: int | None = None
+    fn: Callable[[], T],
+    *,
+    repo_id: str,
+    revision: str | None,
+    what: str,
+    attempts: int | None = None,
+    cancelled: threading.Event | None = None,
 ) -> T:
     """Run a Hub request, retrying lost connections and server errors with backoff, mapping errors to ours.
 
-    ``attempts`` defaults to :func:`retries`; calls that already retry inside huggingface_hub pass 1.
+    ``attempts`` defaults to :func:`retries`; calls that already retry inside huggingface_hub pass 1. Once
+    ``cancelled`` is set (the source is closing), a failed attempt is the last and a wait for the next ends.
 
     Raises:
         HubError: a subclass naming the repository, the revision and what to do.
@@ -204,6 +212,12 @@ def hub_call(
                 raise HubError(
                     f"{what} from {where} failed: {exc}", repo_id=repo_id, revision=revision
                 ) from None
+            if cancelled is not None and cancelled.is_set():
+                raise HubConnectionError(
+                    f"reading {what} from {where} stopped: the source was closed",
+                    repo_id=repo_id,
+                    revision=revision,
+                ) from None
             if attempt + 1 == attempts:
                 raise HubConnectionError(
                     f"lost the connection to the Hub while reading {what} from {where} "
@@ -214,7 +228,10 @@ def hub_call(
                 ) from None
             delay = min(0.5 * 2**attempt, 8.0)
             log.warning("%s from %s failed (%s); retrying in %.1f s", what, where, exc, delay)
-            time.sleep(delay)
+            if cancelled is not None:
+                cancelled.wait(delay)
+            else:
+                time.sleep(delay)
     raise AssertionError("unreachable")
 
 
@@ -328,6 +345,7 @@ class HubSource:
         self._spill_writer: ThreadPoolExecutor | None = None
         self._shard: tuple[str, DirectReader] | None = None  # transfer="shards": the one downloaded
         self._direct: ranged.RangeClient | None = None
+        self._closing = threading.Event()  # set by close(): reads under way stop instead of retrying
         if ranged.enabled():
             from huggingface_hub import constants
             from huggingface_hub.utils._headers import build_hf_headers
@@ -461,7 +479,11 @@ class HubSource:
             return buf
 
         return hub_call(
-            get, repo_id=self.repo_id, revision=self._sha, what=f"{filename} bytes {start}-{end - 1}"
+            get,
+            repo_id=self.repo_id,
+            revision=self._sha,
+            what=f"{filename} bytes {start}-{end - 1}",
+            cancelled=self._closing,
         )
 
     def read(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
@@ -679,6 +701,9 @@ class HubSource:
         return Path(path)
 
     def close(self) -> None:
+        # Reads still under way (a merge stopped by an error, Ctrl-C or SIGTERM) fail at once instead of
+        # finishing, or waiting out a stalled connection's timeout and retries, before the scratch goes.
+        self._closing.set()
         if self._local is not None:
             self._local.close()
         for span in self._spans:
@@ -688,6 +713,8 @@ class HubSource:
         self._ahead.clear()
         self._pending.clear()
         self._spans.clear()
+        if self._direct is not None:
+            self._direct.close()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._kept.clear()
         for spill in self._spills.values():
@@ -696,8 +723,6 @@ class HubSource:
         self._spills.clear()
         if self._spill_writer is not None:
             self._spill_writer.shutdown(wait=True)
-        if self._direct is not None:
-            self._direct.close()
         self._evict()
         if self._scratch_dir is not None:
             shutil.rmtree(self._scratch_dir, ignore_errors=True)

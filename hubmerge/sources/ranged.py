@@ -94,6 +94,7 @@ class RangeClient:
         # URL -> (where it last redirected to, when): the Hub answers a file's URL with a redirect to a signed
         # CDN URL, which serves every later range of it without that round trip to the Hub.
         self._located: dict[str, tuple[str, float]] = {}
+        self._closed = False
 
     def read_into(self, url: str, start: int, buf: memoryview) -> None:
         """Fill ``buf`` with bytes ``[start, start + len(buf))`` of ``url``.
@@ -104,6 +105,8 @@ class RangeClient:
             TimeoutError: the server sent nothing for ``timeout`` seconds.
         """
         with self._lock:
+            if self._closed:
+                raise ConnectionError("the range client is closed")
             located, when = self._located.get(url, ("", 0.0))
         if located and time.monotonic() - when < LOCATION_TTL:
             try:
@@ -157,10 +160,19 @@ class RangeClient:
         raise Fallback(f"more than {REDIRECTS} redirects")
 
     def close(self) -> None:
-        """Close every connection this client opened, on any thread."""
+        """Close every connection this client opened, on any thread; later reads fail.
+
+        A read under way on another thread fails at once with a ConnectionError, whatever the server does:
+        each socket is shut down first (closing it alone leaves a ``recv`` waiting out the timeout).
+        """
         with self._lock:
-            conns, self._all = self._all, []
+            conns, self._all, self._closed = self._all, [], True
         for conn in conns:
+            if conn.sock is not None:
+                try:
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # not connected (any more)
             conn.close()
 
     def _get(
@@ -206,6 +218,8 @@ class RangeClient:
         else:
             raise Fallback(f"scheme {scheme!r}")
         with self._lock:
+            if self._closed:
+                raise ConnectionError("the range client is closed")
             self._all.append(conn)
         return conn
 
