@@ -236,6 +236,13 @@ def writing(fd: int, path: str | os.PathLike[str]) -> Iterator[DirectFile]:
             shared.close()
 
 
+class Aborted(Exception):
+    """A read of a :class:`DirectReader` after :meth:`DirectReader.abort`.
+
+    Not an OSError: HTTP clients retry those; an aborted upload must end.
+    """
+
+
 class DirectReader(io.BufferedIOBase):
     """A file read around the page cache, front to back, with a thread reading ahead.
 
@@ -281,6 +288,20 @@ class DirectReader(io.BufferedIOBase):
         self._ahead: deque[tuple[int, Future[int], mmap.mmap]] = deque()  # (block index, read, buffer)
         self._spare: list[mmap.mmap] = []
         self._current: tuple[int, int, mmap.mmap] | None = None  # (block index, bytes in it, buffer)
+        self._aborted = False
+
+    def abort(self) -> None:
+        """Make every later read fail, from any thread: the upload reading this file stops at its next read.
+
+        (``close`` is for the thread that reads; this only sets a flag.)
+        """
+        self._aborted = True
+
+    def _check(self) -> None:
+        if self.closed:
+            raise ValueError("read of a closed file")
+        if self._aborted:
+            raise Aborted(f"read of {self.name} aborted: the run was stopped")
 
     def readable(self) -> bool:
         return True
@@ -301,8 +322,7 @@ class DirectReader(io.BufferedIOBase):
         return self._pos
 
     def read(self, size: int | None = -1) -> bytes:
-        if self.closed:
-            raise ValueError("read of a closed file")
+        self._check()
         size = max(0, self._size - self._pos) if size is None or size < 0 else size
         index, at = divmod(self._pos, self._block)
         if 0 < size and self._pos < self._size:
@@ -320,8 +340,7 @@ class DirectReader(io.BufferedIOBase):
         return self.read(size)
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        if self.closed:
-            raise ValueError("read of a closed file")
+        self._check()
         with memoryview(buffer) as target:
             target = target.cast("B")
             done = 0

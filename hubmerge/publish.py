@@ -21,6 +21,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,9 @@ class HubUploader:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="hubmerge-upload")
         self._digests: dict[int, _Digest] = {}
         self.read_direct = read_direct
+        self._lock = threading.Lock()
+        self._reading: DirectReader | None = None  # the shard being uploaded, if read by a DirectReader
+        self._closing = False
 
     def _call(self, fn: Any, what: str, *, merged: bool = True) -> Any:
         # huggingface_hub retries its own requests with backoff; one attempt here, errors mapped to ours.
@@ -155,6 +159,10 @@ class HubUploader:
             bar = _UploadBar(filename, path.stat().st_size)
             reader = DirectReader(path, on_read=bar.update)
             op.path_or_fileobj = cast("BinaryIO", reader)
+            with self._lock:
+                self._reading = reader
+                if self._closing:
+                    reader.abort()
         try:
             self._call(
                 lambda: self.api.preupload_lfs_files(
@@ -168,6 +176,8 @@ class HubUploader:
             )
         finally:
             if reader is not None:
+                with self._lock:
+                    self._reading = None
                 reader.close()
                 op.path_or_fileobj = str(path)
             if bar is not None:
@@ -248,6 +258,16 @@ class HubUploader:
             ) from None
 
     def close(self) -> None:
+        """Stop: uploads not started are dropped, and one under way ends at its next read of the shard.
+
+        After :meth:`commit` nothing is under way. Before it (an error, Ctrl-C, SIGTERM), waiting for a
+        5 GB upload to finish could take minutes; a rerun with ``--resume`` uploads what the Hub lacks. An
+        upload that huggingface_hub reads by path (through Xet) cannot be stopped midway.
+        """
+        with self._lock:
+            self._closing = True
+            if self._reading is not None:
+                self._reading.abort()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 

@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 
 import hubmerge
 from hubmerge import directio
-from hubmerge.directio import ALIGN, DirectFile, DirectIO, DirectReader
+from hubmerge.directio import ALIGN, Aborted, DirectFile, DirectIO, DirectReader
 
 from .util import kill_after_script, save_model, write_recipe
 
@@ -180,6 +181,24 @@ def test_the_reader_follows_seeks(tmp_path: Path) -> None:
             reader.seek(-1)
     with pytest.raises(ValueError):
         reader.read(1)
+
+
+def test_an_aborted_reader_fails_every_later_read(tmp_path: Path) -> None:
+    # abort() comes from another thread (a stopped run) while an upload reads: its next read fails, with an
+    # error HTTP clients do not retry (they retry OSErrors).
+    path, data = _reader_file(tmp_path, 3 * 16 * ALIGN, 5)
+    with DirectReader(path, block=16 * ALIGN) as reader:
+        assert reader.read(100) == data[:100]
+        aborting = threading.Thread(target=reader.abort)
+        aborting.start()
+        aborting.join()
+        for read in (lambda: reader.read(10), lambda: _readinto(reader, 10)):
+            with pytest.raises(Aborted, match="aborted") as info:
+                read()
+            assert not isinstance(info.value, OSError)
+        reader.seek(0)  # a retry's rewind does not bring it back
+        with pytest.raises(Aborted):
+            reader.read(1)
 
 
 def _readinto(reader: DirectReader, n: int) -> bytes:

@@ -397,6 +397,54 @@ def test_interrupted_push_resumes_without_reuploading(tmp_path: Path, hub_token:
         torch.testing.assert_close(merged[name], expected)
 
 
+STOP_DURING_UPLOAD = """
+import atexit, os, signal, sys, time
+import hubmerge.publish as publish
+reads = []
+atexit.register(lambda: open(sys.argv[2], "w").write(str(len(reads))))
+def update(self, n):  # the upload's progress, once per 64 KiB read: slowed down, as on a slow uplink
+    reads.append(n)
+    if len(reads) == 5:
+        os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.02)
+publish._UploadBar.update = update
+from hubmerge.cli import main
+sys.exit(main([sys.argv[1], "--out", sys.argv[3], "-q", "--push", sys.argv[4]]))
+"""
+
+
+def test_ctrl_c_stops_an_upload_under_way(tmp_path: Path, hub_token: str, repo_name: str) -> None:
+    """Ctrl-C (or SIGTERM) during a push: the shard being uploaded stops at its next read instead of being
+    sent to the end (minutes for a 5 GB shard on a slow uplink); the partial output is kept for --resume."""
+    tensors = {"w": torch.randn(1024, 1024), "v": torch.randn(1024)}  # one 4 MiB shard: 64 reads of 64 KiB
+    model = save_model(tmp_path / "m", tensors)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: weighted\nmodels: [{model}, {model}]\n")
+    count, out = tmp_path / "reads.txt", tmp_path / "out"
+    stopped = subprocess.run(
+        [sys.executable, "-c", STOP_DURING_UPLOAD, str(recipe), str(count), str(out), repo_name],
+        capture_output=True,
+        text=True,
+        env=os.environ | {"HF_TOKEN": hub_token},
+    )
+    assert stopped.returncode == 130, stopped.stderr
+    assert stopped.stderr.startswith("interrupted (hint: the finished tensors are kept in")
+    assert 5 <= int(count.read_text()) <= 8  # of 64: the upload stopped right after the signal
+    done = _cli(
+        str(recipe),
+        "--out",
+        str(out),
+        "--push",
+        repo_name,
+        "--resume",
+        endpoint=os.environ["HF_ENDPOINT"],
+        token=hub_token,
+    )
+    assert done.returncode == 0, done.stderr
+    pushed = load_file(HfApi(token=hub_token).hf_hub_download(repo_name, "model.safetensors"))
+    torch.testing.assert_close(pushed["w"], tensors["w"])
+
+
 def test_delete_local_keeps_only_small_files(
     tmp_path: Path, hub: HubServer, hub_token: str, repo_name: str
 ) -> None:
