@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -240,14 +239,33 @@ def test_same_recipe_same_bytes(tmp_path: Path, three: list[Path]) -> None:
 KILL_AFTER = kill_after_script()
 
 
-def test_resume_after_kill_gives_identical_bytes(tmp_path: Path) -> None:
+def _two_model_recipe(tmp_path: Path) -> Path:
+    """Two small models merged into many tiny shards: a run stopped after a few tensors leaves most to do."""
     models = [save_model(tmp_path / f"m{i}", random_tensors(i), shards=2) for i in range(2)]
-    recipe = write_recipe(
+    return write_recipe(
         tmp_path / "r.yaml",
         f"method: linear\nmodels: [{models[0]}, {models[1]}]\nparameters: {{t: 0.7}}\n"
         "output: {max_shard_size: 400}\n",
     )
-    out = tmp_path / "out"
+
+
+def _resume(recipe: Path, out: Path) -> str:
+    """Finish a stopped merge with ``--resume``; check the bytes against a fresh merge; return its output."""
+    resumed = subprocess.run(
+        [sys.executable, "-m", "hubmerge.cli", str(recipe), "--out", str(out), "--resume"],
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    fresh = hubmerge.merge(recipe, out.parent / "fresh")
+    for shard in fresh.plan.shards:
+        assert (out / shard.filename).read_bytes() == (fresh.out / shard.filename).read_bytes()
+    assert not (out.parent / f".{out.name}.hubmerge-partial").exists()
+    return resumed.stdout
+
+
+def test_resume_after_kill_gives_identical_bytes(tmp_path: Path) -> None:
+    recipe, out = _two_model_recipe(tmp_path), tmp_path / "out"
     killed = subprocess.run(
         [sys.executable, "-c", KILL_AFTER, str(recipe), "3", str(out)], capture_output=True
     )
@@ -259,31 +277,14 @@ def test_resume_after_kill_gives_identical_bytes(tmp_path: Path) -> None:
         [sys.executable, "-m", "hubmerge.cli", str(recipe), "--out", str(out)], capture_output=True, text=True
     )
     assert refused.returncode == 2 and "--resume" in refused.stderr
-    resumed = subprocess.run(
-        [sys.executable, "-m", "hubmerge.cli", str(recipe), "--out", str(out), "--resume"],
-        capture_output=True,
-        text=True,
-        env={**os.environ},
-    )
-    assert resumed.returncode == 0, resumed.stderr
-    assert "3 tensors resumed" in resumed.stdout
-    fresh = hubmerge.merge(recipe, tmp_path / "fresh")
-    for shard in fresh.plan.shards:
-        assert (out / shard.filename).read_bytes() == (fresh.out / shard.filename).read_bytes()
-    assert not partial.exists()
+    assert "3 tensors resumed" in _resume(recipe, out)
 
 
 @pytest.mark.parametrize(("sig", "said"), [("SIGTERM", "terminated (SIGTERM)"), ("SIGINT", "interrupted")])
 def test_a_signal_stops_the_merge_cleanly_for_resume(tmp_path: Path, sig: str, said: str) -> None:
     """SIGTERM (kill, timeout, a scheduler's time limit) stops a merge as Ctrl-C does: one line naming the
     partial output, exit 128 + the signal, and the finished tensors kept for a resume of identical bytes."""
-    models = [save_model(tmp_path / f"m{i}", random_tensors(i), shards=2) for i in range(2)]
-    recipe = write_recipe(
-        tmp_path / "r.yaml",
-        f"method: linear\nmodels: [{models[0]}, {models[1]}]\nparameters: {{t: 0.7}}\n"
-        "output: {max_shard_size: 400}\n",
-    )
-    out, partial = tmp_path / "out", tmp_path / ".out.hubmerge-partial"
+    recipe, out, partial = _two_model_recipe(tmp_path), tmp_path / "out", tmp_path / ".out.hubmerge-partial"
     stopped = subprocess.run(
         [sys.executable, "-c", kill_after_script(signal=sig), str(recipe), "3", str(out)],
         capture_output=True,
@@ -295,17 +296,7 @@ def test_a_signal_stops_the_merge_cleanly_for_resume(tmp_path: Path, sig: str, s
     )
     assert not out.exists()
     assert len((partial / ".hubmerge-progress" / "journal").read_text().splitlines()) >= 3
-    resumed = subprocess.run(
-        [sys.executable, "-m", "hubmerge.cli", str(recipe), "--out", str(out), "--resume"],
-        capture_output=True,
-        text=True,
-    )
-    assert resumed.returncode == 0, resumed.stderr
-    assert "tensors resumed" in resumed.stdout
-    fresh = hubmerge.merge(recipe, tmp_path / "fresh")
-    for shard in fresh.plan.shards:
-        assert (out / shard.filename).read_bytes() == (fresh.out / shard.filename).read_bytes()
-    assert not partial.exists()
+    assert "tensors resumed" in _resume(recipe, out)
 
 
 BIG = {"big.weight": (3000, 700), "wide.weight": (3, 200_001), "vec": (600_000,), "small": (7, 9)}
