@@ -1,8 +1,9 @@
 """The ``hubmerge`` command: ``hubmerge RECIPE``, ``plan``, ``methods`` and ``hub serve``.
 
-Errors print one line and exit 2; ``--verbose`` adds the traceback. Ctrl-C and SIGTERM (``kill``, ``timeout``,
-a batch scheduler's time limit, a cancelled CI job) stop a run the same way, with the same cleanup: Hub
-scratch files deleted, the partial output closed for ``--resume``; one line, exit 130 or 143.
+Errors print one line and exit 2; ``--verbose`` adds the traceback. Ctrl-C, SIGTERM (``kill``, ``timeout``, a
+batch scheduler's time limit, a cancelled CI job) and SIGHUP (a closed terminal) stop a run the same way,
+with the same cleanup: Hub scratch files deleted, the partial output closed for ``--resume``; one line, exit
+128 + the signal's number (130, 143, 129).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ DTYPES = click.Choice(["float32", "float16", "bfloat16", "float64"])
 
 
 class Stopped(HubmergeError):
-    """A merge stopped by Ctrl-C or SIGTERM; ``code`` is the exit status (128 + the signal's number)."""
+    """A merge stopped by Ctrl-C, SIGTERM or SIGHUP; ``code`` is the exit status, 128 + the signal number."""
 
     def __init__(self, message: str, *, code: int, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
@@ -33,9 +34,9 @@ class Stopped(HubmergeError):
 
 
 def _stopped(exc: BaseException | None, partial: Path | None = None) -> Stopped:
-    """What to say when ``exc`` (Ctrl-C or SIGTERM) stopped a run; ``partial``: a partial output kept."""
+    """What to say when ``exc`` (Ctrl-C, SIGTERM, SIGHUP) stopped a run; ``partial``: a partial output."""
     if isinstance(exc, Terminated):
-        message, code = "terminated (SIGTERM)", 128 + signal.SIGTERM
+        message, code = f"terminated ({exc.name})", 128 + exc.signum
     else:
         message, code = "interrupted", 128 + signal.SIGINT
     hint = None

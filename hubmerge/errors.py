@@ -20,7 +20,7 @@ Each class inherits the builtin it resembles, so callers may catch either::
 Every message says what failed, where, what was expected and what was found; ``hint`` says what to do.
 The CLI prints ``error: <message> (hint: <hint>)`` on one line.
 
-``Terminated(KeyboardInterrupt)`` is SIGTERM inside :func:`sigterm_raises`: a stop, not an error.
+``Terminated(KeyboardInterrupt)`` is SIGTERM or SIGHUP inside :func:`sigterm_raises`: a stop, not an error.
 """
 
 from __future__ import annotations
@@ -32,30 +32,41 @@ from contextlib import contextmanager
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread where Ctrl-C raises KeyboardInterrupt, so the same cleanup runs."""
+    """SIGTERM or SIGHUP (``signum``), raised in the main thread where Ctrl-C raises KeyboardInterrupt, so
+    that the same cleanup runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.name = signal.Signals(signum).name
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
-    raise Terminated()
+    signal.signal(signum, signal.SIG_DFL)  # the same signal again ends the process at once
+    raise Terminated(signum)
 
 
 @contextmanager
 def sigterm_raises() -> Iterator[None]:
-    """While inside, SIGTERM raises :class:`Terminated` in the main thread.
+    """While inside, SIGTERM and SIGHUP raise :class:`Terminated` in the main thread.
 
-    By default SIGTERM (``kill``, ``timeout``, a batch scheduler's time limit, a cancelled CI job) ends the
-    process with no cleanup run: Hub scratch files would stay in the temporary folder. Elsewhere than on
-    the main thread this does nothing (only it may set handlers).
+    By default they (``kill``, ``timeout``, a batch scheduler's time limit, a cancelled CI job, a closed
+    terminal) end the process with no cleanup run: Hub scratch files would stay in the temporary folder. A
+    signal already ignored (``nohup``) stays ignored. Elsewhere than on the main thread this does nothing
+    (only it may set handlers).
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = {}
+    for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, _raise_terminated)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 class HubmergeError(Exception):

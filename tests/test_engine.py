@@ -280,10 +280,14 @@ def test_resume_after_kill_gives_identical_bytes(tmp_path: Path) -> None:
     assert "3 tensors resumed" in _resume(recipe, out)
 
 
-@pytest.mark.parametrize(("sig", "said"), [("SIGTERM", "terminated (SIGTERM)"), ("SIGINT", "interrupted")])
+@pytest.mark.parametrize(
+    ("sig", "said"),
+    [("SIGTERM", "terminated (SIGTERM)"), ("SIGHUP", "terminated (SIGHUP)"), ("SIGINT", "interrupted")],
+)
 def test_a_signal_stops_the_merge_cleanly_for_resume(tmp_path: Path, sig: str, said: str) -> None:
-    """SIGTERM (kill, timeout, a scheduler's time limit) stops a merge as Ctrl-C does: one line naming the
-    partial output, exit 128 + the signal, and the finished tensors kept for a resume of identical bytes."""
+    """SIGTERM (kill, timeout, a scheduler's time limit) and SIGHUP (a closed terminal) stop a merge as Ctrl-C
+    does: one line naming the partial output, exit 128 + the signal, the finished tensors kept for a resume
+    of identical bytes."""
     recipe, out, partial = _two_model_recipe(tmp_path), tmp_path / "out", tmp_path / ".out.hubmerge-partial"
     stopped = subprocess.run(
         [sys.executable, "-c", kill_after_script(signal=sig), str(recipe), "3", str(out)],
@@ -297,6 +301,21 @@ def test_a_signal_stops_the_merge_cleanly_for_resume(tmp_path: Path, sig: str, s
     assert not out.exists()
     assert len((partial / ".hubmerge-progress" / "journal").read_text().splitlines()) >= 3
     assert "tensors resumed" in _resume(recipe, out)
+
+
+def test_an_ignored_sighup_stays_ignored(tmp_path: Path) -> None:
+    """Under nohup (SIGHUP ignored), a hang-up on the way does not stop the merge."""
+    recipe, out = _two_model_recipe(tmp_path), tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-c", kill_after_script(signal="SIGHUP"), str(recipe), "3", str(out)],
+        capture_output=True,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )
+    assert done.returncode == 0, done.stderr
+    fresh = hubmerge.merge(recipe, tmp_path / "fresh")
+    for shard in fresh.plan.shards:
+        assert (out / shard.filename).read_bytes() == (fresh.out / shard.filename).read_bytes()
 
 
 BIG = {"big.weight": (3000, 700), "wide.weight": (3, 200_001), "vec": (600_000,), "small": (7, 9)}

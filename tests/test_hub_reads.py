@@ -790,10 +790,11 @@ def test_sigterm_in_a_hub_merge_deletes_the_scratch_files(
         env={**os.environ, "TMPDIR": str(scratch)},
     )
     assert stopped.returncode == 143, stopped.stderr
-    assert stopped.stderr.startswith("terminated (SIGTERM) (hint: the finished tensors are kept in")
+    said = "terminated (SIGTERM) (hint: the finished tensors are kept in"
+    assert stopped.stderr.startswith(said), stopped.stderr
     folders = {Path(line) for line in made.read_text().splitlines()}
-    assert len(folders) == 2 and all(folder.parent == scratch for folder in folders)
-    assert list(scratch.iterdir()) == []
+    assert len(folders) == 2 and all(folder.parent == scratch for folder in folders), folders
+    assert list(scratch.iterdir()) == [], stopped.stderr
     journal = tmp_path / ".out.hubmerge-partial" / ".hubmerge-progress" / "journal"
     assert len(journal.read_text().splitlines()) >= 2  # the one shard is unfinished: journaled on closing
     resumed = hubmerge.merge(recipe, tmp_path / "out", resume=True, transfer="shards")
