@@ -85,7 +85,9 @@ class DirectIO:
 class DirectFile:
     """Writes to one open file, runs of consecutive writes through ``O_DIRECT`` where the file system allows.
 
-    Not thread-safe: one thread (the run loop's writer) calls it.
+    Not thread-safe: one thread (the run loop's writer) calls it. A failed write fails every later call
+    (``write``, ``written_to``, ``flush``, ``close``): no byte handed over after it counts as written, so a
+    journal trusting :meth:`written_to` never lists a tensor whose bytes are not all in the file.
 
     Args:
         fd: the file, open for writing; it stays the caller's to close.
@@ -106,6 +108,7 @@ class DirectFile:
         self._flying: deque[tuple[int, Future[None], mmap.mmap]] = deque()  # (file offset, write, buffer)
         self._base = -1  # the block-aligned file offset of the staged bytes; -1: no run open
         self._fill = 0
+        self._error: Exception | None = None  # the first failed write
 
     @property
     def io(self) -> DirectIO:
@@ -119,6 +122,10 @@ class DirectFile:
 
     def write(self, data: memoryview, offset: int) -> None:
         """Write ``data`` at ``offset``; its bytes may still be staged or on their way when this returns."""
+        with self._failing():
+            self._write(data, offset)
+
+    def _write(self, data: memoryview, offset: int) -> None:
         data = data.cast("B")
         if not self._direct and self._base < 0:
             pwrite_all(self.fd, data, offset)
@@ -146,16 +153,32 @@ class DirectFile:
 
     def written_to(self) -> int:
         """A file offset below which every byte handed to :meth:`write` is in the file (-1: all of them)."""
-        while self._flying and self._flying[0][1].done():
-            _, future, buf = self._flying.popleft()
-            self.io.spare.append(buf)
-            future.result()  # an error of the write surfaces here
+        with self._failing():
+            while self._flying and self._flying[0][1].done():
+                _, future, buf = self._flying.popleft()
+                self.io.spare.append(buf)
+                future.result()  # an error of the write surfaces here
         if self._flying:
             return self._flying[0][0]
         return self._base if self._base >= 0 and self._fill else -1
 
     def flush(self) -> None:
         """Put every byte handed to :meth:`write` into the file: whole blocks directly, the rest buffered."""
+        with self._failing():
+            self._flush()
+
+    @contextmanager
+    def _failing(self) -> Iterator[None]:
+        """Raise the first failed write again; remember one that fails inside."""
+        if self._error is not None:
+            raise self._error
+        try:
+            yield
+        except Exception as exc:
+            self._error = exc
+            raise
+
+    def _flush(self) -> None:
         if self._base >= 0:
             whole = self._fill - self._fill % ALIGN
             if self._fill > whole:

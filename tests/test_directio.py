@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -312,3 +313,36 @@ def test_a_full_disk_names_the_shard_and_what_to_do(
     assert "model.safetensors failed: No space left on device" in message
     assert "free space" in message and "--resume" in message
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("failing", [1, 3, 6, 9, 14, 19])
+def test_after_a_failed_write_resume_redoes_every_tensor_it_touched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: int
+) -> None:
+    """A direct write that fails (a full disk) fails every later write, flush and close of its file, so the
+    journal, written as tensors finish and when files close, lists none whose bytes may be missing: the
+    resumed output equals a fresh merge, wherever the failure fell (64 KiB blocks, 12 tensors of 100 KiB)."""
+    monkeypatch.setattr(directio, "STAGE", 64 << 10)
+    monkeypatch.setattr(directio, "DEPTH", 2)
+    g = torch.Generator().manual_seed(0)
+    models = [
+        save_model(tmp_path / f"m{m}", {f"t{k:02d}": torch.randn(100, 256, generator=g) for k in range(12)})
+        for m in range(2)
+    ]
+    recipe = {"method": "linear", "models": [str(m) for m in models], "parameters": {"t": 0.3}}
+    fresh = hubmerge.merge(recipe, tmp_path / "fresh")
+    real, calls = directio.DirectFile._pwrite, [0]
+
+    def pwrite(self: DirectFile, buf: Any, length: int, offset: int) -> None:
+        calls[0] += 1
+        if calls[0] == failing:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, buf, length, offset)
+
+    monkeypatch.setattr(directio.DirectFile, "_pwrite", pwrite)
+    with pytest.raises(hubmerge.errors.OutputError, match="No space left"):
+        hubmerge.merge(recipe, tmp_path / "out")
+    monkeypatch.setattr(directio.DirectFile, "_pwrite", real)
+    resumed = hubmerge.merge(recipe, tmp_path / "out", resume=True)
+    assert resumed.resumed_tensors < 12
+    assert (resumed.out / "model.safetensors").read_bytes() == (fresh.out / "model.safetensors").read_bytes()
