@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .errors import RecipeError
+from .errors import RecipeError, raise_if_stopped
 from .plan import DEFAULT_MEMORY_BUDGET, MergePlan, build_plan
 from .publish import PushTarget, uploads_read_direct
 from .recipe import Dtype, Recipe, load_recipe
@@ -204,17 +204,21 @@ def merge(
             if uploader is not None:
                 sinks.append(uploader)
             execute(merge_plan, sources, sinks, done=frozenset(done), device=device, progress=progress)
+            raise_if_stopped()
             repo_id = push.repo_id if push is not None else None
             files = finish_output(
                 merge_plan, sources, writer.tmp, out_name=target.name, repo_id=repo_id, license_=license_
             )
             if uploader is not None:
+                raise_if_stopped()  # before the commit, which cannot be taken back
                 commit_url = uploader.commit(files)
         finally:
             retain_freed_memory(False)  # execute resets it too; here for a failure between start_reads and it
-            writer.close()
-            if uploader is not None:
-                uploader.close()
+            try:
+                writer.close()
+            finally:
+                if uploader is not None:  # an upload under way stops even if the last write failed
+                    uploader.close()
         writer.commit(force=force)
     elapsed = time.perf_counter() - start
     return MergeResult(target, merge_plan, elapsed, tuple(files), len(done), commit_url)

@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 import click
 
 from . import __version__
-from .errors import HubmergeError, Terminated, sigterm_raises
+from .errors import HubmergeError, Terminated, stop_signals
 
 DTYPES = click.Choice(["float32", "float16", "bfloat16", "float64"])
 
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     verbose = "--verbose" in args or "-v" in args
     try:
-        with sigterm_raises():
+        with stop_signals():
             cli.main(args=args, prog_name="hubmerge", standalone_mode=False)
     except Stopped as exc:
         click.echo(exc.message + (f" (hint: {exc.hint})" if exc.hint else ""), err=True)

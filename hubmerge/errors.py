@@ -20,7 +20,7 @@ Each class inherits the builtin it resembles, so callers may catch either::
 Every message says what failed, where, what was expected and what was found; ``hint`` says what to do.
 The CLI prints ``error: <message> (hint: <hint>)`` on one line.
 
-``Terminated(KeyboardInterrupt)`` is SIGTERM or SIGHUP inside :func:`sigterm_raises`: a stop, not an error.
+``Terminated(KeyboardInterrupt)`` is SIGTERM or SIGHUP inside :func:`stop_signals`: a stop, not an error.
 """
 
 from __future__ import annotations
@@ -41,32 +41,58 @@ class Terminated(KeyboardInterrupt):
         self.name = signal.Signals(signum).name
 
 
-def _raise_terminated(signum: int, frame: object) -> None:
+_stops: list[int] = []  # stop signals received inside stop_signals(), the first first
+
+
+def _stop(signum: int) -> KeyboardInterrupt:
+    return KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
+
+
+def _on_stop(signum: int, frame: object) -> None:
+    _stops.append(signum)
+    if len(_stops) > 1:  # another kind of stop while the first one's cleanup runs: let it run
+        return
     signal.signal(signum, signal.SIG_DFL)  # the same signal again ends the process at once
-    raise Terminated(signum)
+    raise _stop(signum)
+
+
+def raise_if_stopped() -> None:
+    """Raise the stop a signal asked for again: where it landed (a finalizer, say) its exception was lost.
+
+    Long loops call this between steps; it costs a list lookup. Outside :func:`stop_signals`, nothing.
+    """
+    if _stops:
+        raise _stop(_stops[0])
 
 
 @contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """While inside, SIGTERM and SIGHUP raise :class:`Terminated` in the main thread.
+def stop_signals() -> Iterator[None]:
+    """While inside, Ctrl-C, SIGTERM and SIGHUP stop the main thread (KeyboardInterrupt, :class:`Terminated`).
 
-    By default they (``kill``, ``timeout``, a batch scheduler's time limit, a cancelled CI job, a closed
-    terminal) end the process with no cleanup run: Hub scratch files would stay in the temporary folder. A
-    signal already ignored (``nohup``) stays ignored. Elsewhere than on the main thread this does nothing
-    (only it may set handlers).
+    By default SIGTERM and SIGHUP (``kill``, ``timeout``, a batch scheduler's time limit, a cancelled CI job,
+    a closed terminal) end the process with no cleanup run: Hub scratch files would stay in the temporary
+    folder. Here the first stop raises; the same signal again ends the process at once (a forced stop),
+    another kind waits for the cleanup; and a stop whose exception was lost is raised again by
+    :func:`raise_if_stopped`. A signal ignored when this starts (``nohup``, a background job) stays ignored.
+    Elsewhere than on the main thread this does nothing (only it may set handlers).
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {}
-    for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:
-            previous[signum] = signal.signal(signum, _raise_terminated)
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):  # SIGHUP is not on Windows
+        signum = getattr(signal, name, None)
+        if signum is None:
+            continue
+        handler = signal.getsignal(signum)
+        if handler is not signal.SIG_IGN and (name != "SIGINT" or handler is signal.default_int_handler):
+            previous[signum] = signal.signal(signum, _on_stop)
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        _stops.clear()
 
 
 class HubmergeError(Exception):

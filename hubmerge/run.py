@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 from . import kernels
 from ._torch import torch
-from .errors import MergeError
+from .errors import MergeError, raise_if_stopped
 from .layout import BATCH_BYTES, BLOCK, READ_BYTES, WRITE_QUEUE
 from .methods import MethodSpec, Pass, get_method
 from .plan import Job, MergePlan
@@ -108,6 +108,7 @@ def execute(
             if first is not None:  # later jobs are prefetched while the one before them merges
                 _prefetch(first, spec, sources, device)
             for index, job in enumerate(plan.jobs):
+                raise_if_stopped()
                 if job.name in done:
                     if progress:
                         progress(_input_bytes(job))
@@ -116,6 +117,7 @@ def execute(
                 if index + 1 < len(plan.jobs) and plan.jobs[index + 1].name not in done:
                     _prefetch(plan.jobs[index + 1], spec, sources, device)
                 for row, result, consumed in _results(job, ctx):
+                    raise_if_stopped()  # a stop signal's exception lost in a finalizer (errors.py)
                     pending.append(writer.submit(_deliver, sinks, job, row, result))
                     while len(pending) > WRITE_QUEUE:
                         pending.popleft().result()

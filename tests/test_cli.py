@@ -112,3 +112,80 @@ def test_planning_and_listing_methods_import_no_torch(recipe: Path) -> None:
     )
     done = subprocess.run([sys.executable, "-c", code, str(recipe)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+LOST_STOP = """
+import os, signal, weakref
+from hubmerge.errors import Terminated, raise_if_stopped, stop_signals
+
+class Box:
+    pass
+
+def finalizer():  # the stop lands here; Python prints its exception and drops it
+    os.kill(os.getpid(), signal.SIGTERM)
+    for _ in range(100_000):
+        pass
+
+with stop_signals():
+    box = Box()
+    weakref.finalize(box, finalizer)
+    del box
+    print("went on", flush=True)
+    try:
+        raise_if_stopped()
+    except Terminated as stop:
+        print("stopped by", stop.name, flush=True)
+"""
+
+
+def test_a_stop_lost_in_a_finalizer_is_raised_again() -> None:
+    """A signal's exception raised inside a finalizer (Hub read buffers are freed by one) is dropped by
+    Python; raise_if_stopped, which the merge loop calls between batches, raises it again."""
+    ran = subprocess.run([sys.executable, "-c", LOST_STOP], capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.splitlines() == ["went on", "stopped by SIGTERM"]
+    assert "Exception ignored" in ran.stderr  # where it was lost
+
+
+TWO_STOPS = """
+import os, signal
+from hubmerge.errors import Terminated, stop_signals
+
+with stop_signals():
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100_000):
+            pass
+    except Terminated:
+        os.kill(os.getpid(), signal.SIGHUP)  # systemd's SendSIGHUP, or a hang-up on top of a kill
+        for _ in range(100_000):
+            pass
+        print("cleanup finished", flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)  # the same signal again: a forced stop
+        for _ in range(100_000):
+            pass
+        print("not reached", flush=True)
+"""
+
+
+def test_a_second_stop_of_another_kind_lets_the_cleanup_finish_and_a_repeat_forces() -> None:
+    ran = subprocess.run([sys.executable, "-c", TWO_STOPS], capture_output=True, text=True)
+    assert ran.stdout.splitlines() == ["cleanup finished"], ran.stderr
+    assert ran.returncode == -15
+
+
+def test_the_merge_loop_raises_a_stop_whose_signal_was_lost(tmp_path: Path) -> None:
+    import signal
+
+    import hubmerge
+    from hubmerge import errors
+
+    models = [save_model(tmp_path / f"m{i}", random_tensors(i)) for i in range(2)]
+    errors._stops.append(signal.SIGTERM)  # what the signal handler records, its exception lost
+    try:
+        with pytest.raises(errors.Terminated):
+            hubmerge.merge({"method": "centroid", "models": [str(m) for m in models]}, tmp_path / "out")
+    finally:
+        errors._stops.clear()
+    assert not (tmp_path / "out").exists()
+    assert (tmp_path / ".out.hubmerge-partial").exists()  # kept for --resume

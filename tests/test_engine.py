@@ -17,7 +17,7 @@ import hubmerge
 from hubmerge.errors import MergeError, OutputError, PlanError
 from hubmerge.methods import METHODS
 
-from .util import kill_after_script, random_tensors, save_model, write_recipe
+from .util import default_sigint, kill_after_script, random_tensors, save_model, write_recipe
 
 
 @pytest.fixture()
@@ -293,6 +293,7 @@ def test_a_signal_stops_the_merge_cleanly_for_resume(tmp_path: Path, sig: str, s
         [sys.executable, "-c", kill_after_script(signal=sig), str(recipe), "3", str(out)],
         capture_output=True,
         text=True,
+        preexec_fn=default_sigint,
     )
     assert stopped.returncode == 128 + getattr(signal, sig), stopped.stderr
     assert stopped.stderr.strip() == (

@@ -264,6 +264,17 @@ def test_closing_the_client_ends_a_stalled_read_at_once(files: _Server) -> None:
         _read(client, _url(files), 0, 10)
 
 
+def test_a_closed_client_opens_no_connection_again(files: _Server) -> None:
+    # A read already past read_into's check, or the next hop of a redirect, on a thread whose kept-alive
+    # connection close() closed: http.client would quietly connect again, untracked, past close().
+    client = RangeClient({}, timeout=10)
+    assert _read(client, _url(files), 0, 10) == DATA[:10]  # a kept-alive connection on this thread
+    client.close()
+    with pytest.raises(ConnectionError, match="closed"):
+        client._read_into(_url(files), _url(files), 0, memoryview(bytearray(10)))
+    assert files.connections == 1
+
+
 def test_a_closing_source_stops_retrying(monkeypatch: pytest.MonkeyPatch) -> None:
     """hub_call with ``cancelled`` set: the failed attempt is the last, and no backoff is slept."""
     calls = []

@@ -112,3 +112,11 @@ def kill_after_script(prelude: str = "", signal: str = "SIGKILL") -> str:
         signal: the signal's name in the ``signal`` module.
     """
     return _KILL_AFTER.format(prelude=prelude, signal=signal)
+
+
+def default_sigint() -> None:
+    """For ``preexec_fn``: SIGINT back to its default in the child, so Python turns it into KeyboardInterrupt
+    (a job a shell starts in the background begins with SIGINT ignored, and ignored it would stay)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

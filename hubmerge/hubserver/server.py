@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import parse_qs, urlsplit
 
-from ..errors import sigterm_raises
+from ..errors import stop_signals
 from .app import dispatch
 from .auth import Accounts
 from .body import Body
@@ -284,7 +284,7 @@ def serve_forever(
     hub = HubServer(root, host=host, port=port, tokens=tokens, orgs=orgs, cdn_ttl=cdn_ttl)
     hub.start()
     try:
-        with sigterm_raises():
+        with stop_signals():
             if on_ready is not None:
                 on_ready(hub.url)
             threading.Event().wait()

@@ -168,17 +168,21 @@ class RangeClient:
         with self._lock:
             conns, self._all, self._closed = self._all, [], True
         for conn in conns:
-            if conn.sock is not None:
-                try:
-                    conn.sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass  # not connected (any more)
-            conn.close()
+            conn.auto_open = 0  # http.client would connect again for the next request on it
+            sock = conn.sock  # once: the thread using it may drop it meanwhile
+            try:
+                if sock is not None:
+                    sock.shutdown(socket.SHUT_RDWR)
+                conn.close()
+            except OSError:
+                pass  # not connected (any more)
 
     def _get(
         self, origin: Origin, url: str, headers: dict[str, str]
     ) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
         """Send the request on this thread's connection to ``origin`` (or a new one); read the status line."""
+        if self._closed:  # each request of a redirect chain, too
+            raise ConnectionError("the range client is closed")
         parts = urlsplit(url)
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         pool: dict[Origin, http.client.HTTPConnection] = self._local.__dict__.setdefault("pool", {})
