@@ -219,6 +219,7 @@ def merge(
             finally:
                 if uploader is not None:  # an upload under way stops even if the last write failed
                     uploader.close()
+        raise_if_stopped()  # before the output takes its name
         writer.commit(force=force)
     elapsed = time.perf_counter() - start
     return MergeResult(target, merge_plan, elapsed, tuple(files), len(done), commit_url)

@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 import click
 
 from . import __version__
-from .errors import HubmergeError, Terminated, stop_signals
+from .errors import HubmergeError, Terminated, raise_if_stopped, stop_signals
 
 DTYPES = click.Choice(["float32", "float16", "bfloat16", "float64"])
 
@@ -288,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with stop_signals():
             cli.main(args=args, prog_name="hubmerge", standalone_mode=False)
+            raise_if_stopped()  # a stop lost after the last check still ends with its status
     except Stopped as exc:
         click.echo(exc.message + (f" (hint: {exc.hint})" if exc.hint else ""), err=True)
         return exc.code

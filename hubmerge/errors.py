@@ -42,6 +42,7 @@ class Terminated(KeyboardInterrupt):
 
 
 _stops: list[int] = []  # stop signals received inside stop_signals(), the first first
+_depth = [0]  # stop_signals() blocks open on the main thread: only the outermost sets handlers
 
 
 def _stop(signum: int) -> KeyboardInterrupt:
@@ -50,19 +51,20 @@ def _stop(signum: int) -> KeyboardInterrupt:
 
 def _on_stop(signum: int, frame: object) -> None:
     _stops.append(signum)
-    if len(_stops) > 1:  # another kind of stop while the first one's cleanup runs: let it run
-        return
     signal.signal(signum, signal.SIG_DFL)  # the same signal again ends the process at once
-    raise _stop(signum)
+    if len(_stops) == 1:  # another kind while the first one's cleanup runs lets that cleanup run
+        raise _stop(signum)
 
 
 def raise_if_stopped() -> None:
     """Raise the stop a signal asked for again: where it landed (a finalizer, say) its exception was lost.
 
-    Long loops call this between steps; it costs a list lookup. Outside :func:`stop_signals`, nothing.
+    Long loops call this between steps; it costs a list lookup. Outside :func:`stop_signals`, and on any
+    thread but the main one (where the stop is raised), nothing.
     """
-    if _stops:
-        raise _stop(_stops[0])
+    first = _stops[:1]
+    if first and threading.current_thread() is threading.main_thread():
+        raise _stop(first[0])
 
 
 @contextmanager
@@ -71,12 +73,13 @@ def stop_signals() -> Iterator[None]:
 
     By default SIGTERM and SIGHUP (``kill``, ``timeout``, a batch scheduler's time limit, a cancelled CI job,
     a closed terminal) end the process with no cleanup run: Hub scratch files would stay in the temporary
-    folder. Here the first stop raises; the same signal again ends the process at once (a forced stop),
-    another kind waits for the cleanup; and a stop whose exception was lost is raised again by
+    folder. Here the first stop raises; another kind waits for its cleanup; any kind received a second time
+    ends the process at once (a forced stop); and a stop whose exception was lost is raised again by
     :func:`raise_if_stopped`. A signal ignored when this starts (``nohup``, a background job) stays ignored.
-    Elsewhere than on the main thread this does nothing (only it may set handlers).
+    Blocks nest (the outermost holds the handlers); elsewhere than on the main thread this does nothing
+    (only it may set handlers).
     """
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or _depth[0]:  # not here, or nested
         yield
         return
     previous = {}
@@ -87,12 +90,14 @@ def stop_signals() -> Iterator[None]:
         handler = signal.getsignal(signum)
         if handler is not signal.SIG_IGN and (name != "SIGINT" or handler is signal.default_int_handler):
             previous[signum] = signal.signal(signum, _on_stop)
+    _depth[0] = 1
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         _stops.clear()
+        _depth[0] = 0
 
 
 class HubmergeError(Exception):

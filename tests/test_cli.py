@@ -148,30 +148,37 @@ def test_a_stop_lost_in_a_finalizer_is_raised_again() -> None:
 
 
 TWO_STOPS = """
-import os, signal
+import contextlib, os, signal, sys
 from hubmerge.errors import Terminated, stop_signals
 
+def send(name):
+    os.kill(os.getpid(), getattr(signal, name))
+    for _ in range(100_000):  # Python runs the handler between two of these
+        pass
+
+nested, force = sys.argv[1] == "nested", sys.argv[2]
 with stop_signals():
     try:
-        os.kill(os.getpid(), signal.SIGTERM)
-        for _ in range(100_000):
-            pass
+        with stop_signals() if nested else contextlib.nullcontext():  # as `hub serve` inside the CLI
+            send("SIGTERM")
     except Terminated:
-        os.kill(os.getpid(), signal.SIGHUP)  # systemd's SendSIGHUP, or a hang-up on top of a kill
-        for _ in range(100_000):
-            pass
+        send("SIGHUP")  # systemd's SendSIGHUP, or a hang-up on top of a kill: the cleanup goes on
         print("cleanup finished", flush=True)
-        os.kill(os.getpid(), signal.SIGTERM)  # the same signal again: a forced stop
-        for _ in range(100_000):
-            pass
+        send(force)  # a kind received before, again: a forced stop
         print("not reached", flush=True)
 """
 
 
-def test_a_second_stop_of_another_kind_lets_the_cleanup_finish_and_a_repeat_forces() -> None:
-    ran = subprocess.run([sys.executable, "-c", TWO_STOPS], capture_output=True, text=True)
+@pytest.mark.parametrize("nested", ["nested", "flat"])
+@pytest.mark.parametrize("force", ["SIGTERM", "SIGHUP"])
+def test_a_second_stop_of_another_kind_lets_the_cleanup_finish_and_a_repeat_forces(
+    nested: str, force: str
+) -> None:
+    import signal
+
+    ran = subprocess.run([sys.executable, "-c", TWO_STOPS, nested, force], capture_output=True, text=True)
     assert ran.stdout.splitlines() == ["cleanup finished"], ran.stderr
-    assert ran.returncode == -15
+    assert ran.returncode == -getattr(signal, force)
 
 
 def test_the_merge_loop_raises_a_stop_whose_signal_was_lost(tmp_path: Path) -> None:

@@ -4,12 +4,14 @@ read-ahead against the real Hub server (every byte requested once; the same merg
 from __future__ import annotations
 
 import ctypes
+import http.client
 import json
 import os
 import re
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import textwrap
@@ -273,6 +275,30 @@ def test_a_closed_client_opens_no_connection_again(files: _Server) -> None:
     with pytest.raises(ConnectionError, match="closed"):
         client._read_into(_url(files), _url(files), 0, memoryview(bytearray(10)))
     assert files.connections == 1
+
+
+def test_close_closes_a_connection_the_server_reset() -> None:
+    # A kept-alive connection the server reset (an idle CDN connection): shutting it down fails (ENOTCONN),
+    # and close() must still close it, not leave its descriptor open and untracked.
+    client = RangeClient({}, timeout=10)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.getsockname()[1], timeout=10)
+        conn.connect()
+        client._all.append(conn)  # as _connect tracks the connections it opens
+        peer, _ = server.accept()
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.close()  # a reset
+        sock = conn.sock
+        assert sock is not None
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # until the reset has arrived
+            try:
+                sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                break
+            time.sleep(0.01)
+        client.close()
+        assert conn.sock is None and sock.fileno() == -1
 
 
 def test_a_closing_source_stops_retrying(monkeypatch: pytest.MonkeyPatch) -> None:

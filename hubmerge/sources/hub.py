@@ -451,6 +451,8 @@ class HubSource:
                     self._direct.read_into(url, start, view)
                     return buf
                 except Fallback as why:
+                    if self._closing.is_set():  # the source closed while the request was on its way
+                        raise ConnectionError("the Hub source is closed") from None
                     log.debug(
                         "%s: %s bytes %d-%d through huggingface_hub: %s",
                         self.label,

@@ -170,12 +170,15 @@ class RangeClient:
         for conn in conns:
             conn.auto_open = 0  # http.client would connect again for the next request on it
             sock = conn.sock  # once: the thread using it may drop it meanwhile
-            try:
-                if sock is not None:
+            if sock is not None:
+                try:
                     sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # not connected (any more): reset by the server, say
+            try:
                 conn.close()
             except OSError:
-                pass  # not connected (any more)
+                pass
 
     def _get(
         self, origin: Origin, url: str, headers: dict[str, str]
@@ -191,7 +194,10 @@ class RangeClient:
         pool[origin] = conn
         try:
             conn.request("GET", target, headers=headers)
-            return conn.getresponse(), conn
+            response = conn.getresponse()
+            if self._closed:  # closed while connecting (close() cannot wake a TLS handshake)
+                raise ConnectionError("the range client is closed")
+            return response, conn
         except ssl.SSLError as exc:
             self._drop(conn)
             raise Fallback(f"TLS: {exc}") from None
