@@ -67,6 +67,11 @@ def raise_if_stopped() -> None:
         raise _stop(first[0])
 
 
+def stop_handled() -> None:
+    """The stop asked for is done (a server stopped as asked): :func:`raise_if_stopped` is quiet again."""
+    _stops.clear()
+
+
 @contextmanager
 def stop_signals() -> Iterator[None]:
     """While inside, Ctrl-C, SIGTERM and SIGHUP stop the main thread (KeyboardInterrupt, :class:`Terminated`).

@@ -459,12 +459,14 @@ def test_upload_urls_survive_a_restart_on_the_same_storage(tmp_path: Path, hub_t
         assert lfs_upload_url(second, "alice/r", hub_token, data) is None
 
 
-def test_sigterm_stops_the_server_cleanly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("entry", ["hubmerge.hubserver", "hubmerge.cli"])
+def test_sigterm_stops_the_server_cleanly(tmp_path: Path, entry: str) -> None:
     """As `docker stop` or systemd stop it: the server shuts down (exit 0), it is not killed mid-write."""
-    command = [sys.executable, "-m", "hubmerge.hubserver", "--root", str(tmp_path)]
+    command = [sys.executable, "-m", entry, *(["hub", "serve"] if entry.endswith("cli") else [])]
+    command += ["--root", str(tmp_path)]
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
         assert process.stdout is not None and process.stderr is not None
-        assert process.stdout.readline().startswith("http://127.0.0.1:")
+        assert "http://127.0.0.1:" in process.stdout.readline()
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=10)
         assert process.returncode == 0, process.stderr.read()

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import parse_qs, urlsplit
 
-from ..errors import stop_signals
+from ..errors import stop_handled, stop_signals
 from .app import dispatch
 from .auth import Accounts
 from .body import Body
@@ -282,13 +282,14 @@ def serve_forever(
         cdn_ttl: When over 0, LFS files redirect to signed URLs valid this many seconds, as on huggingface.co.
     """
     hub = HubServer(root, host=host, port=port, tokens=tokens, orgs=orgs, cdn_ttl=cdn_ttl)
-    hub.start()
-    try:
-        with stop_signals():
+    with stop_signals():
+        hub.start()
+        try:
             if on_ready is not None:
                 on_ready(hub.url)
             threading.Event().wait()
-    except KeyboardInterrupt:  # Terminated (SIGTERM) too
-        pass
-    finally:
-        hub.stop()
+        except KeyboardInterrupt:  # Terminated (SIGTERM, SIGHUP) too
+            pass
+        finally:
+            hub.stop()
+        stop_handled()  # stopping is how a server ends: exit 0
