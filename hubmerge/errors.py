@@ -43,6 +43,7 @@ class Terminated(KeyboardInterrupt):
 
 _stops: list[int] = []  # stop signals received inside stop_signals(), the first first
 _depth = [0]  # stop_signals() blocks open on the main thread: only the outermost sets handlers
+_installed: list[int] = []  # the signals it set them for
 
 
 def _stop(signum: int) -> KeyboardInterrupt:
@@ -68,8 +69,12 @@ def raise_if_stopped() -> None:
 
 
 def stop_handled() -> None:
-    """The stop asked for is done (a server stopped as asked): :func:`raise_if_stopped` is quiet again."""
+    """The stop asked for is done (a server stopped as asked): :func:`raise_if_stopped` is quiet again, and
+    a later signal stops again as the first did (it does not force)."""
     _stops.clear()
+    if threading.current_thread() is threading.main_thread():
+        for signum in _installed:
+            signal.signal(signum, _on_stop)
 
 
 @contextmanager
@@ -95,6 +100,7 @@ def stop_signals() -> Iterator[None]:
         handler = signal.getsignal(signum)
         if handler is not signal.SIG_IGN and (name != "SIGINT" or handler is signal.default_int_handler):
             previous[signum] = signal.signal(signum, _on_stop)
+    _installed[:] = previous
     _depth[0] = 1
     try:
         yield
@@ -102,6 +108,7 @@ def stop_signals() -> Iterator[None]:
         for signum, handler in previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         _stops.clear()
+        _installed.clear()
         _depth[0] = 0
 
 

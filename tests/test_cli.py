@@ -181,6 +181,29 @@ def test_a_second_stop_of_another_kind_lets_the_cleanup_finish_and_a_repeat_forc
     assert ran.returncode == -getattr(signal, force)
 
 
+HANDLED = """
+import os, signal
+from hubmerge.errors import Terminated, raise_if_stopped, stop_handled, stop_signals
+
+with stop_signals():
+    for round in range(2):  # a server stopped, handled, then started and stopped again
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100_000):
+                pass
+        except Terminated:
+            stop_handled()
+            raise_if_stopped()
+            print("stopped and handled", round, flush=True)
+"""
+
+
+def test_a_handled_stop_leaves_the_next_signal_a_stop_again() -> None:
+    ran = subprocess.run([sys.executable, "-c", HANDLED], capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.splitlines() == ["stopped and handled 0", "stopped and handled 1"]
+
+
 def test_the_merge_loop_raises_a_stop_whose_signal_was_lost(tmp_path: Path) -> None:
     import signal
 

@@ -297,6 +297,8 @@ def test_close_closes_a_connection_the_server_reset() -> None:
             except OSError:
                 break
             time.sleep(0.01)
+        else:
+            pytest.fail("the reset never arrived")
         client.close()
         assert conn.sock is None and sock.fileno() == -1
 

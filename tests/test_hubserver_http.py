@@ -463,7 +463,7 @@ def test_upload_urls_survive_a_restart_on_the_same_storage(tmp_path: Path, hub_t
 def test_sigterm_stops_the_server_cleanly(tmp_path: Path, entry: str) -> None:
     """As `docker stop` or systemd stop it: the server shuts down (exit 0), it is not killed mid-write."""
     command = [sys.executable, "-m", entry, *(["hub", "serve"] if entry.endswith("cli") else [])]
-    command += ["--root", str(tmp_path)]
+    command += ["--root", str(tmp_path), "--port", "0"]  # `hub serve` would take 8765
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
         assert process.stdout is not None and process.stderr is not None
         assert "http://127.0.0.1:" in process.stdout.readline()

@@ -196,6 +196,7 @@ class RangeClient:
             conn.request("GET", target, headers=headers)
             response = conn.getresponse()
             if self._closed:  # closed while connecting (close() cannot wake a TLS handshake)
+                response.close()
                 raise ConnectionError("the range client is closed")
             return response, conn
         except ssl.SSLError as exc:
