@@ -63,9 +63,8 @@ def raise_if_stopped() -> None:
     Long loops call this between steps; it costs a list lookup. Outside :func:`stop_signals`, and on any
     thread but the main one (where the stop is raised), nothing.
     """
-    first = _stops[:1]
-    if first and threading.current_thread() is threading.main_thread():
-        raise _stop(first[0])
+    if _stops and threading.current_thread() is threading.main_thread():  # only it changes _stops
+        raise _stop(_stops[0])
 
 
 def stop_handled() -> None:
