@@ -9,15 +9,16 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from . import __version__
-from .errors import RecipeError, raise_if_stopped
+from .companions import check_module_weights, companion_source
+from .errors import OutputError, RecipeError, raise_if_stopped
 from .plan import DEFAULT_MEMORY_BUDGET, MergePlan, build_plan
 from .publish import PushTarget, uploads_read_direct
 from .recipe import Dtype, Recipe, load_recipe
 from .sources import TensorSource, open_source
-from .writer import ShardWriter, Sink, check_output, write_json
+from .writer import MANIFEST, ShardWriter, Sink, check_output, write_json
 
 if TYPE_CHECKING:
     from .refs import ModelRef
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "hubmerge.json"
 RecipeLike = Recipe | str | Path | dict[str, Any]
 
 
@@ -89,6 +89,10 @@ def open_sources(recipe: Recipe, *, transfer: Transfer = "ranges") -> Iterator[l
 def _with_dtype(recipe: Recipe, dtype: Dtype | None) -> Recipe:
     if dtype is None:
         return recipe
+    if dtype not in get_args(Dtype):
+        raise RecipeError(
+            f"dtype {dtype!r} is not one of {', '.join(get_args(Dtype))}", hint="e.g. dtype='bfloat16'"
+        )
     return recipe.model_copy(update={"dtype": dtype})
 
 
@@ -109,6 +113,7 @@ def plan(
     loaded = _with_dtype(load_recipe(recipe), dtype)
     with open_sources(loaded) as sources:
         merge_plan = build_plan(loaded, sources, memory_budget=memory_budget)
+        check_module_weights(companion_source(sources, len(loaded.models), loaded.base is not None))
         if check_card:
             from .card import common_license
 
@@ -134,6 +139,50 @@ def output_dir(recipe: Recipe, out: str | Path | None) -> Path:
         )
     path = Path(recipe.output.dir).expanduser()
     return (path if path.is_absolute() else recipe.base_dir / path).resolve()
+
+
+def check_target(recipe: Recipe, out: str | Path | None, *, force: bool, resume: bool) -> Path:
+    """The output directory, checked (:func:`writer.check_output`): also what ``--dry-run`` checks.
+
+    Raises:
+        RecipeError: no output directory is given.
+        OutputError: the output exists, is a file, is not an earlier merge, or touches an input.
+    """
+    target = output_dir(recipe, out)
+    local_inputs = [r.path for r in [*recipe.model_refs(), recipe.base_ref()] if r is not None and r.path]
+    check_output(target, local_inputs, force=force, resume=resume)
+    return target
+
+
+def _check_device(device: str) -> None:
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise RecipeError(f"device {device!r} is not cpu or cuda", hint="use --device cpu or --device cuda")
+
+
+def _check_space(target: Path, plan: MergePlan, *, resume: bool, delete_local: bool) -> None:
+    """Refuse, before any read, a merge the output's disk has no room for (it would fail at the end)."""
+    import shutil
+
+    from .report import human_bytes
+    from .writer import partial_dir
+
+    partial = partial_dir(target)
+    sizes = [s.size for s in plan.shards]
+    # --delete-local deletes each shard once uploaded: about one shard at a time is on disk.
+    needed = max(sizes, default=0) * 2 if delete_local else sum(sizes)
+    if resume and partial.is_dir():
+        needed -= sum(f.stat().st_size for f in partial.glob("*.safetensors"))
+    parent = partial.parent if partial.parent.exists() else target.parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if needed > free:
+        raise OutputError(
+            f"not enough free space for the output in {parent}: the merge writes {human_bytes(needed)}, "
+            f"{human_bytes(free)} are free",
+            path=str(target),
+            hint="free some space, or choose an --out on another disk",
+        )
 
 
 def merge(
@@ -177,20 +226,21 @@ def merge(
     from .sources.buffers import retain_freed_memory
 
     loaded = _with_dtype(load_recipe(recipe), dtype)
-    target = output_dir(loaded, out)
+    _check_device(device)
     if push is None and loaded.push is not None:
         push = PushTarget(**loaded.push.model_dump())
-    local_inputs = [r.path for r in [*loaded.model_refs(), loaded.base_ref()] if r is not None and r.path]
-    check_output(target, local_inputs, force=force, resume=resume)
+    target = check_target(loaded, out, force=force, resume=resume)
     start = time.perf_counter()
     with open_sources(loaded, transfer=transfer) as sources:
         merge_plan = build_plan(loaded, sources, memory_budget=memory_budget)
+        check_module_weights(companion_source(sources, len(loaded.models), loaded.base is not None))
         license_ = common_license(merge_plan, _unique(sources))  # disagreeing licenses fail before any read
         if on_plan is not None:
             on_plan(merge_plan)
         # A pushed shard is read again as soon as it is written, around the page cache too where the upload
         # goes through the LFS protocol; Xet reads files by path, from the cache (publish.py).
         direct = push is None or uploads_read_direct()
+        _check_space(target, merge_plan, resume=resume, delete_local=push is not None and push.delete_local)
         writer = ShardWriter(target, resume=resume, direct=direct)
         uploader = HubUploader(push, writer.tmp, read_direct=direct) if push is not None else None
         commit_url = None
@@ -205,9 +255,14 @@ def merge(
                 sinks.append(uploader)
             execute(merge_plan, sources, sinks, done=frozenset(done), device=device, progress=progress)
             raise_if_stopped()
-            repo_id = push.repo_id if push is not None else None
             files = finish_output(
-                merge_plan, sources, writer.tmp, out_name=target.name, repo_id=repo_id, license_=license_
+                merge_plan,
+                sources,
+                writer.tmp,
+                out_name=target.name,
+                repo_id=uploader.target.repo_id if uploader is not None else None,  # namespace filled in
+                revision=push.branch if push is not None else None,
+                license_=license_,
             )
             if uploader is not None:
                 raise_if_stopped()  # before the commit, which cannot be taken back
@@ -232,6 +287,7 @@ def finish_output(
     *,
     out_name: str,
     repo_id: str | None = None,
+    revision: str | None = None,
     license_: str | None = None,
 ) -> list[str]:
     """Write the index, companion files, model card and manifest next to the shards.
@@ -268,7 +324,7 @@ def finish_output(
         sentence_transformers=(dest / "modules.json").exists(),
     )
     (dest / "README.md").write_text(
-        render_card(plan, meta, out_name=out_name, repo_id=repo_id), encoding="utf-8"
+        render_card(plan, meta, out_name=out_name, repo_id=repo_id, revision=revision), encoding="utf-8"
     )
     files.append("README.md")
     header = f"# made with hubmerge {__version__}; rerun with `hubmerge recipe.yaml`\n"

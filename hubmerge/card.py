@@ -5,6 +5,7 @@ The license is the sources' common license (read from their cards); when they di
 
 from __future__ import annotations
 
+import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -20,6 +21,8 @@ from .methods import get_method
 from .params import resolve_params
 from .plan import MergePlan
 from .sources import TensorSource
+
+log = logging.getLogger(__name__)
 
 PIPELINES = (
     ("ForCausalLM", "text-generation"),
@@ -46,7 +49,7 @@ def card_metadata(card_text: str) -> dict[str, Any]:
 
 
 def common_license(plan: MergePlan, sources: list[TensorSource]) -> str | None:
-    """The license every source's card declares; None if no source declares one.
+    """The license every source's card declares; None if a source declares none (with a warning).
 
     Raises:
         RecipeError: the sources declare different licenses and the recipe does not set ``card.license``.
@@ -54,14 +57,16 @@ def common_license(plan: MergePlan, sources: list[TensorSource]) -> str | None:
     if plan.recipe.card.license:
         return plan.recipe.card.license
     found: dict[str, str] = {}
+    unknown: list[str] = []
     with ThreadPoolExecutor(min(8, len(sources) or 1), thread_name_prefix="hubmerge-cards") as pool:
         cards = list(pool.map(lambda src: src.fetch("README.md"), sources))  # from the Hub: a request each
     for src, path in zip(sources, cards, strict=True):
-        if path is None:
-            continue
-        license_ = card_metadata(path.read_text(encoding="utf-8", errors="replace")).get("license")
+        text = path.read_text(encoding="utf-8", errors="replace") if path is not None else ""
+        license_ = card_metadata(text).get("license")
         if isinstance(license_, str):
             found[src.label] = license_
+        else:
+            unknown.append(f"{src.label} ({src.ref})")
     if len(set(found.values())) > 1:
         listed = ", ".join(f"{label}: {lic}" for label, lic in found.items())
         raise RecipeError(
@@ -69,6 +74,18 @@ def common_license(plan: MergePlan, sources: list[TensorSource]) -> str | None:
             path="card.license",
             hint="check that the licenses allow merging, then set `card: {license: ...}` in the recipe",
         )
+    if found and unknown:
+        # The merge holds weights of every source: one license cannot be claimed for all of them.
+        log.warning(
+            "the card's license is left `unknown`: %s declare%s %s, but %s declare%s none; "
+            "set `card: {license: ...}` in the recipe once you know the merge's license",
+            ", ".join(found),
+            "s" if len(found) == 1 else "",
+            next(iter(found.values())),
+            ", ".join(unknown),
+            "s" if len(unknown) == 1 else "",
+        )
+        return None
     return next(iter(found.values()), None)
 
 
@@ -94,6 +111,8 @@ def front_matter(
     meta["tags"] = list(dict.fromkeys([*tags, *plan.recipe.card.tags]))
     meta["library_name"] = "transformers" if config is not None else None
     tag = pipeline_tag(config)
+    if sentence_transformers:  # loads with SentenceTransformer (its modules.json came along): an embedder
+        meta["library_name"], tag = "sentence-transformers", "sentence-similarity"
     if tag:
         meta["pipeline_tag"] = tag
     meta["license"] = license_ or "unknown"
@@ -109,8 +128,15 @@ def _card_yaml(meta: dict[str, Any]) -> str:
     return ModelCardData(**meta).to_yaml() + "\n"
 
 
-def render_card(plan: MergePlan, meta: dict[str, Any], *, out_name: str, repo_id: str | None = None) -> str:
-    """The whole README.md of the merge."""
+def render_card(
+    plan: MergePlan,
+    meta: dict[str, Any],
+    *,
+    out_name: str,
+    repo_id: str | None = None,
+    revision: str | None = None,
+) -> str:
+    """The whole README.md of the merge; ``revision``: the branch it is pushed to (the snippet loads it)."""
     recipe = plan.recipe
     spec = get_method(plan.method)
     params = resolve_params(recipe, spec, {})
@@ -152,11 +178,18 @@ def render_card(plan: MergePlan, meta: dict[str, Any], *, out_name: str, repo_id
     auto = "AutoModelForCausalLM" if meta.get("pipeline_tag") == "text-generation" else "AutoModel"
     if meta.get("pipeline_tag") == "text-classification":
         auto = "AutoModelForSequenceClassification"
+    where = f'"{target}"' + (f', revision="{revision}"' if repo_id and revision else "")
     usage = (
         f"from transformers import AutoTokenizer, {auto}\n\n"
-        f'tokenizer = AutoTokenizer.from_pretrained("{target}")\n'
-        f'model = {auto}.from_pretrained("{target}")'
+        f"tokenizer = AutoTokenizer.from_pretrained({where})\n"
+        f"model = {auto}.from_pretrained({where})"
     )
+    if meta.get("library_name") == "sentence-transformers":
+        usage = (
+            "from sentence_transformers import SentenceTransformer\n\n"
+            f"model = SentenceTransformer({where})\n"
+            'embeddings = model.encode(["A first sentence.", "Another one."])'
+        )
     template = Template(resources.files("hubmerge").joinpath("templates/card.md").read_text(encoding="utf-8"))
     return template.substitute(
         front_matter=_card_yaml(meta),

@@ -112,7 +112,7 @@ def merge_command(
     quiet: bool,
 ) -> None:
     """Merge the models of RECIPE."""
-    from .api import merge, plan
+    from .api import check_target, merge, plan
     from .publish import PushTarget
     from .recipe import load_recipe
     from .report import human_bytes, plan_summary
@@ -135,6 +135,7 @@ def merge_command(
             hint="add --push REPO or a `push:` section to the recipe",
         )
     if dry_run:
+        check_target(loaded, out, force=force, resume=resume)  # what the merge would refuse, it refuses
         click.echo(plan_summary(plan(loaded, dtype=dtype)))
         click.echo("dry run: nothing read, nothing written")
         return
@@ -281,6 +282,11 @@ def hub_serve(root: Path, host: str, port: int, tokens: tuple[str, ...], cdn_ttl
     )
 
 
+def _one_line(text: str) -> str:
+    """A message whose parts came on several lines (a library's error, say), joined on one."""
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turn errors into one line and an exit code."""
     args = sys.argv[1:] if argv is None else argv
@@ -295,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     except HubmergeError as exc:
         if verbose:
             traceback.print_exc()
-        click.echo(f"error: {exc.message}" + (f" (hint: {exc.hint})" if exc.hint else ""), err=True)
+        hint = f" (hint: {_one_line(exc.hint)})" if exc.hint else ""
+        click.echo(f"error: {_one_line(exc.message)}{hint}", err=True)
         return 2
     except click.exceptions.Abort as exc:  # click's word for a KeyboardInterrupt outside a merge
         stop = _stopped(exc.__cause__ or exc.__context__)
@@ -311,7 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # anything unexpected still gets one line, unless --verbose
         if verbose:
             traceback.print_exc()
-        click.echo(f"error: {type(exc).__name__}: {exc} (rerun with --verbose for the traceback)", err=True)
+        click.echo(
+            f"error: {type(exc).__name__}: {_one_line(str(exc))} (rerun with --verbose for the traceback)",
+            err=True,
+        )
         return 1
     return 0
 

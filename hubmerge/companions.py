@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .errors import PlanError
 from .sources import TensorSource
 
 log = logging.getLogger(__name__)
@@ -50,12 +51,33 @@ def companion_files(source: TensorSource) -> list[str]:
     if "modules.json" in files:
         for module_dir in _module_dirs(source):
             for f in files:
-                if f.startswith(module_dir + "/"):
-                    if f.endswith(WEIGHT_SUFFIXES):
-                        log.warning("%s: %s holds weights that are not merged; left out", source.label, f)
-                    else:
-                        chosen.append(f)
+                if f.startswith(module_dir + "/") and not f.endswith(WEIGHT_SUFFIXES):
+                    chosen.append(f)  # a module's weights are refused before merging: check_module_weights
     return sorted(f for f in set(chosen) if not f.endswith(WEIGHT_SUFFIXES))
+
+
+def check_module_weights(source: TensorSource) -> None:
+    """Refuse a sentence-transformers model whose modules (a ``2_Dense``, say) hold weights of their own.
+
+    Those weights are not in the checkpoint the merge reads, and a merge without them would not load with
+    sentence-transformers; the pooling and normalising modules have none and come along as files.
+
+    Raises:
+        PlanError: naming the module's weight file, before any weight is read.
+    """
+    files = source.files()
+    if "modules.json" not in files:
+        return
+    for module_dir in _module_dirs(source):
+        held = sorted(f for f in files if f.startswith(module_dir + "/") and f.endswith(WEIGHT_SUFFIXES))
+        if held:
+            raise PlanError(
+                f"{source.label}: the sentence-transformers module {module_dir} has weights of its own "
+                f"({held[0]}), which hubmerge does not merge; the merge would not load without them",
+                hint=f"merge the {module_dir} folders of the models with a recipe of their own (each is a "
+                f"checkpoint) and put the result in the output's {module_dir}/, or drop the module from "
+                "modules.json",
+            )
 
 
 def _module_dirs(source: TensorSource) -> list[str]:

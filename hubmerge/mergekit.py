@@ -1,7 +1,10 @@
 """Translate a mergekit config (``merge_method:``, ``models:``, ``base_model:``, ...) into a v1 recipe dict.
 
 What mergekit calls ``linear`` is a normalized weighted average, our ``weighted``; its ``slerp`` takes the
-base model as the t=0 end. Features we do not support are refused by name rather than silently dropped.
+base model as the t=0 end. For the task-vector methods a ``base_model`` also listed under ``models:`` is left
+out of the models (mergekit skips it), and mergekit's defaults are written where ours differ (``density``
+1.0, ``normalize`` per method), so a config merges as mergekit merges it. Features we do not support are
+refused by name rather than silently dropped.
 """
 
 from __future__ import annotations
@@ -26,6 +29,17 @@ UNSUPPORTED_KEYS = {
     "chat_template": "chat template selection (`chat_template`)",
 }
 IGNORED_PARAMS = {"int8_mask"}  # a mergekit memory option with no effect on the result
+# Methods that merge the models' differences from base_model: mergekit leaves the base out of `models:`,
+# where its examples list it (with no parameters) so that every model is named in one list.
+TASK_VECTOR_METHODS = {"task_arithmetic", "ties", "dare_ties", "dare_linear", "model_stock"}
+# mergekit's own defaults where hubmerge's differ: `density` 1.0 (no trimming) for every task-vector
+# method, and `normalize` per method (mergekit 0.1.x registry: true for ties, false for the others).
+MERGEKIT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "task_arithmetic": {"normalize": False},
+    "ties": {"normalize": True, "density": 1.0},
+    "dare_ties": {"normalize": False, "density": 1.0},
+    "dare_linear": {"normalize": False, "density": 1.0},
+}
 KNOWN_KEYS = {
     "merge_method",
     "models",
@@ -82,12 +96,14 @@ def translate_mergekit(doc: dict[str, Any]) -> dict[str, Any]:
         if params:
             entry["parameters"] = params
         models.append(entry)
+    if mk_method in TASK_VECTOR_METHODS and base is not None:
+        models = [m for m in models if m["ref"] != recipe["base"]]
     if mk_method == "slerp" and base is not None:
         # mergekit's slerp goes from base_model (t=0) to the other model (t=1).
         others = [m for m in models if m["ref"] != recipe["base"]]
         models = [{"ref": recipe["base"]}, *others]
     recipe["models"] = models
-    params = _params(doc.get("parameters") or {}, "parameters")
+    params = MERGEKIT_DEFAULTS.get(mk_method, {}) | _params(doc.get("parameters") or {}, "parameters")
     if params:
         recipe["parameters"] = params
     out_dtype = doc.get("out_dtype") or doc.get("dtype")

@@ -63,8 +63,25 @@ def check_parameters(recipe: Recipe) -> None:
         if rule.take == "base" and recipe.base is None:
             raise RecipeError("take: base but the recipe has no base", path=f"rules.{r}.take")
         _check_mapping(spec, rule.parameters, n, f"rules.{r}.parameters")
-        resolve_params(recipe, spec, rule.parameters, where=f"rules.{r}.parameters")
-    resolve_params(recipe, spec, {})
+        _check_normalizable(
+            spec, resolve_params(recipe, spec, rule.parameters, where=f"rules.{r}.parameters")
+        )
+    _check_normalizable(spec, resolve_params(recipe, spec, {}))
+
+
+# Methods that divide by the sum of the weights when `normalize` is on (TIES divides per entry instead).
+_SUM_NORMALIZED = ("weighted", "task_arithmetic", "dare_linear")
+
+
+def _check_normalizable(spec: MethodSpec, kwargs: Mapping[str, object]) -> None:
+    weights = kwargs.get("weights")
+    if spec.name in _SUM_NORMALIZED and kwargs.get("normalize") and isinstance(weights, list):
+        if sum(weights) == 0:
+            raise RecipeError(
+                f"the weights {weights} sum to 0, and `normalize` divides by their sum",
+                path="models",
+                hint="change the weights, or set `normalize: false`",
+            )
 
 
 def _param(spec: MethodSpec, name: str, where: str) -> ParamSpec:

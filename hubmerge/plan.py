@@ -7,6 +7,7 @@ at its final place as soon as it is merged.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import hashlib
 import os
@@ -36,12 +37,17 @@ class SourceInfo:
     ref: ModelRef
     commit: str | None
     cached: bool = False
+    stamp: str | None = None  # a local source's weight files' sizes and times (LocalSource.stamp)
+
+    def identity(self) -> str:
+        """What the source is: its reference, commit and, for local files, their stamp."""
+        return f"{self.ref}@{self.commit}" + (f"#{self.stamp}" if self.stamp else "")
 
 
 @dataclass(frozen=True)
 class MergePlan:
-    recipe: Recipe
-    recipe_sha256: str
+    recipe: Recipe  # pinned: each Hub model at its resolved commit (Recipe.pinned)
+    recipe_sha256: str  # of the pinned recipe
     method: str
     sources: tuple[SourceInfo, ...]
     jobs: tuple[Job, ...]
@@ -60,7 +66,7 @@ class MergePlan:
         """Identifies the exact output: same fingerprint, same bytes. Resume refuses a different one."""
         h = hashlib.sha256(self.recipe_sha256.encode())
         for src in self.sources:
-            h.update(f"{src.label}={src.ref}@{src.commit}".encode())
+            h.update(f"{src.label}={src.identity()}".encode())
         for shard in self.shards:
             h.update(shard.filename.encode() + shard.header)
         return h.hexdigest()
@@ -120,6 +126,8 @@ def build_plan(
     """
     from .methods import get_method
 
+    # Hub models at the commits they resolved to: the recipe the output stores, and what its SHA-256 names.
+    recipe = recipe.pinned([s.commit for s in sources])
     spec = get_method(recipe.method)
     n = len(recipe.models)
     models, base = list(sources[:n]), (sources[n] if recipe.base is not None else None)
@@ -130,8 +138,11 @@ def build_plan(
     specs: list[dict[str, Any]] = []
     skipped: list[str] = []
     mixed: list[str] = []
+    applied: set[int] = set()  # the rules some tensor went by (id of the rule)
     for name in names:
         rule = _rule_for(recipe.rules, name)
+        if rule is not None:
+            applied.add(id(rule))
         if rule is not None and rule.skip:
             skipped.append(name)
             continue
@@ -209,13 +220,27 @@ def build_plan(
                 params=resolve_params(recipe, spec, overrides),
             )
         )
+    unused = [(i, r) for i, r in enumerate(recipe.rules) if id(r) not in applied]
+    for i, rule in unused:
+        if not rule.skip:  # a misspelt glob would merge what the rule meant to take or treat apart
+            close = difflib.get_close_matches(rule.globs[0], _glob_candidates(names), n=1, cutoff=0.75)
+            raise PlanError(
+                f"rules.{i} ({', '.join(rule.globs)}) applies to no tensor: "
+                + (
+                    "an earlier rule takes every tensor it matches"
+                    if _matches_any(rule, names)
+                    else "it matches none"
+                ),
+                hint=(f"did you mean {close[0]!r}? " if close else "")
+                + "check the glob against `hubmerge plan --json`, or remove the rule",
+            )
     if not specs:
         raise PlanError(
             "no tensors to write: every tensor is skipped", hint="check the `rules:` of the recipe"
         )
     jobs, shards = lay_out(specs, sha, parse_size(recipe.output.max_shard_size), seed)
     jobs = [with_chunks(job, compute_size, memory_budget, spec.blockwise) for job in jobs]
-    notices = []
+    notices = [f"rules.{i} ({', '.join(rule.globs)}) skips no tensor: it matches none" for i, rule in unused]
     if mixed:
         target = recipe.compute_dtype
         notices.append(
@@ -224,7 +249,8 @@ def build_plan(
         )
     labels = [*(s.label for s in models), *([base.label] if base is not None else [])]
     source_infos = tuple(
-        SourceInfo(label, s.ref, s.commit, s.cached) for label, s in zip(labels, sources, strict=True)
+        SourceInfo(label, s.ref, s.commit, s.cached, getattr(s, "stamp", None))
+        for label, s in zip(labels, sources, strict=True)
     )
     float_bytes: dict[str, int] = {}
     for job in jobs:
@@ -266,6 +292,19 @@ def _all_names(models: Sequence[TensorSource]) -> list[str]:
         for info in sorted(src.tensors.values(), key=lambda i: (i.file, i.start)):
             seen.setdefault(info.name, None)
     return list(seen)
+
+
+def _glob_candidates(names: Sequence[str]) -> list[str]:
+    """Names and their dotted prefixes as globs (``head.*``, ``layers.0.*``): what a rule's glob may mean."""
+    found = set(names)
+    for name in names:
+        parts = name.split(".")
+        found.update(".".join(parts[:k]) + ".*" for k in range(1, len(parts)))
+    return sorted(found)
+
+
+def _matches_any(rule: Rule, names: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, glob) for name in names for glob in rule.globs)
 
 
 def _rule_for(rules: Sequence[Rule], name: str) -> Rule | None:

@@ -17,19 +17,21 @@ item 16).
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import importlib.util
 import json
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from . import directio
 from .directio import DirectReader
-from .errors import HubError, PublishError
+from .errors import HubError, PublishError, RecipeError
+from .refs import is_repo_id
 from .sources.hub import hub_call
 from .writer import PROGRESS_DIR, batch_offset, tensor_bytes
 
@@ -56,6 +58,13 @@ class PushTarget:
     create_pr: bool = False
     delete_local: bool = False
     commit_message: str | None = None
+
+    def __post_init__(self) -> None:
+        if not is_repo_id(self.repo_id):
+            raise RecipeError(
+                f"push target {self.repo_id!r} (--push or push.repo) is not a Hub repository id",
+                hint="write namespace/name, e.g. --push my-org/my-merge (no revision: use --branch)",
+            )
 
 
 class HubUploader:
@@ -111,13 +120,27 @@ class HubUploader:
     def begin(self, plan: MergePlan) -> set[str]:
         self._plan = plan
         self._digests = {i: _Digest(shard.header, shard.size) for i, shard in enumerate(plan.shards)}
+        user = self._call(lambda: self.api.whoami(), "whoami", merged=False)
+        if "/" not in self.target.repo_id:  # the Hub creates `name` in the user's namespace: name it so
+            self.target = replace(self.target, repo_id=f"{user['name']}/{self.target.repo_id}")
         target = self.target
-        self._call(lambda: self.api.whoami(), "whoami", merged=False)
+        self._check_recorded()
         self._call(
             lambda: self.api.create_repo(target.repo_id, private=target.private, exist_ok=True),
             "create repository",
             merged=False,
         )
+        if target.private:  # create_repo leaves an existing repository as it is
+            info = self._call(lambda: self.api.model_info(target.repo_id), "repository info", merged=False)
+            if not info.private:
+                raise PublishError(
+                    f"{target.repo_id} exists and is public: --private (push.private) does not change an "
+                    "existing repository, and the merge would be published",
+                    repo_id=target.repo_id,
+                    hint="make it private first (its Settings page on the Hub, or "
+                    f"`HfApi().update_repo_settings({target.repo_id!r}, private=True)`), "
+                    "or push to a new repository; nothing was merged yet",
+                )
         if target.branch:
             self._call(
                 lambda: self.api.create_branch(target.repo_id, branch=target.branch, exist_ok=True),
@@ -125,6 +148,21 @@ class HubUploader:
                 merged=False,
             )
         return set()
+
+    def _check_recorded(self) -> None:
+        """Refuse shards an earlier run uploaded elsewhere, then deleted (--delete-local): gone here."""
+        target = self.target
+        for name, record in sorted(self._recorded().items()):
+            repo, branch = record.get("repo", target.repo_id), record.get("branch", target.branch)
+            if (repo, branch) != (target.repo_id, target.branch):
+                where = f"{repo}" + (f" (branch {branch})" if branch else "")
+                raise PublishError(
+                    f"{name} was uploaded to {where} by the interrupted run and deleted here "
+                    f"(--delete-local), but this run pushes to {target.repo_id}"
+                    + (f" (branch {target.branch})" if target.branch else ""),
+                    repo_id=target.repo_id,
+                    hint="resume with the same push target, or merge again with --force instead of --resume",
+                )
 
     def write(self, job: Job, row: int, data: torch.Tensor) -> None:
         digest = self._digests.get(job.shard)
@@ -188,6 +226,8 @@ class HubUploader:
             with open(path, "rb") as f:
                 sample = f.read(512)
             recorded[filename] = {
+                "repo": self.target.repo_id,
+                "branch": self.target.branch,
                 "sha256": op.upload_info.sha256.hex(),
                 "size": op.upload_info.size,
                 "sample": sample.hex(),
@@ -208,19 +248,20 @@ class HubUploader:
         Raises:
             PublishError: an upload or the commit failed; the local files are kept for a rerun.
         """
-        from huggingface_hub import CommitOperationAdd
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
         assert self._plan is not None
         for future in self._uploads:
             future.result()
         self._pool.shutdown()
-        ops = []
+        ops: list[CommitOperationAdd | CommitOperationDelete] = []
         for name in files:
             if name in self._ops:
                 ops.append(self._ops[name])
             else:
                 ops.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(self.directory / name)))
         plan, target = self._plan, self.target
+        ops += [CommitOperationDelete(path_in_repo=name) for name in self._stale(files)]
         if "README.md" in files:
             self._validate_card(self.directory / "README.md")
         summary = (
@@ -243,6 +284,26 @@ class HubUploader:
         )
         url = info.pr_url if target.create_pr and info.pr_url else info.commit_url
         return str(url)
+
+    def _stale(self, files: list[str]) -> list[str]:
+        """The target's weight files (and index, adapter config) that this commit does not replace.
+
+        Left there, a model pushed over an earlier one would keep the earlier weights beside the new ones,
+        and from_pretrained could load those (``model.safetensors`` next to new shards, say).
+        """
+        target = self.target
+        existing = self._call(
+            lambda: self.api.list_repo_files(target.repo_id, revision=target.branch), "file list"
+        )
+        stale = sorted(name for name in existing if name not in files and _is_weights(name))
+        if stale:
+            log.warning(
+                "%s: the commit deletes %d weight file(s) of the model it replaces: %s",
+                target.repo_id,
+                len(stale),
+                ", ".join(stale),
+            )
+        return stale
 
     def _validate_card(self, path: Path) -> None:
         from huggingface_hub import ModelCard
@@ -316,6 +377,23 @@ class _UploadBar:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+_WEIGHTS = (
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model.bin.index.json",
+    "tf_model.h5",
+    "flax_model*.msgpack",
+    "flax_model.msgpack.index.json",
+    "adapter_config.json",
+)
+
+
+def _is_weights(name: str) -> bool:
+    """Whether a repository file is top-level weights (or their index, or a LoRA adapter's config)."""
+    return "/" not in name and any(fnmatch.fnmatchcase(name, pattern) for pattern in _WEIGHTS)
 
 
 def uploads_read_direct() -> bool:

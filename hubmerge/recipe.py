@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +21,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     SerializerFunctionWrapHandler,
+    StrictInt,
     ValidationError,
     field_validator,
     model_serializer,
@@ -27,7 +29,7 @@ from pydantic import (
 )
 
 from .errors import RecipeError
-from .refs import ModelRef, parse_ref
+from .refs import ModelRef, is_repo_id, parse_ref
 
 Dtype = Literal["float32", "float16", "bfloat16", "float64"]
 Scalar = bool | int | float | str  # checked against the method's parameter types in params.py
@@ -99,7 +101,7 @@ class Rule(_Strict):
     """Per-tensor rule; the first rule whose glob matches a tensor name wins."""
 
     tensors: str | list[str]
-    take: int | Literal["base"] | None = None
+    take: StrictInt | Literal["base"] | None = None
     skip: bool = False
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
 
@@ -117,7 +119,7 @@ class Rule(_Strict):
 
 class Output(_Strict):
     dir: str | None = None
-    max_shard_size: int | str = "5GB"
+    max_shard_size: StrictInt | str = "5GB"
 
     @field_validator("max_shard_size")
     @classmethod
@@ -133,6 +135,13 @@ class Push(_Strict):
     create_pr: bool = False
     delete_local: bool = False
     commit_message: str | None = None
+
+    @field_validator("repo")
+    @classmethod
+    def _repo_id(cls, value: str) -> str:
+        if not is_repo_id(value):
+            raise ValueError(f"{value!r} is not a Hub repository id: write namespace/name (no revision)")
+        return value
 
 
 class Card(_Strict):
@@ -178,6 +187,33 @@ class Recipe(_Strict):
     def sha256(self) -> str:
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
 
+    def pinned(self, commits: list[str | None]) -> Recipe:
+        """This recipe with each Hub model (then the base) at the commit it resolved to, local paths absolute.
+
+        ``commits`` holds one entry per model, then one for the base if there is one: a commit SHA, or None
+        for a local model. What ``recipe_sha256`` hashes and the output's ``recipe.yaml`` holds: rerun from
+        anywhere, it reads the same models, the same bytes from the Hub even after a branch moved.
+        """
+        entries = [*self.models, *([self.base] if self.base is not None else [])]
+        refs = [*self.model_refs(), *([self.base_ref()] if self.base is not None else [])]
+        pinned = []
+        for entry, ref, commit in zip(entries, refs, commits, strict=True):
+            if ref is not None and ref.path is not None:  # absolute: the stored recipe is read elsewhere
+                pinned.append(
+                    entry.model_copy(update={"ref" if entry.ref is not None else "path": str(ref.path)})
+                )
+            elif ref is None or ref.repo_id is None or commit is None:
+                pinned.append(entry)
+            elif entry.ref is not None:
+                pinned.append(entry.model_copy(update={"ref": f"{ref.repo_id}@{commit}", "revision": None}))
+            else:
+                pinned.append(entry.model_copy(update={"revision": commit}))
+        n = len(self.models)
+        update: dict[str, Any] = {"models": pinned[:n]}
+        if self.base is not None:
+            update["base"] = pinned[n]
+        return self.model_copy(update=update)
+
     def to_yaml(self) -> str:
         """The recipe as YAML, defaults left out."""
         return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
@@ -212,8 +248,15 @@ def load_recipe(source: str | Path | dict[str, Any] | Recipe, *, base_dir: Path 
         return source
     if isinstance(source, dict):
         doc: Any = source
-    else:
+    elif isinstance(source, (str, Path)):
         doc, base_dir = _read_yaml(source, base_dir)
+    else:
+        raise RecipeError(
+            f"a recipe is a path, YAML text, a dict or a Recipe, got {type(source).__name__}",
+            hint="pass the recipe file's path",
+        )
+    if doc is None:
+        raise RecipeError("the recipe is empty", hint="see recipes/ for examples")
     if not isinstance(doc, dict):
         raise RecipeError(
             f"a recipe is a YAML mapping, got {type(doc).__name__}", hint="see recipes/ for examples"
@@ -229,15 +272,58 @@ def load_recipe(source: str | Path | dict[str, Any] | Recipe, *, base_dir: Path 
     recipe._base_dir = (base_dir or Path.cwd()).resolve()
     recipe.model_refs()
     recipe.base_ref()
+    _check_finite(recipe)
     from .params import check_parameters
 
     check_parameters(recipe)
     return recipe
 
 
+def _check_finite(recipe: Recipe) -> None:
+    """Refuse NaN and infinite numbers: they would pass every range check and write a model of NaNs."""
+    found: list[tuple[str, object]] = []
+    for i, entry in enumerate([*recipe.models, *([recipe.base] if recipe.base is not None else [])]):
+        where = f"models.{i}" if i < len(recipe.models) else "base"
+        found += [(f"{where}.{k}", v) for k, v in (("weight", entry.weight), ("density", entry.density))]
+        found += [(f"{where}.parameters.{k}", v) for k, v in entry.parameters.items()]
+    found += [(f"parameters.{k}", v) for k, v in recipe.parameters.items()]
+    for i, rule in enumerate(recipe.rules):
+        found += [(f"rules.{i}.parameters.{k}", v) for k, v in rule.parameters.items()]
+    for path, value in found:
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise RecipeError(
+                    f"{item} is not a finite number",
+                    path=path,
+                    hint="give a finite value: NaN or infinity would fill the merge with NaN",
+                )
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-3`` as a number as YAML 1.2 does (YAML 1.1 wants ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
 def _read_yaml(source: str | Path, base_dir: Path | None) -> tuple[Any, Path | None]:
     text: str
-    if isinstance(source, Path) or ("\n" not in source and source.endswith((".yaml", ".yml"))):
+    # One line that names a file, or that no mapping could be (no ':'), is a path; anything else is YAML.
+    if isinstance(source, Path) or (
+        "\n" not in source
+        and (source.endswith((".yaml", ".yml", ".json")) or ":" not in source or Path(source).is_file())
+    ):
         path = Path(source)
         try:
             text = path.read_text(encoding="utf-8")
@@ -249,7 +335,7 @@ def _read_yaml(source: str | Path, base_dir: Path | None) -> tuple[Any, Path | N
     else:
         text = source
     try:
-        return yaml.safe_load(text), base_dir
+        return yaml.load(text, Loader=_Loader), base_dir
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -278,7 +364,9 @@ def _unknown_key_hint(key: str) -> str:
 
 
 def _recipe_error(exc: ValidationError) -> RecipeError:
-    err = exc.errors()[0]
+    errors = exc.errors()
+    # An unknown key first: a misspelt `modles:` is also a missing `models:`, and the spelling is the cause.
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     path = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal[", "union[")))
     path = re.sub(r"\.(str|int|float|bool|list\[.*?\]|ModelEntry)(?=\.|$)", "", path)
     kind, msg = err["type"], err["msg"].removeprefix("Value error, ")
@@ -290,4 +378,5 @@ def _recipe_error(exc: ValidationError) -> RecipeError:
         return RecipeError(f"got {err.get('input')!r}; {msg}", path=path)
     if kind == "too_short" and path == "models":
         return RecipeError("no models listed", path=path, hint="list the models to merge under `models:`")
-    return RecipeError(f"{msg} (got {err.get('input')!r})", path=path or None)
+    got = repr(err.get("input"))
+    return RecipeError(msg if got in msg else f"{msg} (got {got})", path=path or None)

@@ -34,6 +34,11 @@ class ModelRef:
         return str(self.path)
 
 
+def is_repo_id(text: str) -> bool:
+    """Whether ``text`` is a valid Hub repository id, ``name`` or ``namespace/name`` (no revision)."""
+    return bool(_REPO_ID.match(text)) and ".." not in text and "--" not in text
+
+
 def parse_ref(text: str, *, base_dir: Path, field: str, revision: str | None = None) -> ModelRef:
     """Turn the text of a recipe's model reference into a :class:`ModelRef`.
 
@@ -82,7 +87,7 @@ def hub_ref(text: str, *, field: str, revision: str | None = None) -> ModelRef:
         raise RecipeError(
             f"{text!r} ends with '@' but names no revision", path=field, hint="write org/name@rev"
         )
-    if not _REPO_ID.match(repo_id) or ".." in repo_id or "--" in repo_id:
+    if not is_repo_id(repo_id):
         raise RecipeError(
             f"{text!r} is neither an existing local path nor a Hub repository id",
             path=field,

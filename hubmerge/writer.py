@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .directio import DirectFile, DirectIO, pwrite_all
 from .errors import OutputError
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROGRESS_DIR = ".hubmerge-progress"
+MANIFEST = "hubmerge.json"  # in every output: what --force may replace
 
 
 class Sink(Protocol):
@@ -51,12 +52,20 @@ def partial_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.hubmerge-partial"
 
 
+def _empty(path: Path) -> bool:
+    return path.is_dir() and next(path.iterdir(), None) is None
+
+
 def check_output(out: Path, inputs: list[Path], *, force: bool, resume: bool) -> None:
     """Refuse outputs that would overwrite without ``force`` or touch an input.
 
+    An empty directory may take the output. ``force`` replaces an earlier merge (a directory holding
+    ``hubmerge.json``), never anything else: a mistyped ``--out ~/project --force`` must not delete a project.
+
     Raises:
-        OutputError: the output exists (without ``force``), is an input, lies inside one, or contains one;
-            or a partial run exists and neither ``resume`` nor ``force`` was given.
+        OutputError: the output exists (without ``force``), is a file, or is not an earlier merge; is an
+            input, lies inside one, or contains one; or a partial run exists and neither ``resume`` nor
+            ``force`` was given.
     """
     out = out.resolve()
     for src in inputs:
@@ -74,12 +83,26 @@ def check_output(out: Path, inputs: list[Path], *, force: bool, resume: bool) ->
                 path=str(out),
                 hint="choose another --out",
             )
-    if out.exists() and not force:
+    if out.exists() and not out.is_dir():
         raise OutputError(
-            f"output directory {out} already exists",
+            f"output {out} exists and is not a directory",
             path=str(out),
-            hint="pass --force to replace it, or change --out",
+            hint="give --out a directory path (the merge writes several files)",
         )
+    if out.exists() and not _empty(out):
+        if not force:
+            raise OutputError(
+                f"output directory {out} already exists",
+                path=str(out),
+                hint="pass --force to replace it, or change --out",
+            )
+        if not (out / MANIFEST).is_file():
+            raise OutputError(
+                f"output directory {out} is not the output of a merge (it has no {MANIFEST}); "
+                "--force replaces only an earlier merge or an empty directory",
+                path=str(out),
+                hint="choose another --out, or delete that directory yourself if nothing in it is needed",
+            )
     if partial_dir(out).exists() and not (resume or force):
         raise OutputError(
             f"an interrupted merge into {out} left {partial_dir(out)}",
@@ -120,7 +143,7 @@ class ShardWriter:
         if self.tmp.exists() and self.resume and (progress / "fingerprint").is_file():
             if (progress / "fingerprint").read_text() != fingerprint:
                 raise OutputError(
-                    f"{self.tmp} holds an interrupted merge of a different recipe or different inputs",
+                    f"{self.tmp} holds an interrupted merge of {_what_changed(progress, plan)}",
                     path=str(self.tmp),
                     hint="pass --force to start over",
                 )
@@ -141,8 +164,16 @@ class ShardWriter:
         else:
             if self.tmp.exists():
                 shutil.rmtree(self.tmp)
-            progress.mkdir(parents=True)
+            try:
+                progress.mkdir(parents=True)
+            except OSError as exc:  # a read-only disk, a parent that is a file, no permission
+                raise OutputError(
+                    f"cannot create the output's working folder {self.tmp}: {exc.strerror or exc}",
+                    path=str(self.out),
+                    hint="choose an --out on a disk and in a folder you can write to",
+                ) from None
             (progress / "fingerprint").write_text(fingerprint)
+            write_json(progress / "sources.json", _identities(plan))
         self._paths = [self.tmp / shard.filename for shard in plan.shards]
         for shard in plan.shards:
             path = self.tmp / shard.filename
@@ -260,10 +291,13 @@ class ShardWriter:
         """
         self.close()
         shutil.rmtree(self.tmp / PROGRESS_DIR)
+        if _empty(self.out):
+            self.out.rmdir()
         if self.out.exists():
-            if not force:
+            if not force or not (self.out / MANIFEST).is_file():
                 raise OutputError(
-                    f"output directory {self.out} appeared while merging",
+                    f"output directory {self.out} appeared while merging"
+                    + ("" if not force else f" (and holds no {MANIFEST}: it is not an earlier merge)"),
                     path=str(self.out),
                     hint=f"the finished merge is in {self.tmp}; move it by hand or rerun with --force",
                 )
@@ -276,6 +310,31 @@ class ShardWriter:
         else:
             os.rename(self.tmp, self.out)
         return self.out
+
+
+def _identities(plan: MergePlan) -> dict[str, Any]:
+    return {"recipe_sha256": plan.recipe_sha256, "sources": {s.label: s.identity() for s in plan.sources}}
+
+
+def _what_changed(progress: Path, plan: MergePlan) -> str:
+    """What differs from the interrupted run, for its refusal: a source by name where one changed."""
+    try:
+        before = json.loads((progress / "sources.json").read_text())
+    except (OSError, ValueError):
+        return "a different recipe or different inputs"
+    now = _identities(plan)
+    changed = [s for s in plan.sources if before.get("sources", {}).get(s.label) != now["sources"][s.label]]
+    if changed:
+        src = changed[0]
+        how = (
+            "its weight files were rewritten since (sizes or modification times differ)"
+            if src.stamp
+            else f"it now resolves to commit {src.commit}"
+        )
+        return f"different inputs: {src.label} ({src.ref}) changed, {how}"
+    if before.get("recipe_sha256") != now["recipe_sha256"]:
+        return "a different recipe"
+    return "a different output layout"
 
 
 def batch_offset(job: Job, row: int) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
+import hubmerge
+from hubmerge import api
 from hubmerge.cli import main
+from hubmerge.errors import OutputError, RecipeError
 from hubmerge.methods import METHODS
 
 from .util import random_tensors, save_model, write_recipe
@@ -73,6 +77,64 @@ def test_plan_json_and_dry_run(recipe: Path) -> None:
     dry = _run(str(recipe), "--dry-run")
     assert dry.returncode == 0 and "nothing read, nothing written" in dry.stdout
     assert not (recipe.parent / "out").exists()
+
+
+def test_a_dry_run_refuses_what_the_merge_would_refuse(recipe: Path) -> None:
+    (recipe.parent / "out").mkdir()
+    (recipe.parent / "out" / "notes.txt").write_text("mine")
+    exists = _run(str(recipe), "--dry-run")
+    assert exists.returncode == 2 and "already exists" in exists.stderr and exists.stdout == ""
+    inside = _run(str(recipe), "--dry-run", "--out", str(recipe.parent / "a" / "merged"))
+    assert inside.returncode == 2 and "inside the input" in inside.stderr
+
+
+def test_an_output_that_cannot_be_created_is_one_line(recipe: Path, tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    done = _run(str(recipe), "--out", str(tmp_path / "afile" / "merged"))
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith(
+        "error: cannot create the output's working folder"
+    )
+    assert "hint: choose an --out" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_problems_the_plan_can_see_fail_before_reading(recipe: Path, tmp_path: Path) -> None:
+    """Weights that cannot be normalized, a rule that applies to no tensor, a disk without room: refused
+    before any weight is read, not at the end of the merge with a full-size partial output left behind."""
+    zero = write_recipe(
+        tmp_path / "zero.yaml", "method: weighted\nmodels: [{path: a, weight: 1}, {path: b, weight: -1}]\n"
+    )
+    done = _run("plan", str(zero))
+    assert done.returncode == 2 and "sum to 0" in done.stderr and "normalize: false" in done.stderr
+    typo = write_recipe(
+        tmp_path / "typo.yaml",
+        "method: linear\nmodels: [a, b]\nparameters: {t: 0.5}\nrules: [{tensors: 'hed.*', take: 0}]\n",
+    )
+    done = _run("plan", str(typo))
+    assert done.returncode == 2 and "rules.0 (hed.*) applies to no tensor: it matches none" in done.stderr
+    assert "did you mean 'head.*'?" in done.stderr
+    shadowed = write_recipe(
+        tmp_path / "shadowed.yaml",
+        "method: linear\nmodels: [a, b]\nparameters: {t: 0.5}\n"
+        "rules: [{tensors: 'head.*', skip: true}, {tensors: 'head.weight', take: 1}]\n",
+    )
+    done = _run("plan", str(shadowed))
+    assert done.returncode == 2 and "an earlier rule takes every tensor it matches" in done.stderr
+    skips = write_recipe(
+        tmp_path / "skips.yaml",
+        "method: linear\nmodels: [a, b]\nparameters: {t: 0.5}\nrules: [{tensors: 'x.*', skip: true}]\n",
+    )
+    done = _run("plan", str(skips))
+    assert done.returncode == 0 and "rules.0 (x.*) skips no tensor" in done.stdout + done.stderr
+    plan = hubmerge.plan(recipe)
+    huge = dataclasses.replace(plan.shards[0], size=1 << 60)  # more than any disk holds
+    with pytest.raises(OutputError, match="not enough free space for the output in .* are free"):
+        api._check_space(
+            tmp_path / "o", dataclasses.replace(plan, shards=(huge,)), resume=False, delete_local=False
+        )
+    with pytest.raises(RecipeError, match="dtype 'fp16' is not one of"):
+        hubmerge.plan(recipe, dtype="fp16")  # type: ignore[arg-type]
+    with pytest.raises(RecipeError, match="device 'tpu' is not cpu or cuda"):
+        hubmerge.merge(recipe, tmp_path / "o", device="tpu")
 
 
 def test_methods_lists_every_row(capsys: pytest.CaptureFixture[str]) -> None:

@@ -226,14 +226,106 @@ def test_output_rules(tmp_path: Path, three: list[Path]) -> None:
     assert all((p / "model.safetensors").exists() for p in three)
 
 
+def test_force_replaces_only_an_earlier_merge(tmp_path: Path, three: list[Path]) -> None:
+    """A mistyped ``--out ~/project --force`` must not delete a project: --force replaces a merge's output
+    (it holds hubmerge.json) or an empty directory, nothing else."""
+    recipe = {"method": "centroid", "models": [str(p) for p in three]}
+    project = tmp_path / "project"
+    (project / ".git").mkdir(parents=True)
+    (project / "thesis.tex").write_text("years of work")
+    with pytest.raises(OutputError, match="is not the output of a merge .*no hubmerge.json") as info:
+        hubmerge.merge(recipe, project, force=True)
+    assert info.value.hint is not None and "choose another --out" in info.value.hint
+    assert (project / "thesis.tex").read_text() == "years of work" and (project / ".git").is_dir()
+    assert not (tmp_path / ".project.hubmerge-partial").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (hubmerge.merge(recipe, empty).out / "model.safetensors").exists()  # no --force needed
+    file = tmp_path / "precious.txt"
+    file.write_text("keep me")
+    for force in (False, True):
+        with pytest.raises(OutputError, match="exists and is not a directory"):
+            hubmerge.merge(recipe, file, force=force)
+    assert file.read_text() == "keep me" and not (tmp_path / ".precious.txt.hubmerge-old").exists()
+    refused = subprocess.run(
+        [sys.executable, "-m", "hubmerge.cli", str(write_recipe(tmp_path / "r.yaml", json.dumps(recipe)))]
+        + ["--out", str(project), "--force"],
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "hubmerge.json" in refused.stderr
+
+
+def test_resume_refuses_a_local_input_rewritten_since(tmp_path: Path) -> None:
+    """The interrupted run's tensors came from the old checkpoint: mixing them with the new one's is wrong."""
+    recipe, out = _two_model_recipe(tmp_path), tmp_path / "out"
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER, str(recipe), "3", str(out)], capture_output=True
+    )
+    assert killed.returncode == -signal.SIGKILL
+    save_model(tmp_path / "m1", random_tensors(7), shards=2)  # a later checkpoint, same shapes
+    with pytest.raises(OutputError, match=r"different inputs: models.1 \(.*m1\) changed, its weight files"):
+        hubmerge.merge(recipe, out, resume=True)
+    resumed = hubmerge.merge(recipe, out, force=True)
+    fresh = hubmerge.merge(recipe, tmp_path / "fresh")
+    assert (resumed.out / fresh.plan.shards[0].filename).read_bytes() == (
+        fresh.out / fresh.plan.shards[0].filename
+    ).read_bytes()
+
+
+def test_a_module_with_weights_of_its_own_is_refused_before_reading(tmp_path: Path) -> None:
+    """A sentence-transformers ``2_Dense`` module holds weights outside the checkpoint: merged without them,
+    the model would not load, so the plan refuses it, naming the file."""
+    models = [save_model(tmp_path / f"m{i}", random_tensors(i)) for i in range(2)]
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
+    ]
+    for model in models:
+        (model / "modules.json").write_text(json.dumps(modules))
+        (model / "1_Pooling").mkdir()
+        (model / "1_Pooling" / "config.json").write_text("{}")
+    recipe = {"method": "centroid", "models": [str(m) for m in models]}
+    assert (hubmerge.merge(recipe, tmp_path / "pooled").out / "1_Pooling" / "config.json").exists()
+    for model in models:
+        save_model(model / "2_Dense", {"linear.weight": torch.ones(2, 2)})
+    with pytest.raises(PlanError, match="module 2_Dense has weights of its own .*2_Dense/model.safetensors"):
+        hubmerge.plan(recipe)
+    with pytest.raises(PlanError, match="2_Dense"):
+        hubmerge.merge(recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.hubmerge-partial").exists()
+
+
+def test_a_source_without_a_license_leaves_the_card_license_unknown(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    licensed = "---\nlicense: apache-2.0\n---\n# A fine-tune\n"
+    a = save_model(tmp_path / "a", random_tensors(0), card=licensed)
+    b = save_model(tmp_path / "b", random_tensors(1))
+    out = hubmerge.merge({"method": "centroid", "models": [str(a), str(b)]}, tmp_path / "out").out
+    assert "license: unknown" in (out / "README.md").read_text()
+    assert "models.0 declares apache-2.0, but models.1" in caplog.text and "card: {license" in caplog.text
+    both = hubmerge.merge({"method": "centroid", "models": [str(a), str(a)]}, tmp_path / "both").out
+    assert "license: apache-2.0" in (both / "README.md").read_text()
+
+
 def test_same_recipe_same_bytes(tmp_path: Path, three: list[Path]) -> None:
     recipe = {"method": "weighted", "models": [str(p) for p in three], "dtype": "bfloat16"}
     first = hubmerge.merge(recipe, tmp_path / "a" / "out").out
     second = hubmerge.merge(recipe, tmp_path / "b" / "out").out
     for name in ("model.safetensors", "hubmerge.json", "README.md", "config.json", "recipe.yaml"):
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
-    reloaded = hubmerge.load_recipe(first / "recipe.yaml")
-    assert reloaded.sha256() == hubmerge.load_recipe(recipe).sha256()
+    # The stored recipe, local paths made absolute, plans the same merge from wherever it is read.
+    stored = hubmerge.plan(first / "recipe.yaml")
+    assert stored.recipe_sha256 == hubmerge.plan(recipe).recipe_sha256
+    relative = write_recipe(tmp_path / "r.yaml", "method: weighted\nmodels: [a/m0, ./a/m1]\n")
+    (tmp_path / "a").mkdir(exist_ok=True)
+    for i in range(2):
+        save_model(tmp_path / "a" / f"m{i}", random_tensors(i))
+    moved = hubmerge.merge(relative, tmp_path / "rel").out
+    assert f"- {tmp_path / 'a' / 'm0'}" in (moved / "recipe.yaml").read_text()
+    assert hubmerge.plan(moved / "recipe.yaml").fingerprint() == hubmerge.plan(relative).fingerprint()
 
 
 KILL_AFTER = kill_after_script()

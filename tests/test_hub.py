@@ -28,6 +28,7 @@ from hubmerge.errors import (
     RecipeError,
     RepoNotFoundError,
     RevisionNotFoundError,
+    SourceError,
 )
 from hubmerge.hubserver import HubServer
 from hubmerge.hubserver.process import spawn
@@ -106,6 +107,22 @@ def test_merge_from_hub_and_push(
     assert all(commit in card.text for commit in commits) and f'from_pretrained("{target}")' in card.text
     manifest = json.loads(Path(api.hf_hub_download(target, "hubmerge.json")).read_text())
     assert [s["commit"] for s in manifest["sources"]] == commits
+    # The stored recipe pins each source at its commit: rerun after the branch moved, it reads the same bytes.
+    stored = (tmp_path / "out" / "recipe.yaml").read_text()
+    assert f"{ids[0]}@{commits[0]}" in stored and f"{ids[1]}@{commits[1]}" in stored
+    assert f"{ids[0]}@{commits[0]}" in card.text
+    moved = {k: v + 1 for k, v in load_file(str(local[0] / "model.safetensors")).items()}
+    save_model(tmp_path / "moved", moved)
+    api.upload_file(
+        path_or_fileobj=tmp_path / "moved" / "model.safetensors",
+        path_in_repo="model.safetensors",
+        repo_id=ids[0],
+    )
+    stored_recipe = str(tmp_path / "out" / "recipe.yaml")
+    again = _cli(stored_recipe, "--out", str(tmp_path / "again"), endpoint=hub.url, token=hub_token)
+    assert again.returncode == 0, again.stderr
+    for shard in shards:
+        assert (tmp_path / "again" / shard).read_bytes() == (tmp_path / "out" / shard).read_bytes()
 
 
 def test_plan_reads_headers_only(
@@ -659,6 +676,7 @@ def test_push_to_a_branch_and_as_a_pull_request(
     assert proposal.commit_url is not None and "/discussions/" in proposal.commit_url
     assert "model.safetensors" in api.list_repo_files(repo_name, revision="refs/pr/1")
     assert "model.safetensors" not in api.list_repo_files(repo_name)
+    assert f'from_pretrained("{repo_name}", revision="dev")' in card.text  # the snippet loads the branch
 
 
 def test_models_open_together_and_the_first_failure_in_recipe_order_is_reported(
@@ -695,3 +713,111 @@ def test_shards_for_xet_are_written_through_the_cache(monkeypatch: pytest.Monkey
     if importlib.util.find_spec("hf_xet") is None:
         pytest.skip("hf_xet is not installed")
     assert not uploads_read_direct()
+
+
+def test_a_push_over_an_earlier_model_deletes_its_weight_files(
+    tmp_path: Path, hub_token: str, repo_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", hub_token)
+    local = [str(tiny_llama(i, tmp_path / f"ft{i}", card=LICENSED)) for i in range(2)]
+    recipe: dict[str, Any] = {"method": "linear", "models": local, "parameters": {"t": 0.3}}
+    hubmerge.merge(recipe, tmp_path / "one", push=PushTarget(repo_name))
+    api = HfApi(token=hub_token)
+    assert "model.safetensors" in api.list_repo_files(repo_name)
+    for name in ("adapter_config.json", "notes.txt", "onnx/model.safetensors"):  # an adapter's; others'
+        api.upload_file(path_or_fileobj=b"{}", path_in_repo=name, repo_id=repo_name)
+    recipe |= {"parameters": {"t": 0.9}, "output": {"max_shard_size": "40KB"}}
+    second = hubmerge.merge(recipe, tmp_path / "two", push=PushTarget(repo_name))
+    files = set(api.list_repo_files(repo_name))
+    shards = {f.name for f in second.out.glob("model-*.safetensors")}
+    assert len(shards) > 1 and shards | {"model.safetensors.index.json"} <= files
+    assert "model.safetensors" not in files and "adapter_config.json" not in files
+    assert {"notes.txt", "onnx/model.safetensors"} <= files  # not top-level weights: left alone
+    merged = transformers.AutoModelForCausalLM.from_pretrained(repo_name, token=hub_token).state_dict()
+    expected: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        expected |= load_file(str(second.out / shard))
+    for name, value in expected.items():
+        torch.testing.assert_close(merged[name], value, rtol=0, atol=0)
+
+
+def test_private_push_to_a_public_repository_is_refused_before_merging(
+    tmp_path: Path, hub_token: str, repo_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", hub_token)
+    api = HfApi(token=hub_token)
+    api.create_repo(repo_name)
+    models = [str(save_model(tmp_path / f"m{i}", random_tensors(i))) for i in range(2)]
+    with pytest.raises(PublishError, match=f"{repo_name} exists and is public") as info:
+        hubmerge.merge(
+            {"method": "centroid", "models": models},
+            tmp_path / "out",
+            push=PushTarget(repo_name, private=True),
+        )
+    assert info.value.hint is not None and "nothing was merged yet" in info.value.hint
+    assert not api.model_info(repo_name).private and not (tmp_path / "out").exists()
+    assert api.list_repo_files(repo_name) == [".gitattributes"]
+
+
+def test_a_push_to_a_bare_name_goes_to_the_users_namespace(
+    tmp_path: Path, hub_token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", hub_token)
+    name = f"bare-{os.getpid()}-{time.monotonic_ns()}"
+    models = [str(save_model(tmp_path / f"m{i}", random_tensors(i))) for i in range(2)]
+    result = hubmerge.merge({"method": "centroid", "models": models}, tmp_path / "out", push=PushTarget(name))
+    assert result.commit_url is not None and f"/alice/{name}/commit/" in result.commit_url
+    assert f'from_pretrained("alice/{name}")' in (result.out / "README.md").read_text()
+    assert "model.safetensors" in HfApi(token=hub_token).list_repo_files(f"alice/{name}")
+
+
+@pytest.mark.parametrize("bad", ["a/bad name", "alice/x@main", "a/b/c", "-lead"])
+def test_a_push_target_that_is_no_repository_id_fails_before_planning(
+    tmp_path: Path, hub: HubServer, hub_token: str, bad: str
+) -> None:
+    models = [str(save_model(tmp_path / f"m{i}", random_tensors(i))) for i in range(2)]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: centroid\nmodels: {json.dumps(models)}\n")
+    done = _cli(str(recipe), "--out", str(tmp_path / "out"), "--push", bad, endpoint=hub.url, token=hub_token)
+    assert done.returncode == 2 and done.stdout == ""  # before the plan is printed
+    assert done.stderr.count("\n") == 1 and f"push target {bad!r}" in done.stderr and "hint:" in done.stderr
+    with pytest.raises(RecipeError, match="push.repo"):
+        hubmerge.load_recipe({"method": "centroid", "models": models, "push": {"repo": bad}})
+
+
+def test_an_invalid_token_is_one_line_that_names_it(
+    tmp_path: Path, hub: HubServer, sources: dict[str, object]
+) -> None:
+    ids, _, _ = _unpacked(sources)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: linear\nmodels: {json.dumps(ids)}\nparameters: {{t: 0.5}}\n")
+    done = _cli("plan", str(recipe), endpoint=hub.url, token="not-a-token")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "the Hub refused the token" in done.stderr and "HTTP 401" in done.stderr
+    assert "HF_TOKEN" in done.stderr and "not-a-token" not in done.stderr
+
+
+def test_a_resumed_push_refuses_shards_uploaded_to_another_repository(tmp_path: Path) -> None:
+    from hubmerge.publish import UPLOADED, HubUploader
+    from hubmerge.writer import PROGRESS_DIR
+
+    (tmp_path / PROGRESS_DIR).mkdir()
+    record = {"repo": "alice/first", "branch": None, "sha256": "00" * 32, "size": 1, "sample": ""}
+    (tmp_path / PROGRESS_DIR / UPLOADED).write_text(json.dumps({"model-00001-of-00002.safetensors": record}))
+    HubUploader(PushTarget("alice/first", delete_local=True), tmp_path)._check_recorded()  # same target: fine
+    for target in (PushTarget("alice/second", delete_local=True), PushTarget("alice/first", branch="dev")):
+        with pytest.raises(PublishError, match="was uploaded to alice/first by the interrupted run"):
+            HubUploader(target, tmp_path)._check_recorded()
+
+
+def test_a_sharded_repository_without_its_index_says_so(
+    tmp_path: Path, hub_token: str, repo_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", hub_token)
+    folder = save_model(tmp_path / "m", random_tensors(0), shards=2)
+    (folder / "model.safetensors.index.json").unlink()
+    _publish(HfApi(token=hub_token), repo_name, folder)
+    with pytest.raises(
+        SourceError, match=r"holds 2 .safetensors files .* but no model.safetensors.index.json"
+    ):
+        hubmerge.plan({"method": "centroid", "models": [repo_name, repo_name]})

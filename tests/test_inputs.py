@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import hubmerge
 from hubmerge.errors import HeaderError, RecipeError, SourceError
@@ -95,6 +96,66 @@ def test_recipe_errors_name_the_field(pair: list[str]) -> None:
     _recipe_error(Path("/nonexistent/recipe.yaml"), "does not exist")
 
 
+@pytest.mark.parametrize(
+    ("doc", "path"),
+    [
+        ({"method": "linear", "parameters": {"t": float("nan")}}, "parameters.t"),
+        ({"method": "linear", "parameters": {"t": float("inf")}}, "parameters.t"),
+        ({"method": "weighted", "models": [{"weight": float("-inf")}, {}]}, "models.0.weight"),
+        ({"method": "ties", "base": 1, "models": [{"density": float("nan")}, {}]}, "models.0.density"),
+        ({"method": "weighted", "parameters": {"weight": [1.0, float("nan")]}}, "parameters.weight"),
+        (
+            {
+                "method": "linear",
+                "parameters": {"t": 0.5},
+                "rules": [{"tensors": "x", "parameters": {"t": float("nan")}}],
+            },
+            "rules.0.parameters.t",
+        ),
+    ],
+)
+def test_numbers_that_are_not_finite_are_refused(pair: list[str], doc: dict[str, object], path: str) -> None:
+    """NaN passes every range check (each comparison is false) and infinity fills the merge with NaN."""
+    models = doc.get("models", [{}, {}])
+    assert isinstance(models, list)
+    doc = doc | {"models": [{"path": p} | m for p, m in zip(pair, models, strict=True)]}  # type: ignore[operator]
+    if doc.get("base") == 1:
+        doc["base"] = pair[0]
+    _recipe_error(doc, "is not a finite number", path)
+
+
+def test_recipe_text_files_and_numbers_read_as_meant(pair: list[str], tmp_path: Path) -> None:
+    # YAML 1.1 reads 1e-1 as a string; a recipe means the number.
+    recipe = hubmerge.load_recipe(f"method: linear\nmodels: {pair}\nparameters: {{t: 1e-1}}\n")
+    assert recipe.parameters == {"t": 0.1}
+    # A misspelt required key is named as such, not only as the missing one.
+    misspelt = _recipe_error(f"modles: {pair}\nmethod: centroid\n", "unknown key", "modles")
+    assert misspelt.hint == "did you mean `models`?"
+    # A one-line string names a file (whatever its suffix), not YAML text.
+    _recipe_error("recipe.json", "recipe file recipe.json does not exist")
+    _recipe_error("nope", "recipe file nope does not exist")
+    (tmp_path / "r.txt").write_text(f"method: centroid\nmodels: {pair}\n")
+    assert hubmerge.load_recipe(str(tmp_path / "r.txt")).method == "centroid"
+    (tmp_path / "empty.yaml").write_text("")
+    _recipe_error(tmp_path / "empty.yaml", "the recipe is empty")
+    _recipe_error(5, "a recipe is a path, YAML text, a dict or a Recipe, got int")
+    # Booleans are no model index and no size.
+    _recipe_error(
+        {"method": "centroid", "models": pair, "rules": [{"tensors": "x", "take": True}]},
+        "integer",
+        "rules.0.take",
+    )
+    _recipe_error(
+        {"method": "centroid", "models": pair, "output": {"max_shard_size": True}},
+        "valid integer",
+        "output.max_shard_size",
+    )
+    sized = _recipe_error(
+        {"method": "centroid", "models": pair, "output": {"max_shard_size": -5}}, "positive"
+    )
+    assert str(sized).count("-5") == 1
+
+
 def test_recipe_paths_are_relative_to_the_recipe(tmp_path: Path) -> None:
     save_model(tmp_path / "models" / "a", random_tensors(0))
     (tmp_path / "r.yaml").write_text("method: centroid\nmodels: [models/a, {path: ./models/a}]\n")
@@ -133,6 +194,25 @@ def test_mergekit_config_is_translated(pair: list[str]) -> None:
         "parameters: {t: 0.25}\n"
     )
     assert [m.ref for m in slerp.models] == [pair[1], pair[0]]
+    # mergekit's idiom lists the base among the models; its task-vector methods leave it out, and its
+    # defaults (density 1.0; normalize true for ties only) hold where the config gives none.
+    for method, normalize in (("ties", True), ("dare_ties", False), ("dare_linear", False)):
+        listed = hubmerge.load_recipe(
+            f"merge_method: {method}\nbase_model: {pair[1]}\nmodels:\n  - model: {pair[1]}\n"
+            f"  - model: {pair[0]}\n    parameters: {{weight: 0.5}}\n"
+        )
+        assert [m.ref for m in listed.models] == [pair[0]] and listed.base is not None
+        assert listed.parameters == {"normalize": normalize, "density": 1.0}
+    stock = hubmerge.load_recipe(
+        f"merge_method: model_stock\nbase_model: {pair[1]}\n"
+        f"models: [{{model: {pair[1]}}}, {{model: {pair[0]}}}, {{model: {pair[0]}}}]\n"
+    )
+    assert [m.ref for m in stock.models] == [pair[0], pair[0]] and stock.parameters == {}
+    given = hubmerge.load_recipe(
+        f"merge_method: ties\nbase_model: {pair[1]}\nmodels: [{{model: {pair[0]}}}]\n"
+        "parameters: {density: 0.3, normalize: false}\n"
+    )
+    assert given.parameters == {"normalize": False, "density": 0.3}
     _recipe_error({"merge_method": "linear", "slices": []}, "layer slicing", "slices")
     _recipe_error({"merge_method": "passthrough", "models": []}, "not supported", "merge_method")
     _recipe_error(
@@ -244,3 +324,18 @@ def test_single_file_source(tmp_path: Path) -> None:
     directory = save_model(tmp_path / "m", random_tensors(0))
     plan = hubmerge.plan({"method": "centroid", "models": [str(directory / "model.safetensors")]})
     assert len(plan.jobs) == len(random_tensors(0))
+
+
+def test_a_folder_with_both_a_single_file_and_an_index_is_read_as_transformers_reads_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stale ``model.safetensors`` next to shards (or stale shards next to it): transformers loads the
+    single file, so the merge must merge that one, not the other."""
+    both = save_model(tmp_path / "both", random_tensors(0), shards=2)
+    single = random_tensors(5)
+    save_model(tmp_path / "single", single)
+    (tmp_path / "single" / "model.safetensors").rename(both / "model.safetensors")
+    out = hubmerge.merge({"method": "centroid", "models": [str(both), str(both)]}, tmp_path / "out").out
+    merged = load_file(str(out / "model.safetensors"))
+    torch.testing.assert_close(merged["layer.0.weight"], single["layer.0.weight"])
+    assert "holds both model.safetensors and model.safetensors.index.json" in caplog.text

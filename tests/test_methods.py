@@ -157,9 +157,24 @@ def test_dare_linear_keeps_or_drops_each_entry() -> None:
 def test_dare_linear_two_models_pick_one_of_four_outcomes() -> None:
     base, x, y = randn(5, (30, 30), 3)
     got = dare_linear([x, y], base=base, generator=gen(1), weights=[1.0, 3.0], densities=[0.5, 0.8])
-    dx, dy = (x - base) / 0.5, 3.0 * (y - base) / 0.8
+    dx, dy = (x - base) / 0.5, 3.0 * (y - base) / _kept(0.8)
     outcomes = torch.stack([base, base + dx, base + dy, base + dx + dy])
     assert torch.isclose(outcomes, got, rtol=1e-12, atol=1e-12).any(dim=0).all()
+
+
+def _kept(density: float) -> float:
+    """The probability DARE's mask keeps an entry with: the density rounded to 1/65536 (16-bit lanes)."""
+    return round(density * 65536) / 65536
+
+
+@pytest.mark.parametrize("density", [1e-5, 3e-5, 0.1, 0.3, 0.8, 0.999999, 1.0])
+def test_dare_rescales_by_the_probability_an_entry_is_kept(density: float) -> None:
+    """Survivors scaled by exactly one over their chance: no bias, even where rounding to 1/65536 is
+    large against the density (1e-5 keeps with probability 1/65536, 1.53 times as often)."""
+    from hubmerge.methods.task_vectors import rescale
+
+    assert rescale(density) * _kept(density) == pytest.approx(1.0, rel=1e-12)
+    assert rescale(0.0) == 0.0 and rescale(1e-6) == 0.0  # rounds to a cut of 0: nothing is kept
 
 
 def test_dare_rescale_preserves_the_expected_task_vector() -> None:
@@ -178,7 +193,7 @@ def test_dare_ties_two_models_pick_one_of_four_ties_outcomes() -> None:
         candidates = []
         for keep_x in (0.0, 1.0):
             for keep_y in (0.0, 1.0):
-                wd = [keep_x * weights[0] * u / density, keep_y * weights[1] * v / density]
+                wd = [keep_x * weights[0] * u / _kept(density), keep_y * weights[1] * v / _kept(density)]
                 sign = math.copysign(1.0, sum(wd)) if sum(wd) else 0.0
                 agree = [
                     (val, w)

@@ -60,7 +60,8 @@ def test_minilm_merge_keeps_sentence_transformers_files(minilm: Path, tmp_path: 
             (minilm / "modules.json").read_text()
         )
         card = (out / "README.md").read_text()
-        assert "sentence-transformers" in card and "license: apache-2.0" in card
+        assert "library_name: sentence-transformers" in card and "license: apache-2.0" in card
+        assert "pipeline_tag: sentence-similarity" in card and "SentenceTransformer(" in card
         merged = load_file(str(out / "model.safetensors"))
         for name, value in state.items():
             expected = value if not value.is_floating_point() else (1 - t) * value + t * perturbed[name]

@@ -120,15 +120,20 @@ def keep_mask_(scratch: torch.Tensor, density: float, generator: torch.Generator
 
 
 def rescale(density: float) -> float:
-    """DARE's factor for the entries that survive the drop.
+    """DARE's factor for the entries that survive the drop: one over the probability they had to survive.
+
+    That probability is the density rounded to 1/65536 (:func:`dare_mask` compares 16-bit lanes), so the
+    kept entries' expected sum is the task vector's whatever the density; ``1 / density`` itself would
+    overshoot at tiny densities (1.5x at 1e-5, where the cut rounds up to 1 in 65536).
 
     Args:
         density: keep probability, in [0, 1].
 
     Returns:
-        ``1 / density``, or 0 when ``density`` is 0 and nothing survives.
+        ``65536 / cut`` for the mask's cut, 1 when every entry is kept, 0 when none is.
     """
-    return 1.0 / density if density > 0 else 0.0
+    cut = min(round(density * _LANES), _LANES)
+    return _LANES / cut if cut > 0 else 0.0
 
 
 def elect_sign(weighted_deltas: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -25,6 +25,7 @@ class TensorSource(Protocol):
     ref: ModelRef
     label: str
     commit: str | None  # the pinned commit SHA of a Hub source; None for local sources
+    # Local sources also have ``stamp``: their weight files' sizes and modification times, hashed.
     cached: bool  # a Hub source whose tensors are read from the local Hugging Face cache
 
     @property

@@ -209,9 +209,7 @@ def hub_call(
         except (httpx2.TransportError, hf.HfHubHTTPError, OSError) as exc:
             status = getattr(getattr(exc, "response", None), "status_code", None)
             if status is not None and status < 500 and status != 429:
-                raise HubError(
-                    f"{what} from {where} failed: {exc}", repo_id=repo_id, revision=revision
-                ) from None
+                raise _refused(exc, status, what, where, repo_id, revision) from None
             if cancelled is not None and cancelled.is_set():
                 raise HubConnectionError(
                     f"reading {what} from {where} stopped: the source was closed",
@@ -233,6 +231,32 @@ def hub_call(
             else:
                 time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def _refused(
+    exc: Exception, status: int, what: str, where: str, repo_id: str, revision: str | None
+) -> HubError:
+    """A request the Hub refused (4xx), on one line: the status, the Hub's own words, what to do."""
+    said = " ".join(str(getattr(exc, "server_message", None) or "").split())
+    reason = getattr(getattr(exc, "response", None), "reason_phrase", "") or ""
+    detail = f"HTTP {status}" + (f" {reason}" if reason else "") + (f": {said}" if said else "")
+    if status == 401:
+        return HubError(
+            f"the Hub refused the token for {what} on {where} ({detail})",
+            repo_id=repo_id,
+            revision=revision,
+            hint="the token from HF_TOKEN or `hf auth login` is invalid or expired: set a valid one "
+            "(or unset HF_TOKEN to read public repositories without one)",
+        )
+    if status == 403:
+        return HubError(
+            f"the token has no permission for {what} on {where} ({detail})",
+            repo_id=repo_id,
+            revision=revision,
+            hint="use a token with access to this repository (write access to push), or push to a "
+            "namespace of your own",
+        )
+    return HubError(f"{what} from {where} failed ({detail})", repo_id=repo_id, revision=revision)
 
 
 def cached_snapshot(repo_id: str, commit: str, files: Sequence[str], sizes: Mapping[str, int]) -> Path | None:
@@ -374,7 +398,16 @@ class HubSource:
                 self._next[a.name] = b
 
     def _shards(self) -> list[str]:
-        if INDEX in self._sizes:
+        if INDEX in self._sizes and SINGLE in self._sizes:
+            log.warning(
+                "%s: %s holds both %s and %s; reading %s, as transformers does",
+                self.label,
+                self.repo_id,
+                SINGLE,
+                INDEX,
+                SINGLE,
+            )
+        if INDEX in self._sizes and SINGLE not in self._sizes:
             path = self.fetch(INDEX)
             assert path is not None
             self._weight_map: dict[str, str] | None = parse_index(
@@ -397,6 +430,13 @@ class HubSource:
         candidates = sorted(f for f in self._sizes if f.endswith(".safetensors") and "/" not in f)
         if len(candidates) == 1:
             return candidates
+        if candidates:
+            raise SourceError(
+                f"{self.label}: {self.repo_id}@{self._sha} holds {len(candidates)} .safetensors files "
+                f"({', '.join(candidates[:4])}) but no {INDEX}",
+                location=self.repo_id,
+                hint=f"the repository lacks {INDEX}: ask its owner to add it, or merge a local copy with one",
+            )
         pickles = sorted(f for f in self._sizes if f.endswith(PICKLE_SUFFIXES))
         hint = "hubmerge reads safetensors only; convert with save_pretrained(safe_serialization=True)"
         found = f"only pickle files ({', '.join(pickles[:3])})" if pickles else "no safetensors checkpoint"

@@ -6,6 +6,8 @@ until the merge converts it.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import mmap
 import os
 from collections.abc import Sequence
@@ -23,6 +25,7 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 PAGE = mmap.PAGESIZE
+log = logging.getLogger(__name__)
 
 
 def checkpoint_files(root: Path, *, label: str) -> tuple[list[str], dict[str, str] | None]:
@@ -34,6 +37,17 @@ def checkpoint_files(root: Path, *, label: str) -> tuple[list[str], dict[str, st
     Raises:
         SourceError: nothing usable there; pickle checkpoints are refused with how to convert them.
     """
+    if (root / INDEX).is_file() and (root / SINGLE).is_file():
+        # A stale leftover one way or the other; transformers loads the single file, and so do we.
+        log.warning(
+            "%s: %s holds both %s and %s; reading %s, as transformers does",
+            label,
+            root,
+            SINGLE,
+            INDEX,
+            SINGLE,
+        )
+        return [SINGLE], None
     if (root / INDEX).is_file():
         weight_map = parse_index((root / INDEX).read_bytes(), file=str(root / INDEX))
         shards = sorted(set(weight_map.values()))
@@ -106,6 +120,7 @@ class LocalSource:
             shards, weight_map = checkpoint_files(path, label=label)
         self._maps: dict[str, mmap.mmap] = {}
         self.tensors: dict[str, TensorInfo] = {}
+        self._stamps: list[str] = []
         try:
             for shard in shards:
                 self._open_shard(shard, weight_map)
@@ -122,6 +137,15 @@ class LocalSource:
                     hint="regenerate the index or re-download the shards",
                 )
 
+    @property
+    def stamp(self) -> str:
+        """The weight files' names, sizes and modification times, hashed.
+
+        A file rewritten since changes it, so ``--resume`` refuses to mix tensors of the old and the new
+        checkpoint (a Hub source has its commit for that).
+        """
+        return hashlib.sha256("\n".join(self._stamps).encode()).hexdigest()[:16]
+
     def _open_shard(self, shard: str, weight_map: dict[str, str] | None) -> None:
         file = self.root / shard
         try:
@@ -131,7 +155,9 @@ class LocalSource:
                 f"{self.label}: cannot open {file}: {exc.strerror}", location=str(file)
             ) from None
         try:
-            size = os.fstat(fd).st_size
+            stat = os.fstat(fd)
+            size = stat.st_size
+            self._stamps.append(f"{shard}:{size}:{stat.st_mtime_ns}")
             n = header_length(os.pread(fd, 8, 0), file=str(file), file_size=size)
             header = parse_header(os.pread(fd, n, 8), file=str(file), file_size=size)
             # ACCESS_COPY maps privately: reads share the page cache and torch gets a writable buffer.
