@@ -39,15 +39,17 @@ class MergeResult:
     files: tuple[str, ...]
     resumed_tensors: int
     commit_url: str | None = None
+    resumed_bytes: int = 0  # input bytes of the tensors an interrupted run had written (not read again)
 
     @property
     def bytes_read(self) -> int:
-        return self.plan.bytes_read
+        """Input bytes this run merged (a resumed run skips what was written)."""
+        return self.plan.bytes_read - self.resumed_bytes
 
     @property
     def gb_per_s(self) -> float:
         """Input gigabytes merged per second."""
-        return self.plan.bytes_read / 1e9 / max(self.seconds, 1e-9)
+        return self.bytes_read / 1e9 / max(self.seconds, 1e-9)
 
 
 @contextlib.contextmanager
@@ -277,7 +279,13 @@ def merge(
         raise_if_stopped()  # before the output takes its name
         writer.commit(force=force)
     elapsed = time.perf_counter() - start
-    return MergeResult(target, merge_plan, elapsed, tuple(files), len(done), commit_url)
+    skipped = sum(
+        i.nbytes
+        for j in merge_plan.jobs
+        if j.name in done
+        for i in (*j.inputs, *([j.base] if j.base else []))
+    )
+    return MergeResult(target, merge_plan, elapsed, tuple(files), len(done), commit_url, skipped)
 
 
 def finish_output(

@@ -205,6 +205,13 @@ def render_card(
         parameters_section=parameters_section,
         recipe_yaml=recipe.to_yaml(),
         out_name=out_name,
+        fetch=(
+            f"hf download {repo_id} recipe.yaml --local-dir ."
+            + (f" --revision {revision}" if revision else "")
+            + "\n"
+            if repo_id
+            else ""
+        ),
         recipe_sha256=plan.recipe_sha256,
         usage=usage,
     )

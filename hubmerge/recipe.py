@@ -192,7 +192,8 @@ class Recipe(_Strict):
 
         ``commits`` holds one entry per model, then one for the base if there is one: a commit SHA, or None
         for a local model. What ``recipe_sha256`` hashes and the output's ``recipe.yaml`` holds: rerun from
-        anywhere, it reads the same models, the same bytes from the Hub even after a branch moved.
+        anywhere, it reads the same models, the same bytes from the Hub even after a branch moved. The push
+        target and the output directory are left out: they change where the merge goes, not its bytes.
         """
         entries = [*self.models, *([self.base] if self.base is not None else [])]
         refs = [*self.model_refs(), *([self.base_ref()] if self.base is not None else [])]
@@ -209,7 +210,10 @@ class Recipe(_Strict):
             else:
                 pinned.append(entry.model_copy(update={"revision": commit}))
         n = len(self.models)
-        update: dict[str, Any] = {"models": pinned[:n]}
+        # Where the output went is no part of what it is: a reader rerunning the stored recipe must not
+        # push to (or be refused by) the author's repository, and writes where --out says.
+        output = self.output.model_copy(update={"dir": None})
+        update: dict[str, Any] = {"models": pinned[:n], "push": None, "output": output}
         if self.base is not None:
             update["base"] = pinned[n]
         return self.model_copy(update=update)

@@ -310,6 +310,19 @@ def test_a_source_without_a_license_leaves_the_card_license_unknown(
     assert "license: apache-2.0" in (both / "README.md").read_text()
 
 
+def test_a_resumed_run_counts_only_what_it_read(tmp_path: Path) -> None:
+    recipe, out = _two_model_recipe(tmp_path), tmp_path / "out"
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER, str(recipe), "3", str(out)], capture_output=True
+    )
+    assert killed.returncode == -signal.SIGKILL
+    done = set((tmp_path / ".out.hubmerge-partial" / ".hubmerge-progress" / "journal").read_text().split())
+    result = hubmerge.merge(recipe, out, resume=True)
+    assert result.resumed_tensors == len(done) == 3
+    skipped = sum(i.nbytes for j in result.plan.jobs if j.name in done for i in j.inputs)
+    assert 0 < skipped and result.bytes_read == result.plan.bytes_read - skipped
+
+
 def test_same_recipe_same_bytes(tmp_path: Path, three: list[Path]) -> None:
     recipe = {"method": "weighted", "models": [str(p) for p in three], "dtype": "bfloat16"}
     first = hubmerge.merge(recipe, tmp_path / "a" / "out").out

@@ -464,7 +464,7 @@ def test_ctrl_c_stops_an_upload_under_way(tmp_path: Path, hub_token: str, repo_n
 
 
 def test_delete_local_keeps_only_small_files(
-    tmp_path: Path, hub: HubServer, hub_token: str, repo_name: str
+    tmp_path: Path, hub: HubServer, hub_token: str, other_token: str, repo_name: str
 ) -> None:
     local = [save_model(tmp_path / f"m{i}", random_tensors(i)) for i in range(2)]
     recipe = tmp_path / "r.yaml"
@@ -483,6 +483,21 @@ def test_delete_local_keeps_only_small_files(
         merged |= load_file(api.hf_hub_download(repo_name, shard))
     a, b = random_tensors(0), random_tensors(1)
     torch.testing.assert_close(merged["layer.0.weight"], (a["layer.0.weight"] + b["layer.0.weight"]) / 2)
+    # The stored recipe leaves out where the merge went: a reader reruns it without pushing to this repo.
+    stored = hubmerge.load_recipe(tmp_path / "out" / "recipe.yaml")
+    assert stored.push is None and stored.output.dir is None and stored.output.max_shard_size == 300
+    assert (
+        f"hf download {repo_name} recipe.yaml --local-dir ." in (tmp_path / "out" / "README.md").read_text()
+    )
+    rerun = _cli(
+        str(tmp_path / "out" / "recipe.yaml"),
+        "--out",
+        str(tmp_path / "again"),
+        endpoint=hub.url,
+        token=other_token,
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    assert {f.name for f in (tmp_path / "again").glob("*.safetensors")} == set(shards)
 
 
 def test_reads_follow_the_cdn_redirect_once_per_file(
