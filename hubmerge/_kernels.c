@@ -139,7 +139,8 @@ INLINE vi lane_below(const int16_t *lane, int j, vs cut) {
 }
 
 /* TIES on n elements, as hubmerge.methods.blocks.ties_block: keep |x - base| >= threshold (NaN: none),
- * multiply by the scale, elect the sign of the sum, sum the agreeing entries, divide by the agreeing weights.
+ * multiply by the scale, elect the sign of the sum (+ where it is 0), sum the agreeing entries, divide by the
+ * agreeing weights.
  * With lanes[k] (DARE, as hubmerge.methods.task_vectors.dare_ties), model k also keeps only the entries whose
  * random 16-bit lane is below cuts[k]. TIES passes its weights as the scales. */
 INLINE void ties_merge(int64_t n, int m, const void *const *xs, const int *types, const void *base,
@@ -183,7 +184,8 @@ INLINE void ties_merge(int64_t n, int m, const void *const *xs, const int *types
         for (int j = 0; j < CHUNK; j += LANES) {
             vf total = vload(e[0] + j);
             for (int k = 1; k < m; k++) total += vload(e[k] + j);
-            vstore(sign + j, __builtin_convertvector((total < 0) - (total > 0), vf));
+            /* +1 where the sum is >= 0 (a tie elects +, as mergekit and PEFT do), -1 below, 0 for NaN */
+            vstore(sign + j, __builtin_convertvector((total < 0) - (total >= 0), vf));
         }
         for (int k = 0; k < m; k++) {
             const vf w = splat(weights[k]);

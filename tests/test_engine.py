@@ -323,6 +323,26 @@ def test_a_resumed_run_counts_only_what_it_read(tmp_path: Path) -> None:
     assert 0 < skipped and result.bytes_read == result.plan.bytes_read - skipped
 
 
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_ties_elects_plus_where_the_task_vectors_cancel_through_the_engine(
+    tmp_path: Path, method: str
+) -> None:
+    """A merge elects + where the weighted task vectors cancel exactly, as mergekit (test_kernels checks the
+    fused kernel on the same case)."""
+    shape = (64, 256)
+    base = save_model(tmp_path / "base", {"w": torch.zeros(shape)})
+    x = save_model(tmp_path / "x", {"w": torch.full(shape, -2.0)})
+    y = save_model(tmp_path / "y", {"w": torch.full(shape, 4.0)})
+    recipe = {
+        "method": method,
+        "base": str(base),
+        "models": [{"path": str(x), "weight": 1.0}, {"path": str(y), "weight": 0.5}],
+        "parameters": {"density": 1.0},
+    }
+    out = _sd(hubmerge.merge(recipe, tmp_path / "out").out)
+    torch.testing.assert_close(out["w"], torch.full(shape, 4.0), rtol=0, atol=0)
+
+
 def test_same_recipe_same_bytes(tmp_path: Path, three: list[Path]) -> None:
     recipe = {"method": "weighted", "models": [str(p) for p in three], "dtype": "bfloat16"}
     first = hubmerge.merge(recipe, tmp_path / "a" / "out").out

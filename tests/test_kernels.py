@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -133,6 +134,19 @@ def test_ties_merge_is_bit_equal_to_ties_block(
         normalize=normalize,
     )
     assert torch.equal(_bits(out), _bits(expected.to(out_dtype)))
+
+
+def test_ties_merge_elects_plus_where_the_sum_is_zero_as_ties_block() -> None:
+    """Entries that cancel exactly elect + in the kernel as in the torch path (and mergekit, PEFT)."""
+    n = 1000
+    base = torch.zeros(n)
+    xs = [torch.full((n,), -2.0), torch.full((n,), 4.0), torch.zeros(n)]
+    xs[0][::2] = 0.0  # half the entries: one model alone, the sum positive
+    out = torch.empty(n)
+    kwargs: dict[str, Any] = {"thresholds": [0.0] * 3, "weights": [1.0, 0.5, 1.0], "lambda_": 1.0}
+    assert kernels.ties_merge(xs, base, out, normalize=True, **kwargs)
+    expected = ties_block(xs, base=base, normalize=True, **kwargs)
+    assert torch.equal(out, expected) and torch.equal(out, torch.full((n,), 4.0))
 
 
 def test_kernels_decline_what_they_do_not_handle() -> None:

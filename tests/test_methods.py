@@ -103,6 +103,16 @@ def test_ties_unnormalized_with_lambda() -> None:
     assert_close(got, ONES + 0.5 * t64([[3.0, 0.0, 0.0], [8.0, 10.0, -10.0]]))
 
 
+def test_ties_elects_plus_where_the_weighted_sum_is_zero() -> None:
+    """Opposite entries that cancel (bfloat16 inputs and weights like 0.5 make this common): the sign is +,
+    as mergekit and PEFT elect it, so the positive entry is kept instead of both dropped."""
+    base = torch.zeros(1, 3, dtype=F64)
+    x = t64([[-2.0, -2.0, 0.0]])
+    y = t64([[4.0, -6.0, 0.0]])
+    got = ties([x, y], base=base, weights=[1.0, 0.5], densities=[1.0, 1.0])
+    assert_close(got, t64([[2.0 / 0.5, (-2.0 - 3.0) / 1.5, 0.0]]))
+
+
 def ties_reference(
     xs: list[torch.Tensor], base: torch.Tensor, weights: list[float], densities: list[float], normalize: bool
 ) -> torch.Tensor:
@@ -117,7 +127,7 @@ def ties_reference(
     out = []
     for i, bv in enumerate(flat_base):
         total = sum(t[i] for t in trimmed)
-        sign = (total > 0) - (total < 0)
+        sign = 1 if total >= 0 else -1  # a tie elects +, as in mergekit and PEFT
         agreeing = [
             (t[i], w) for t, w in zip(trimmed, weights, strict=True) if (t[i] > 0) - (t[i] < 0) == sign
         ]
@@ -194,7 +204,7 @@ def test_dare_ties_two_models_pick_one_of_four_ties_outcomes() -> None:
         for keep_x in (0.0, 1.0):
             for keep_y in (0.0, 1.0):
                 wd = [keep_x * weights[0] * u / _kept(density), keep_y * weights[1] * v / _kept(density)]
-                sign = math.copysign(1.0, sum(wd)) if sum(wd) else 0.0
+                sign = 1.0 if sum(wd) >= 0 else -1.0
                 agree = [
                     (val, w)
                     for val, w in zip(wd, weights, strict=True)

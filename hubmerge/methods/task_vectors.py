@@ -137,20 +137,23 @@ def rescale(density: float) -> float:
 
 
 def elect_sign(weighted_deltas: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Per element, the sign (-1, 0 or 1) of the sum of the weighted task vectors.
+    """Per element, the elected sign: +1 where the weighted task vectors sum to >= 0, else -1 (0 for NaN).
+
+    A sum of exactly 0 (opposite entries cancelling, common with bfloat16 inputs and weights like 0.5) elects
+    +1, as mergekit and PEFT elect it, so that a mergekit TIES config merges to mergekit's numbers; entries
+    that are 0 agree with no sign and are never summed.
 
     Args:
         weighted_deltas: one weighted, sparsified task vector per model.
 
     Returns:
-        A new tensor of signs.
+        A new tensor of signs, in the deltas' dtype.
     """
-    if len(weighted_deltas) == 1:
-        return torch.sign(weighted_deltas[0])
-    total = torch.add(weighted_deltas[0], weighted_deltas[1])
-    for delta in weighted_deltas[2:]:
+    total = weighted_deltas[0].clone()
+    for delta in weighted_deltas[1:]:
         total.add_(delta)
-    return total.sign_()
+    negative = (total < 0).to(total.dtype)
+    return total.ge_(0).sub_(negative)
 
 
 def disjoint_merge(
