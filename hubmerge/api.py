@@ -15,10 +15,10 @@ from . import __version__
 from .companions import check_module_weights, companion_source
 from .errors import OutputError, RecipeError, raise_if_stopped
 from .plan import DEFAULT_MEMORY_BUDGET, MergePlan, build_plan
-from .publish import PushTarget, uploads_read_direct
+from .publish import UPLOADED, PushTarget, uploads_read_direct
 from .recipe import Dtype, Recipe, load_recipe
 from .sources import TensorSource, open_source
-from .writer import MANIFEST, ShardWriter, Sink, check_output, write_json
+from .writer import MANIFEST, PROGRESS_DIR, ShardWriter, Sink, check_output, write_json
 
 if TYPE_CHECKING:
     from .refs import ModelRef
@@ -156,12 +156,13 @@ def check_target(recipe: Recipe, out: str | Path | None, *, force: bool, resume:
     return target
 
 
-def _check_device(device: str) -> None:
+def check_device(device: str) -> None:
+    """Refuse a device hubmerge does not run on."""
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise RecipeError(f"device {device!r} is not cpu or cuda", hint="use --device cpu or --device cuda")
 
 
-def _check_space(target: Path, plan: MergePlan, *, resume: bool, delete_local: bool) -> None:
+def check_space(target: Path, plan: MergePlan, *, resume: bool, delete_local: bool) -> None:
     """Refuse, before any read, a merge the output's disk has no room for (it would fail at the end)."""
     import shutil
 
@@ -173,7 +174,8 @@ def _check_space(target: Path, plan: MergePlan, *, resume: bool, delete_local: b
     # --delete-local deletes each shard once uploaded: about one shard at a time is on disk.
     needed = max(sizes, default=0) * 2 if delete_local else sum(sizes)
     if resume and partial.is_dir():
-        needed -= sum(f.stat().st_size for f in partial.glob("*.safetensors"))
+        # Blocks on disk, not sizes: the shards are created at full length, sparse until written.
+        needed -= sum(f.stat().st_blocks * 512 for f in partial.glob("*.safetensors"))
     parent = partial.parent if partial.parent.exists() else target.parent
     while not parent.exists():
         parent = parent.parent
@@ -228,7 +230,7 @@ def merge(
     from .sources.buffers import retain_freed_memory
 
     loaded = _with_dtype(load_recipe(recipe), dtype)
-    _check_device(device)
+    check_device(device)
     if push is None and loaded.push is not None:
         push = PushTarget(**loaded.push.model_dump())
     target = check_target(loaded, out, force=force, resume=resume)
@@ -242,9 +244,18 @@ def merge(
         # A pushed shard is read again as soon as it is written, around the page cache too where the upload
         # goes through the LFS protocol; Xet reads files by path, from the cache (publish.py).
         direct = push is None or uploads_read_direct()
-        _check_space(target, merge_plan, resume=resume, delete_local=push is not None and push.delete_local)
+        check_space(target, merge_plan, resume=resume, delete_local=push is not None and push.delete_local)
         writer = ShardWriter(target, resume=resume, direct=direct)
-        uploader = HubUploader(push, writer.tmp, read_direct=direct) if push is not None else None
+        uploader = (
+            HubUploader(push, writer.tmp, read_direct=direct, resume=resume) if push is not None else None
+        )
+        if resume and push is None and (writer.tmp / PROGRESS_DIR / UPLOADED).is_file():
+            raise OutputError(
+                f"the interrupted merge into {target} pushed shards and deleted them here (--delete-local): "
+                "only the Hub has them",
+                path=str(target),
+                hint="resume with the same --push target (and --delete-local), or start over with --force",
+            )
         commit_url = None
         try:
             if uploader is not None:  # the push target first: a Hub that refuses it leaves nothing here

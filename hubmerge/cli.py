@@ -112,7 +112,7 @@ def merge_command(
     quiet: bool,
 ) -> None:
     """Merge the models of RECIPE."""
-    from .api import check_target, merge, plan
+    from .api import check_device, check_space, check_target, merge, plan
     from .publish import PushTarget
     from .recipe import load_recipe
     from .report import human_bytes, plan_summary
@@ -134,9 +134,12 @@ def merge_command(
             "--private, --branch, --create-pr and --delete-local need a push target",
             hint="add --push REPO or a `push:` section to the recipe",
         )
-    if dry_run:
-        check_target(loaded, out, force=force, resume=resume)  # what the merge would refuse, it refuses
-        click.echo(plan_summary(plan(loaded, dtype=dtype)))
+    if dry_run:  # the checks the merge makes before reading, but those that ask the Hub to push
+        target_dir = check_target(loaded, out, force=force, resume=resume)
+        check_device(device)
+        planned = plan(loaded, dtype=dtype)
+        check_space(target_dir, planned, resume=resume, delete_local=bool(target and target.delete_local))
+        click.echo(plan_summary(planned))
         click.echo("dry run: nothing read, nothing written")
         return
     if device == "cuda":

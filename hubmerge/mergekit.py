@@ -97,7 +97,7 @@ def translate_mergekit(doc: dict[str, Any]) -> dict[str, Any]:
             entry["parameters"] = params
         models.append(entry)
     if mk_method in TASK_VECTOR_METHODS and base is not None:
-        models = [m for m in models if m["ref"] != recipe["base"]]
+        models = [m for m in models if not _same(m["ref"], recipe["base"])]
     if mk_method == "slerp" and base is not None:
         # mergekit's slerp goes from base_model (t=0) to the other model (t=1).
         others = [m for m in models if m["ref"] != recipe["base"]]
@@ -110,6 +110,11 @@ def translate_mergekit(doc: dict[str, Any]) -> dict[str, Any]:
     if out_dtype is not None:
         recipe["dtype"] = out_dtype
     return recipe
+
+
+def _same(a: str, b: str) -> bool:
+    """Whether two mergekit model references name the same model (``path`` and ``path/`` alike)."""
+    return a.strip().rstrip("/") == b.strip().rstrip("/")
 
 
 def _model_ref(value: Any, where: str) -> str:

@@ -6,6 +6,7 @@ Precedence for a tensor: a matching rule's ``parameters`` > the model entry's ow
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -63,23 +64,25 @@ def check_parameters(recipe: Recipe) -> None:
         if rule.take == "base" and recipe.base is None:
             raise RecipeError("take: base but the recipe has no base", path=f"rules.{r}.take")
         _check_mapping(spec, rule.parameters, n, f"rules.{r}.parameters")
+        where = f"rules.{r}.parameters"
         _check_normalizable(
-            spec, resolve_params(recipe, spec, rule.parameters, where=f"rules.{r}.parameters")
+            spec, resolve_params(recipe, spec, rule.parameters, where=where), f"{where}.weight"
         )
-    _check_normalizable(spec, resolve_params(recipe, spec, {}))
+    _check_normalizable(spec, resolve_params(recipe, spec, {}), "models")
 
 
 # Methods that divide by the sum of the weights when `normalize` is on (TIES divides per entry instead).
 _SUM_NORMALIZED = ("weighted", "task_arithmetic", "dare_linear")
 
 
-def _check_normalizable(spec: MethodSpec, kwargs: Mapping[str, object]) -> None:
+def _check_normalizable(spec: MethodSpec, kwargs: Mapping[str, object], where: str) -> None:
     weights = kwargs.get("weights")
     if spec.name in _SUM_NORMALIZED and kwargs.get("normalize") and isinstance(weights, list):
-        if sum(weights) == 0:
+        # Near 0 too: [0.1, 0.2, -0.3] sums to 5.6e-17 in floats, and dividing by it scales by 1.8e16.
+        if abs(sum(weights)) <= 1e-6 * sum(abs(w) for w in weights):
             raise RecipeError(
                 f"the weights {weights} sum to 0, and `normalize` divides by their sum",
-                path="models",
+                path=where,
                 hint="change the weights, or set `normalize: false`",
             )
 
@@ -125,8 +128,19 @@ def _coerce(param: ParamSpec, value: Scalar, where: str) -> Scalar:
         if not isinstance(value, bool):
             raise RecipeError(f"'{param.name}' is true or false, got {value!r}", path=where)
         return value
+    if isinstance(value, str):  # YAML 1.1 reads 1e-3 as text (it wants 1.0e-3): a number is meant
+        try:
+            value = float(value.strip()) if param.type is float else int(value.strip())
+        except ValueError:
+            pass
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise RecipeError(f"'{param.name}' is a number, got {value!r}", path=where)
+    if not math.isfinite(value):
+        raise RecipeError(
+            f"{value} is not a finite number",
+            path=where,
+            hint="give a finite value: NaN or infinity would fill the merge with NaN",
+        )
     number = int(value) if param.type is int else float(value)
     if (param.low is not None and number < param.low) or (param.high is not None and number > param.high):
         raise RecipeError(

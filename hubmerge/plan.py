@@ -47,7 +47,7 @@ class SourceInfo:
 @dataclass(frozen=True)
 class MergePlan:
     recipe: Recipe  # pinned: each Hub model at its resolved commit (Recipe.pinned)
-    recipe_sha256: str  # of the pinned recipe
+    recipe_sha256: str  # of the pinned recipe, local paths left out (Recipe.portable_sha256)
     method: str
     sources: tuple[SourceInfo, ...]
     jobs: tuple[Job, ...]
@@ -134,7 +134,7 @@ def build_plan(
     compute_size = DTYPE_SIZES[DTYPE_CODES[recipe.compute_dtype]]
     out_code = DTYPE_CODES[recipe.dtype] if recipe.dtype else None
     names = _all_names(models)
-    seed, sha = seed_of(recipe), recipe.sha256()
+    seed, sha = seed_of(recipe), recipe.portable_sha256()
     specs: list[dict[str, Any]] = []
     skipped: list[str] = []
     mixed: list[str] = []
@@ -220,27 +220,14 @@ def build_plan(
                 params=resolve_params(recipe, spec, overrides),
             )
         )
-    unused = [(i, r) for i, r in enumerate(recipe.rules) if id(r) not in applied]
-    for i, rule in unused:
-        if not rule.skip:  # a misspelt glob would merge what the rule meant to take or treat apart
-            close = difflib.get_close_matches(rule.globs[0], _glob_candidates(names), n=1, cutoff=0.75)
-            raise PlanError(
-                f"rules.{i} ({', '.join(rule.globs)}) applies to no tensor: "
-                + (
-                    "an earlier rule takes every tensor it matches"
-                    if _matches_any(rule, names)
-                    else "it matches none"
-                ),
-                hint=(f"did you mean {close[0]!r}? " if close else "")
-                + "check the glob against `hubmerge plan --json`, or remove the rule",
-            )
+    rule_notices = _check_rules(recipe.rules, names, applied)
     if not specs:
         raise PlanError(
             "no tensors to write: every tensor is skipped", hint="check the `rules:` of the recipe"
         )
     jobs, shards = lay_out(specs, sha, parse_size(recipe.output.max_shard_size), seed)
     jobs = [with_chunks(job, compute_size, memory_budget, spec.blockwise) for job in jobs]
-    notices = [f"rules.{i} ({', '.join(rule.globs)}) skips no tensor: it matches none" for i, rule in unused]
+    notices = rule_notices
     if mixed:
         target = recipe.compute_dtype
         notices.append(
@@ -294,6 +281,36 @@ def _all_names(models: Sequence[TensorSource]) -> list[str]:
     return list(seen)
 
 
+def _check_rules(rules: Sequence[Rule], names: Sequence[str], applied: set[int]) -> list[str]:
+    """Refuse a `take` or `parameters` rule that applies to no tensor, or one of whose globs matches none:
+    a misspelt glob would merge what the rule meant to take or treat apart. A `skip` rule that skips less
+    than it names gives a notice (returned).
+
+    Raises:
+        PlanError: naming the rule and the glob, with the closest glob of the model's tensors.
+    """
+    notices = []
+    for i, rule in enumerate(rules):
+        unmatched = [g for g in rule.globs if not any(fnmatch.fnmatchcase(n, g) for n in names)]
+        if id(rule) in applied and not unmatched:
+            continue
+        if unmatched:
+            glob = unmatched[0]
+            problem = f"its glob {glob!r} matches no tensor"
+            close = difflib.get_close_matches(glob, _glob_candidates(names), n=1, cutoff=0.75)
+            suggestion = f"did you mean {close[0]!r}? " if close else ""
+        else:
+            problem, suggestion = "an earlier rule takes every tensor it matches", "reorder the rules, or "
+        if rule.skip:
+            notices.append(f"rules.{i} ({', '.join(rule.globs)}) skips less than it names: {problem}")
+            continue
+        raise PlanError(
+            f"rules.{i} ({', '.join(rule.globs)}) does not apply as written: {problem}",
+            hint=suggestion + "check the globs against `hubmerge plan --json`, or remove the rule",
+        )
+    return notices
+
+
 def _glob_candidates(names: Sequence[str]) -> list[str]:
     """Names and their dotted prefixes as globs (``head.*``, ``layers.0.*``): what a rule's glob may mean."""
     found = set(names)
@@ -301,10 +318,6 @@ def _glob_candidates(names: Sequence[str]) -> list[str]:
         parts = name.split(".")
         found.update(".".join(parts[:k]) + ".*" for k in range(1, len(parts)))
     return sorted(found)
-
-
-def _matches_any(rule: Rule, names: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, glob) for name in names for glob in rule.globs)
 
 
 def _rule_for(rules: Sequence[Rule], name: str) -> Rule | None:

@@ -75,12 +75,15 @@ class HubUploader:
         directory: the folder the shards are written in.
         read_direct: read each shard for its upload around the page cache, with a thread reading ahead
             (``directio.DirectReader``): for shards written that way, see :func:`uploads_read_direct`.
+        resume: the merge continues an interrupted one (whose uploads ``directory`` records).
     """
 
-    def __init__(self, target: PushTarget, directory: Path, *, read_direct: bool = False) -> None:
+    def __init__(
+        self, target: PushTarget, directory: Path, *, read_direct: bool = False, resume: bool = False
+    ) -> None:
         from huggingface_hub import HfApi
 
-        self.target, self.directory = target, directory
+        self.target, self.directory, self.resume = target, directory, resume
         self.api = HfApi()
         self._plan: MergePlan | None = None
         self._ops: dict[str, CommitOperationAdd] = {}
@@ -124,7 +127,9 @@ class HubUploader:
         if "/" not in self.target.repo_id:  # the Hub creates `name` in the user's namespace: name it so
             self.target = replace(self.target, repo_id=f"{user['name']}/{self.target.repo_id}")
         target = self.target
-        self._check_recorded()
+        _check_namespace(target.repo_id, user)
+        if self.resume:
+            self._check_recorded()
         self._call(
             lambda: self.api.create_repo(target.repo_id, private=target.private, exist_ok=True),
             "create repository",
@@ -154,7 +159,7 @@ class HubUploader:
         target = self.target
         for name, record in sorted(self._recorded().items()):
             repo, branch = record.get("repo", target.repo_id), record.get("branch", target.branch)
-            if (repo, branch) != (target.repo_id, target.branch):
+            if (repo, branch or "main") != (target.repo_id, target.branch or "main"):
                 where = f"{repo}" + (f" (branch {branch})" if branch else "")
                 raise PublishError(
                     f"{name} was uploaded to {where} by the interrupted run and deleted here "
@@ -377,6 +382,32 @@ class _UploadBar:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+def _check_namespace(repo_id: str, user: dict[str, Any]) -> None:
+    """Refuse, before merging, a push into a namespace that is neither the token's user nor one of its orgs.
+
+    The Hub would refuse the upload with 403 only once the merge is done. (A token limited to some
+    repositories of its own namespace can still be refused then.)
+    """
+    token = (user.get("auth") or {}).get("accessToken") or {}
+    if token.get("role") == "read":
+        raise PublishError(
+            f"the token ({token.get('displayName') or 'from HF_TOKEN'}) is read-only: "
+            f"it cannot push to {repo_id}",
+            repo_id=repo_id,
+            hint="use a token with write access (HF_TOKEN or `hf auth login`); nothing was merged yet",
+        )
+    namespace = repo_id.split("/")[0]
+    orgs = [o.get("name") if isinstance(o, dict) else o for o in user.get("orgs") or []]
+    if namespace != user.get("name") and namespace not in orgs:
+        raise PublishError(
+            f"the token belongs to {user.get('name')}, who cannot write to the namespace {namespace} "
+            f"(not the user, nor one of its organizations{': ' + ', '.join(map(str, orgs)) if orgs else ''})",
+            repo_id=repo_id,
+            hint="push to a repository of your own (--push NAME goes to your namespace), or use a token of "
+            f"a member of {namespace}; nothing was merged yet",
+        )
 
 
 _WEIGHTS = (

@@ -218,6 +218,26 @@ class Recipe(_Strict):
             update["base"] = pinned[n]
         return self.model_copy(update=update)
 
+    def portable_sha256(self) -> str:
+        """The SHA-256 of this recipe with each local model's path left out (``<local>``).
+
+        What the shards' ``recipe_sha256`` records, for a pinned recipe: the same recipe and inputs give the
+        same bytes from whatever folder they are run, the stored (absolute) recipe included.
+        """
+        refs = [*self.model_refs(), *([self.base_ref()] if self.base is not None else [])]
+        entries = [*self.models, *([self.base] if self.base is not None else [])]
+        anonymous = [
+            e.model_copy(update={"ref" if e.ref is not None else "path": "<local>"})
+            if r is not None and r.path is not None
+            else e
+            for e, r in zip(entries, refs, strict=True)
+        ]
+        n = len(self.models)
+        update: dict[str, Any] = {"models": anonymous[:n]}
+        if self.base is not None:
+            update["base"] = anonymous[n]
+        return self.model_copy(update=update).sha256()
+
     def to_yaml(self) -> str:
         """The recipe as YAML, defaults left out."""
         return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
@@ -248,7 +268,8 @@ def load_recipe(source: str | Path | dict[str, Any] | Recipe, *, base_dir: Path 
     Raises:
         RecipeError: naming the YAML path, what was wrong and how to fix it.
     """
-    if isinstance(source, Recipe):
+    if isinstance(source, Recipe):  # built in code: pydantic checked the fields, not the method's rules
+        _check(source)
         return source
     if isinstance(source, dict):
         doc: Any = source
@@ -274,13 +295,18 @@ def load_recipe(source: str | Path | dict[str, Any] | Recipe, *, base_dir: Path 
     except ValidationError as exc:
         raise _recipe_error(exc) from None
     recipe._base_dir = (base_dir or Path.cwd()).resolve()
+    _check(recipe)
+    return recipe
+
+
+def _check(recipe: Recipe) -> None:
+    """What pydantic cannot check: the model references, finite numbers, the method's parameters."""
+    from .params import check_parameters
+
     recipe.model_refs()
     recipe.base_ref()
     _check_finite(recipe)
-    from .params import check_parameters
-
     check_parameters(recipe)
-    return recipe
 
 
 def _check_finite(recipe: Recipe) -> None:
@@ -303,24 +329,6 @@ def _check_finite(recipe: Recipe) -> None:
                 )
 
 
-class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading ``1e-3`` as a number as YAML 1.2 does (YAML 1.1 wants ``1.0e-3``)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
 def _read_yaml(source: str | Path, base_dir: Path | None) -> tuple[Any, Path | None]:
     text: str
     # One line that names a file, or that no mapping could be (no ':'), is a path; anything else is YAML.
@@ -339,7 +347,7 @@ def _read_yaml(source: str | Path, base_dir: Path | None) -> tuple[Any, Path | N
     else:
         text = source
     try:
-        return yaml.load(text, Loader=_Loader), base_dir
+        return yaml.safe_load(text), base_dir
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

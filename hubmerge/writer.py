@@ -313,26 +313,34 @@ class ShardWriter:
 
 
 def _identities(plan: MergePlan) -> dict[str, Any]:
-    return {"recipe_sha256": plan.recipe_sha256, "sources": {s.label: s.identity() for s in plan.sources}}
+    sources = {s.label: {"ref": str(s.ref), "commit": s.commit, "stamp": s.stamp} for s in plan.sources}
+    return {"recipe_sha256": plan.recipe_sha256, "sources": sources}
 
 
 def _what_changed(progress: Path, plan: MergePlan) -> str:
     """What differs from the interrupted run, for its refusal: a source by name where one changed."""
     try:
         before = json.loads((progress / "sources.json").read_text())
-    except (OSError, ValueError):
+        was = {label: dict(s) for label, s in before["sources"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return "a different recipe or different inputs"
-    now = _identities(plan)
-    changed = [s for s in plan.sources if before.get("sources", {}).get(s.label) != now["sources"][s.label]]
-    if changed:
-        src = changed[0]
-        how = (
-            "its weight files were rewritten since (sizes or modification times differ)"
-            if src.stamp
-            else f"it now resolves to commit {src.commit}"
-        )
-        return f"different inputs: {src.label} ({src.ref}) changed, {how}"
-    if before.get("recipe_sha256") != now["recipe_sha256"]:
+    for label, now in _identities(plan)["sources"].items():
+        old = was.get(label)
+        if old is None:
+            return f"a different recipe: it had no {label}"
+        if old.get("ref") != now["ref"]:
+            return f"a different recipe: {label} is now {now['ref']}, it was {old.get('ref')}"
+        if old.get("commit") != now["commit"]:
+            return (
+                f"different inputs: {label} ({now['ref']}) now resolves to commit {now['commit']}, "
+                f"it was {old.get('commit')}"
+            )
+        if old.get("stamp") != now["stamp"]:
+            return (
+                f"different inputs: {label} ({now['ref']}) changed, its weight files were rewritten since "
+                "(sizes or modification times differ)"
+            )
+    if before.get("recipe_sha256") != plan.recipe_sha256:
         return "a different recipe"
     return "a different output layout"
 

@@ -110,8 +110,30 @@ def test_problems_the_plan_can_see_fail_before_reading(recipe: Path, tmp_path: P
         "method: linear\nmodels: [a, b]\nparameters: {t: 0.5}\nrules: [{tensors: 'hed.*', take: 0}]\n",
     )
     done = _run("plan", str(typo))
-    assert done.returncode == 2 and "rules.0 (hed.*) applies to no tensor: it matches none" in done.stderr
+    assert (
+        done.returncode == 2
+        and "rules.0 (hed.*) does not apply as written: its glob 'hed.*' matches no tensor" in done.stderr
+    )
     assert "did you mean 'head.*'?" in done.stderr
+    two = write_recipe(
+        tmp_path / "two.yaml",
+        "method: linear\nmodels: [a, b]\nparameters: {t: 0.5}\n"
+        "rules: [{tensors: [head.weight, 'nrm.*'], take: 0}]\n",
+    )
+    done = _run("plan", str(two))  # one glob of the rule matches: the other one is still a typo
+    assert done.returncode == 2 and "its glob 'nrm.*' matches no tensor" in done.stderr
+    assert "did you mean 'norm.*'?" in done.stderr
+    near = write_recipe(
+        tmp_path / "near.yaml",
+        "method: weighted\nmodels: [a, b]\n"
+        "rules: [{tensors: 'head.*', parameters: {weight: [0.3, -0.3000000001]}}]\n",
+    )
+    done = _run("plan", str(near))
+    assert (
+        done.returncode == 2
+        and "recipe field 'rules.0.parameters.weight'" in done.stderr
+        and "sum to 0" in done.stderr
+    )
     shadowed = write_recipe(
         tmp_path / "shadowed.yaml",
         "method: linear\nmodels: [a, b]\nparameters: {t: 0.5}\n"
@@ -119,16 +141,21 @@ def test_problems_the_plan_can_see_fail_before_reading(recipe: Path, tmp_path: P
     )
     done = _run("plan", str(shadowed))
     assert done.returncode == 2 and "an earlier rule takes every tensor it matches" in done.stderr
+    assert "did you mean" not in done.stderr and "reorder the rules" in done.stderr
     skips = write_recipe(
         tmp_path / "skips.yaml",
         "method: linear\nmodels: [a, b]\nparameters: {t: 0.5}\nrules: [{tensors: 'x.*', skip: true}]\n",
     )
     done = _run("plan", str(skips))
-    assert done.returncode == 0 and "rules.0 (x.*) skips no tensor" in done.stdout + done.stderr
+    assert (
+        done.returncode == 0
+        and "rules.0 (x.*) skips less than it names: its glob 'x.*' matches no tensor"
+        in (done.stdout + done.stderr)
+    )
     plan = hubmerge.plan(recipe)
     huge = dataclasses.replace(plan.shards[0], size=1 << 60)  # more than any disk holds
     with pytest.raises(OutputError, match="not enough free space for the output in .* are free"):
-        api._check_space(
+        api.check_space(
             tmp_path / "o", dataclasses.replace(plan, shards=(huge,)), resume=False, delete_local=False
         )
     with pytest.raises(RecipeError, match="dtype 'fp16' is not one of"):

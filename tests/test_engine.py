@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -310,6 +311,46 @@ def test_a_source_without_a_license_leaves_the_card_license_unknown(
     assert "license: apache-2.0" in (both / "README.md").read_text()
 
 
+def test_resume_names_a_model_the_recipe_swapped(tmp_path: Path) -> None:
+    recipe, out = _two_model_recipe(tmp_path), tmp_path / "out"
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER, str(recipe), "3", str(out)], capture_output=True
+    )
+    assert killed.returncode == -signal.SIGKILL
+    other = save_model(tmp_path / "other", random_tensors(1), shards=2)
+    recipe.write_text(recipe.read_text().replace(str(tmp_path / "m1"), str(other)))
+    with pytest.raises(OutputError, match=f"a different recipe: models.1 is now {other}, it was .*m1"):
+        hubmerge.merge(recipe, out, resume=True)
+
+
+def test_only_local_models_are_stamped(tmp_path: Path) -> None:
+    """A Hub model read from the local Hugging Face cache is named by its commit, online or offline alike."""
+    from hubmerge.refs import ModelRef
+    from hubmerge.sources.local import LocalSource
+
+    folder = save_model(tmp_path / "m", random_tensors(0))
+    local = LocalSource(ModelRef(path=folder), label="models.0")
+    cached = LocalSource(ModelRef(repo_id="org/m"), label="models.0", path=folder, commit="a" * 40)
+    assert isinstance(local.stamp, str) and cached.stamp is None
+    local.close()
+    cached.close()
+
+
+def test_recipes_built_in_code_get_the_same_checks(tmp_path: Path, three: list[Path]) -> None:
+    from hubmerge.errors import RecipeError
+
+    nan = hubmerge.Recipe(method="linear", models=[str(p) for p in three[:2]], parameters={"t": float("nan")})
+    with pytest.raises(RecipeError, match="parameters.t.*not a finite number"):
+        hubmerge.merge(nan, tmp_path / "out")
+    zero = hubmerge.Recipe(
+        method="weighted",
+        models=[{"path": str(three[0]), "weight": 1}, {"path": str(three[1]), "weight": -1}],
+    )
+    with pytest.raises(RecipeError, match="sum to 0"):
+        hubmerge.plan(zero)
+    assert not (tmp_path / ".out.hubmerge-partial").exists()
+
+
 def test_a_resumed_run_counts_only_what_it_read(tmp_path: Path) -> None:
     recipe, out = _two_model_recipe(tmp_path), tmp_path / "out"
     killed = subprocess.run(
@@ -359,6 +400,12 @@ def test_same_recipe_same_bytes(tmp_path: Path, three: list[Path]) -> None:
     moved = hubmerge.merge(relative, tmp_path / "rel").out
     assert f"- {tmp_path / 'a' / 'm0'}" in (moved / "recipe.yaml").read_text()
     assert hubmerge.plan(moved / "recipe.yaml").fingerprint() == hubmerge.plan(relative).fingerprint()
+    # The same recipe and inputs in another folder (a checkout elsewhere, another CI machine): the same bytes.
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(tmp_path / "a", elsewhere / "a")
+    shutil.copy(relative, elsewhere / "r.yaml")
+    there = hubmerge.merge(elsewhere / "r.yaml", tmp_path / "there").out
+    assert (there / "model.safetensors").read_bytes() == (moved / "model.safetensors").read_bytes()
 
 
 KILL_AFTER = kill_after_script()

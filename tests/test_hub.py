@@ -284,7 +284,14 @@ def test_push_hashes_shards_as_they_are_written(
         {k: v.repeat(64, 1) if v.dim() == 2 else v for k, v in random_tensors(i).items()} for i in range(2)
     ]
     models = [save_model(tmp_path / f"m{i}", tensors) for i, tensors in enumerate(bigger)]
-    recipe = {"method": "centroid", "models": [str(m) for m in models], "output": {"max_shard_size": "20KB"}}
+    # A recipe of its own (its SHA-256 is in every shard's header): shards of the same bytes pushed by another
+    # test would already be on the session's server, and would not be uploaded again.
+    recipe = {
+        "method": "centroid",
+        "models": [str(m) for m in models],
+        "output": {"max_shard_size": "20KB"},
+        "card": {"description": repo_name},
+    }
     hub.reset_stats()
     result = hubmerge.merge(recipe, tmp_path / "out", push=PushTarget(repo_name))
     shards = sorted(p.name for p in result.out.glob("model-*.safetensors"))
@@ -836,3 +843,45 @@ def test_a_sharded_repository_without_its_index_says_so(
         SourceError, match=r"holds 2 .safetensors files .* but no model.safetensors.index.json"
     ):
         hubmerge.plan({"method": "centroid", "models": [repo_name, repo_name]})
+
+
+def test_force_starts_over_and_a_resume_of_deleted_shards_needs_their_push(
+    tmp_path: Path, hub_token: str, repo_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An interrupted --delete-local push left shards only on the Hub: --force starts over whatever the new
+    target, and a resume without a push would write an index of shards that are not there."""
+    from hubmerge.errors import OutputError
+    from hubmerge.publish import UPLOADED
+    from hubmerge.writer import PROGRESS_DIR
+
+    monkeypatch.setenv("HF_TOKEN", hub_token)
+    models = [str(save_model(tmp_path / f"m{i}", random_tensors(i))) for i in range(2)]
+    recipe = {"method": "centroid", "models": models}
+    progress = tmp_path / ".out.hubmerge-partial" / PROGRESS_DIR
+    progress.mkdir(parents=True)
+    record = {"repo": "alice/elsewhere", "branch": None, "sha256": "00" * 32, "size": 1, "sample": ""}
+    (progress / UPLOADED).write_text(json.dumps({"model.safetensors": record}))
+    with pytest.raises(OutputError, match="pushed shards and deleted them here .* only the Hub has them"):
+        hubmerge.merge(recipe, tmp_path / "out", resume=True)
+    result = hubmerge.merge(
+        recipe, tmp_path / "out", force=True, push=PushTarget(repo_name, delete_local=True)
+    )
+    assert result.commit_url is not None and not (tmp_path / ".out.hubmerge-partial").exists()
+
+
+def test_a_push_the_token_cannot_make_is_refused_before_merging(
+    tmp_path: Path, hub_token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hubmerge.publish import _check_namespace
+
+    monkeypatch.setenv("HF_TOKEN", hub_token)
+    models = [str(save_model(tmp_path / f"m{i}", random_tensors(i))) for i in range(2)]
+    with pytest.raises(PublishError, match="belongs to alice, who cannot write to the namespace bob") as info:
+        hubmerge.merge({"method": "centroid", "models": models}, tmp_path / "out", push=PushTarget("bob/x"))
+    assert info.value.hint is not None and "nothing was merged yet" in info.value.hint
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.hubmerge-partial").exists()
+    member = {"name": "alice", "orgs": [{"name": "team"}], "auth": {"accessToken": {"role": "write"}}}
+    _check_namespace("team/x", member)
+    _check_namespace("alice/x", member)
+    with pytest.raises(PublishError, match="is read-only"):
+        _check_namespace("alice/x", member | {"auth": {"accessToken": {"role": "read"}}})

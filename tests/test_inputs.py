@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 
 import hubmerge
 from hubmerge.errors import HeaderError, RecipeError, SourceError
+from hubmerge.methods import get_method
+from hubmerge.params import resolve_params
 from hubmerge.refs import ModelRef
 from hubmerge.sources.local import LocalSource
 
@@ -127,7 +129,14 @@ def test_numbers_that_are_not_finite_are_refused(pair: list[str], doc: dict[str,
 def test_recipe_text_files_and_numbers_read_as_meant(pair: list[str], tmp_path: Path) -> None:
     # YAML 1.1 reads 1e-1 as a string; a recipe means the number.
     recipe = hubmerge.load_recipe(f"method: linear\nmodels: {pair}\nparameters: {{t: 1e-1}}\n")
-    assert recipe.parameters == {"t": 0.1}
+    assert hubmerge.plan(recipe).recipe.parameters == {"t": "1e-1"}
+    assert resolve_params(recipe, get_method("linear"), {}) == {"t": 0.1}
+    # ... while a short commit SHA that looks like a number stays the text it is.
+    sha = hubmerge.load_recipe(f"method: centroid\nmodels: [{{repo: a/b, revision: 5508e12}}, {pair[0]}]\n")
+    assert sha.models[0].revision == "5508e12"
+    _recipe_error(
+        {"method": "linear", "models": pair, "parameters": {"t": "nan"}}, "is not a finite", "parameters.t"
+    )
     # A misspelt required key is named as such, not only as the missing one.
     misspelt = _recipe_error(f"modles: {pair}\nmethod: centroid\n", "unknown key", "modles")
     assert misspelt.hint == "did you mean `models`?"

@@ -245,8 +245,7 @@ def _refused(
             f"the Hub refused the token for {what} on {where} ({detail})",
             repo_id=repo_id,
             revision=revision,
-            hint="the token from HF_TOKEN or `hf auth login` is invalid or expired: set a valid one "
-            "(or unset HF_TOKEN to read public repositories without one)",
+            hint="the token from HF_TOKEN or `hf auth login` is invalid or expired: set a valid one",
         )
     if status == 403:
         return HubError(

@@ -138,12 +138,14 @@ class LocalSource:
                 )
 
     @property
-    def stamp(self) -> str:
+    def stamp(self) -> str | None:
         """The weight files' names, sizes and modification times, hashed.
 
         A file rewritten since changes it, so ``--resume`` refuses to mix tensors of the old and the new
         checkpoint (a Hub source has its commit for that).
         """
+        if self.cached:  # a Hub model's snapshot: its commit names it, read online or offline alike
+            return None
         return hashlib.sha256("\n".join(self._stamps).encode()).hexdigest()[:16]
 
     def _open_shard(self, shard: str, weight_map: dict[str, str] | None) -> None:
