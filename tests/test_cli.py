@@ -97,61 +97,66 @@ def test_an_output_that_cannot_be_created_is_one_line(recipe: Path, tmp_path: Pa
     assert "hint: choose an --out" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_problems_the_plan_can_see_fail_before_reading(recipe: Path, tmp_path: Path) -> None:
-    """Weights that cannot be normalized, a rule that applies to no tensor, a disk without room: refused
-    before any weight is read, not at the end of the merge with a full-size partial output left behind."""
-    zero = write_recipe(
-        tmp_path / "zero.yaml", "method: weighted\nmodels: [{path: a, weight: 1}, {path: b, weight: -1}]\n"
-    )
-    done = _run("plan", str(zero))
-    assert done.returncode == 2 and "sum to 0" in done.stderr and "normalize: false" in done.stderr
-    typo = write_recipe(
-        tmp_path / "typo.yaml",
-        "method: linear\nmodels: [a, b]\nparameters: {t: 0.5}\nrules: [{tensors: 'hed.*', take: 0}]\n",
-    )
-    done = _run("plan", str(typo))
-    assert (
-        done.returncode == 2
-        and "rules.0 (hed.*) does not apply as written: its glob 'hed.*' matches no tensor" in done.stderr
-    )
-    assert "did you mean 'head.*'?" in done.stderr
-    two = write_recipe(
-        tmp_path / "two.yaml",
-        "method: linear\nmodels: [a, b]\nparameters: {t: 0.5}\n"
-        "rules: [{tensors: [head.weight, 'nrm.*'], take: 0}]\n",
-    )
-    done = _run("plan", str(two))  # one glob of the rule matches: the other one is still a typo
-    assert done.returncode == 2 and "its glob 'nrm.*' matches no tensor" in done.stderr
-    assert "did you mean 'norm.*'?" in done.stderr
-    near = write_recipe(
-        tmp_path / "near.yaml",
-        "method: weighted\nmodels: [a, b]\n"
-        "rules: [{tensors: 'head.*', parameters: {weight: [0.3, -0.3000000001]}}]\n",
-    )
-    done = _run("plan", str(near))
-    assert (
-        done.returncode == 2
-        and "recipe field 'rules.0.parameters.weight'" in done.stderr
-        and "sum to 0" in done.stderr
-    )
-    shadowed = write_recipe(
-        tmp_path / "shadowed.yaml",
-        "method: linear\nmodels: [a, b]\nparameters: {t: 0.5}\n"
-        "rules: [{tensors: 'head.*', skip: true}, {tensors: 'head.weight', take: 1}]\n",
-    )
-    done = _run("plan", str(shadowed))
-    assert done.returncode == 2 and "an earlier rule takes every tensor it matches" in done.stderr
-    assert "did you mean" not in done.stderr and "reorder the rules" in done.stderr
-    skips = write_recipe(
-        tmp_path / "skips.yaml",
-        "method: linear\nmodels: [a, b]\nparameters: {t: 0.5}\nrules: [{tensors: 'x.*', skip: true}]\n",
-    )
-    done = _run("plan", str(skips))
-    assert (
-        done.returncode == 0
-        and "rules.0 (x.*) skips less than it names: its glob 'x.*' matches no tensor"
-        in (done.stdout + done.stderr)
-    )
+LINEAR = "method: linear\nmodels: [a, b]\nparameters: {t: 0.5}\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "code", "said", "unsaid"),
+    [
+        (
+            "method: weighted\nmodels: [{path: a, weight: 1}, {path: b, weight: -1}]\n",
+            2,
+            ["sum to 0", "normalize: false"],
+            [],
+        ),
+        (
+            LINEAR + "rules: [{tensors: 'hed.*', take: 0}]\n",
+            2,
+            [
+                "rules.0 (hed.*) does not apply as written: its glob 'hed.*' matches no tensor",
+                "mean 'head.*'?",
+            ],
+            [],
+        ),
+        (  # one glob of the rule matches: the other one is still a typo
+            LINEAR + "rules: [{tensors: [head.weight, 'nrm.*'], take: 0}]\n",
+            2,
+            ["its glob 'nrm.*' matches no tensor", "did you mean 'norm.*'?"],
+            [],
+        ),
+        (
+            "method: weighted\nmodels: [a, b]\n"
+            "rules: [{tensors: 'head.*', parameters: {weight: [0.3, -0.3000000001]}}]\n",
+            2,
+            ["recipe field 'rules.0.parameters.weight'", "sum to 0"],
+            [],
+        ),
+        (
+            LINEAR + "rules: [{tensors: 'head.*', skip: true}, {tensors: 'head.weight', take: 1}]\n",
+            2,
+            ["an earlier rule takes every tensor it matches", "reorder the rules"],
+            ["did you mean"],
+        ),
+        (
+            LINEAR + "rules: [{tensors: 'x.*', skip: true}]\n",
+            0,
+            ["rules.0 (x.*) skips less than it names: its glob 'x.*' matches no tensor"],
+            [],
+        ),
+    ],
+)
+def test_problems_the_plan_can_see_fail_before_reading(
+    recipe: Path, tmp_path: Path, text: str, code: int, said: list[str], unsaid: list[str]
+) -> None:
+    """Weights that cannot be normalized, a rule that does not apply as written: refused before any weight
+    is read, not at the end of the merge with a full-size partial output left behind."""
+    done = _run("plan", str(write_recipe(tmp_path / "case.yaml", text)))
+    output = done.stdout + done.stderr
+    assert done.returncode == code, output
+    assert all(s in output for s in said) and not any(u in output for u in unsaid), output
+
+
+def test_a_full_disk_an_unknown_dtype_or_device_fail_before_reading(recipe: Path, tmp_path: Path) -> None:
     plan = hubmerge.plan(recipe)
     huge = dataclasses.replace(plan.shards[0], size=1 << 60)  # more than any disk holds
     with pytest.raises(OutputError, match="not enough free space for the output in .* are free"):
