@@ -264,24 +264,47 @@ def hub_group() -> None:
     "--token", "tokens", multiple=True, metavar="TOKEN=USER", help="Accept TOKEN as USER (repeatable)."
 )
 @click.option(
+    "--org",
+    "orgs",
+    multiple=True,
+    metavar="ORG=USER",
+    help="USER is a member of organisation ORG (repeatable).",
+)
+@click.option(
     "--cdn-ttl",
     type=click.IntRange(min=0),
     default=0,
     metavar="SECONDS",
     help="Redirect LFS files to signed URLs valid SECONDS, as huggingface.co does (0: serve them).",
 )
-def hub_serve(root: Path, host: str, port: int, tokens: tuple[str, ...], cdn_ttl: int) -> None:
+def hub_serve(
+    root: Path, host: str, port: int, tokens: tuple[str, ...], orgs: tuple[str, ...], cdn_ttl: int
+) -> None:
     """Serve model repositories from ROOT over the Hub's HTTP API."""
     from .hubserver import serve_forever
 
-    users = {}
-    for item in tokens:
-        token, sep, user = item.partition("=")
-        if not sep or not token or not user:
-            raise HubmergeError(f"--token {item!r} is not TOKEN=USER", hint="write --token mysecret=alice")
-        users[token] = user
+    users: dict[str, str] = {}
+    members: dict[str, list[str]] = {}
+    for option, items in (("--token", tokens), ("--org", orgs)):
+        for item in items:
+            key, sep, user = item.partition("=")
+            if not sep or not key or not user:
+                example = "mysecret=alice" if option == "--token" else "my-org=alice"
+                raise HubmergeError(
+                    f"{option} {item!r} is not {option[2:].upper()}=USER", hint=f"write {option} {example}"
+                )
+            if option == "--token":
+                users[key] = user
+            else:
+                members.setdefault(key, []).append(user)
     serve_forever(
-        root, host, port, users, on_ready=lambda url: click.echo(f"serving {root} at {url}"), cdn_ttl=cdn_ttl
+        root,
+        host,
+        port,
+        users,
+        members,
+        on_ready=lambda url: click.echo(f"serving {root} at {url}"),
+        cdn_ttl=cdn_ttl,
     )
 
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import pytest
 from huggingface_hub import CommitOperationAdd, CommitOperationCopy, HfApi
@@ -470,3 +470,97 @@ def test_sigterm_stops_the_server_cleanly(tmp_path: Path, entry: str) -> None:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=10)
         assert process.returncode == 0, process.stderr.read()
+
+
+def test_an_lfs_object_serves_only_the_repositories_it_was_uploaded_to(
+    hub: HubServer, hub_token: str, other_token: str, repo_name: str
+) -> None:
+    """Anyone may read a gated repository's tree (sha256 and size of each file), as on the Hub; that must not
+    let them commit the object into a repository of their own and download it, nor learn whether a private
+    or deleted repository holds some content."""
+    alice, bob = HfApi(token=hub_token), HfApi(token=other_token)
+    secret = b"gated weights " * 1000
+    oid = hashlib.sha256(secret).hexdigest()
+    alice.create_repo(repo_name)
+    alice.upload_file(path_or_fileobj=secret, path_in_repo="w.safetensors", repo_id=repo_name)
+    alice.update_repo_settings(repo_name, gated="manual")
+    stolen = f"bob/steal-{repo_name.split('-')[-1]}"
+    bob.create_repo(stolen)
+    lines = [
+        {"key": "header", "value": {"summary": "steal"}},
+        {
+            "key": "lfsFile",
+            "value": {"path": "w.safetensors", "algo": "sha256", "oid": oid, "size": len(secret)},
+        },
+    ]
+    body = "\n".join(json.dumps(line) for line in lines).encode()
+    status, _, answer = call(hub, "POST", f"/api/models/{stolen}/commit/main", body, other_token)
+    assert status == 400 and b"was not uploaded to" in answer, answer
+    assert call(hub, "GET", f"/{stolen}/resolve/main/w.safetensors", token=other_token)[0] == 404
+    # The batch endpoint asks bob for the bytes: it does not tell him another repository holds them.
+    batch = json.dumps(
+        {"operation": "upload", "objects": [{"oid": oid, "size": len(secret)}], "ref": {"name": "main"}}
+    )
+    status, _, answer = call(
+        hub, "POST", f"/{stolen}.git/info/lfs/objects/batch", batch.encode(), other_token
+    )
+    (item,) = json.loads(answer)["objects"]
+    assert status == 200 and "upload" in item["actions"]
+    # ... and an upload must be the bytes themselves.
+    href = urlsplit(item["actions"]["upload"]["href"])
+    status, _, answer = call(hub, "PUT", f"{href.path}?{href.query}", b"x" * len(secret))
+    assert status == 400 and b"hash to" in answer
+    # Alice, uploading to her own repository, is asked for nothing she already gave it.
+    own = json.dumps(
+        {"operation": "upload", "objects": [{"oid": oid, "size": len(secret)}], "ref": {"name": "main"}}
+    )
+    status, _, answer = call(hub, "POST", f"/{repo_name}.git/info/lfs/objects/batch", own.encode(), hub_token)
+    assert status == 200 and "actions" not in json.loads(answer)["objects"][0]
+    # A signed upload URL is for one repository: bob cannot move one of his to another.
+    forged = href.query.replace(f"repo={stolen.replace('/', '%2F')}", f"repo={repo_name.replace('/', '%2F')}")
+    assert call(hub, "PUT", f"{href.path}?{forged}", secret)[0] == 403
+
+
+def test_names_that_would_break_headers_or_walk_the_store_are_refused(
+    hub: HubServer, hub_token: str, repo: str
+) -> None:
+    for bad in ("evil\rname", "x.lock", "a/.hidden", "tail.", "at@{1}"):
+        status, headers, _ = call(
+            hub, "POST", f"/api/models/{repo}/branch/{quote(bad, safe='/')}", b"{}", hub_token
+        )
+        assert status == 400 and "\r" not in headers.get("x-error-message", ""), bad
+    status, headers, _ = call(
+        hub, "GET", f"/api/models/{repo}/revision/{quote('x' + chr(13) + chr(10) + 'X-Injected: 1')}"
+    )
+    assert status == 404 and "x-injected" not in headers
+    ns, name = repo.split("/")
+    assert call(hub, "GET", f"/api/models/{ns}/x%2F..%2F{name}", token=hub_token)[0] == 400
+    status, _, _ = call(
+        hub,
+        "POST",
+        f"/{repo}.git/info/lfs/objects/batch",
+        b'{"operation": "upload", "objects": ["x"]}',
+        hub_token,
+    )
+    assert status == 200  # a malformed object is answered per object (422), not a server error
+
+
+def test_hub_serve_takes_organisation_members(tmp_path: Path, hub_token: str, other_token: str) -> None:
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    number = port.getsockname()[1]
+    port.close()
+    cmd = [sys.executable, "-m", "hubmerge.cli", "hub", "serve", "--root", str(tmp_path / "root")]
+    cmd += ["--port", str(number), "--token", f"{hub_token}=alice", "--token", f"{other_token}=bob"]
+    server = subprocess.Popen([*cmd, "--org", "team=bob"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None and "serving" in server.stdout.readline()
+        bob = HfApi(endpoint=f"http://127.0.0.1:{number}", token=other_token)
+        assert bob.create_repo("team/shared").repo_id == "team/shared"
+        with pytest.raises(HfHubHTTPError):
+            HfApi(endpoint=f"http://127.0.0.1:{number}", token=hub_token).create_repo("team/other")
+    finally:
+        server.terminate()
+        server.wait()
+    bad = subprocess.run([*cmd, "--org", "team"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--org 'team' is not ORG=USER" in bad.stderr

@@ -10,12 +10,12 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from .auth import Accounts
 from .blobs import BlobStore, atomic_write
 from .protocol import ApiError, Request
-from .repos import Commit, RepoMeta, RepoStore
+from .repos import Commit, RepoMeta, RepoStore, valid_repo_part
 
 UPLOAD_URL_LIFETIME_S = 3600
 
@@ -81,20 +81,23 @@ class HubContext:
         self.blobs = BlobStore(self.root)
         self.secret = _upload_secret(self.root)
 
-    def sign_upload(self, sha256: str, size: int) -> str:
-        """Query string authorising one LFS upload (the client sends no token with the PUT, as to S3).
+    def sign_upload(self, sha256: str, size: int, repo_id: str) -> str:
+        """Query string authorising one LFS upload to ``repo_id`` (the client sends no token with the PUT, as
+        to S3).
 
         Args:
             sha256: The object's sha256.
             size: The object's size.
+            repo_id: The repository whose LFS batch endpoint asked for it.
 
         Returns:
-            ``size=..&expires=..&signature=..``.
+            ``size=..&repo=..&expires=..&signature=..``.
         """
         expires = int(time.time()) + UPLOAD_URL_LIFETIME_S
-        return f"size={size}&expires={expires}&signature={self._signature(sha256, size, expires)}"
+        signature = self._signature(f"{sha256}:{repo_id}", size, expires)
+        return f"size={size}&repo={quote(repo_id, safe='')}&expires={expires}&signature={signature}"
 
-    def check_upload(self, sha256: str, req: Request) -> int:
+    def check_upload(self, sha256: str, req: Request) -> tuple[int, str]:
         """Verify the signed query string of an LFS upload.
 
         Args:
@@ -102,7 +105,7 @@ class HubContext:
             req: The PUT request.
 
         Returns:
-            The announced size.
+            The announced size, and the repository the upload is for.
 
         Raises:
             ApiError: 403 when the signature is wrong or expired.
@@ -113,12 +116,13 @@ class HubContext:
             raise ApiError(
                 403, "upload URL is missing its size or expiry: ask the LFS batch endpoint again"
             ) from None
-        given = req.arg("signature") or ""
-        if expires < time.time() or not hmac.compare_digest(given, self._signature(sha256, size, expires)):
+        repo_id, given = req.arg("repo") or "", req.arg("signature") or ""
+        expected = self._signature(f"{sha256}:{repo_id}", size, expires)
+        if expires < time.time() or not hmac.compare_digest(given, expected):
             raise ApiError(
                 403, "upload URL signature is invalid or expired: ask the LFS batch endpoint again"
             )
-        return size
+        return size, repo_id
 
     def sign_download(self, sha256: str, key: str) -> str:
         """Query string of a CDN URL serving one LFS object for ``cdn_ttl`` seconds, to anyone who has it.
@@ -183,7 +187,10 @@ def repo_id_of(req: Request) -> str:
     Returns:
         The repository id.
     """
-    return f"{req.params['ns']}/{req.params['name']}"
+    ns, name = req.params["ns"], req.params["name"]
+    if not (valid_repo_part(ns) and valid_repo_part(name)):  # decoded %2F or .. must not walk the store
+        raise ApiError(400, f"invalid repository id {ns}/{name!r}")
+    return f"{ns}/{name}"
 
 
 def resolve_revision(ctx: HubContext, meta: RepoMeta, revision: str) -> Commit:

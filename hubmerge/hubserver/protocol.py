@@ -100,7 +100,8 @@ def error_response(error: ApiError) -> Response:
     """
     headers = dict(error.headers)
     # Header values must be latin-1 and single-line; the JSON body keeps the exact message.
-    headers["X-Error-Message"] = error.message.encode("ascii", "replace").decode().replace("\n", " ")
+    text = error.message.encode("ascii", "replace").decode()
+    headers["X-Error-Message"] = "".join(c if 32 <= ord(c) < 127 else " " for c in text)  # no CR, LF, ...
     if error.code is not None:
         headers["X-Error-Code"] = error.code
     return json_response({"error": error.message, **error.extra}, status=error.status, headers=headers)

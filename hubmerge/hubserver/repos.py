@@ -2,6 +2,11 @@
 
     root/repos/{namespace}/{name}/repo.json            settings and refs (rewritten atomically under a lock)
     root/repos/{namespace}/{name}/commits/{id}.json    one file per commit, never modified
+    root/repos/{namespace}/{name}/lfs/{sha256}         (empty) an LFS object uploaded to this repository
+
+LFS objects are stored once for all repositories (blobs.py), but a commit may name only objects uploaded to
+its own repository (or already in the tree it builds on): knowing an object's sha256 and size, which any
+reader of a gated repository's tree sees, must not be enough to copy it into a repository of one's own.
 
 A commit id is the sha1 of the commit's canonical JSON (parent, message, author, date, tree), so the same
 change on the same parent at the same time always gets the same id.
@@ -22,11 +27,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .blobs import atomic_write
-from .tree import FileEntry, Files, Operation, apply_operations
+from .tree import AddFile, FileEntry, Files, Operation, OperationError, apply_operations
 
 DEFAULT_BRANCH = "main"
 _NAME_RE = re.compile(r"^(?!.*(?:--|\.\.))[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?$")
 _COMMIT_PREFIX_RE = re.compile(r"^[0-9a-f]{7,40}$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _CACHE_SIZE = 512
 
 
@@ -171,6 +177,18 @@ class RepoStore:
                     del self._cache[key]
         shutil.rmtree(trash, ignore_errors=True)
         return True
+
+    def grant_lfs(self, repo_id: str, sha256: str) -> None:
+        """Record that ``sha256`` was uploaded to ``repo_id`` (its commits may name it from now on)."""
+        folder = self._dir(repo_id) / "lfs"
+        if self.load(repo_id) is None:
+            return
+        folder.mkdir(exist_ok=True)
+        (folder / sha256).touch()
+
+    def has_lfs(self, repo_id: str, sha256: str) -> bool:
+        """Whether ``sha256`` was uploaded to ``repo_id``."""
+        return bool(_SHA256_RE.match(sha256)) and (self._dir(repo_id) / "lfs" / sha256).is_file()
 
     def update(self, repo_id: str, change: Callable[[RepoMeta], None]) -> RepoMeta:
         """Change settings or refs under the lock and save them atomically.
@@ -319,6 +337,15 @@ class RepoStore:
             base = self.commit(repo_id, base_id)
             if base is None:
                 raise KeyError(base_id)
+            present = {entry.lfs for entry in base.files.values() if entry.lfs}
+            for op in operations:
+                lfs = op.entry.lfs if isinstance(op, AddFile) else None
+                if lfs and lfs not in present and not self.has_lfs(repo_id, lfs):
+                    raise OperationError(
+                        f"LFS object {lfs} for '{op.path}' was not uploaded to {repo_id}: "
+                        "upload it through this repository's LFS batch endpoint first",
+                        missing=False,
+                    )
             files = apply_operations(base.files, operations)
             commit = self._write_commit(repo_id, base.id, title, message, author, now_iso(), files)
             number: int | None = None

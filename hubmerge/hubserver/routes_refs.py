@@ -99,12 +99,16 @@ def list_commits(ctx: HubContext, req: Request) -> Response:
 
 
 def _valid_ref_name(name: str) -> bool:
+    """git's rules for a ref name (``git check-ref-format``), as the Hub applies them."""
     parts = name.split("/")
     return (
         bool(name)
         and not name.startswith("refs/")
-        and all(p and p not in (".", "..") for p in parts)
-        and (not any(c in name for c in " ~^:?*[\\"))
+        and all(p and not p.startswith(".") and not p.endswith(".lock") for p in parts)
+        and not name.endswith(".")
+        and "@{" not in name
+        and not any(c in name for c in " ~^:?*[\\")
+        and not any(ord(c) < 32 or ord(c) == 127 for c in name)
     )
 
 

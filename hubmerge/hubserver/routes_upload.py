@@ -134,19 +134,24 @@ def lfs_batch(ctx: HubContext, req: Request) -> Response:
         raise ApiError(400, "only the git-lfs 'upload' operation is supported by this endpoint")
     # Without a ref the client is preparing a pull request, which needs read access only.
     _check_upload_rights(ctx, req, repo_id, create_pr=payload.get("ref") is None)
+    items = payload.get("objects") or []
+    if not isinstance(items, list):
+        raise ApiError(400, "'objects' must be a list of {oid, size}")
     objects = []
-    for item in payload.get("objects") or []:
-        oid, size = item.get("oid"), item.get("size")
+    for item in items:
+        oid, size = (item.get("oid"), item.get("size")) if isinstance(item, dict) else (None, None)
         answer: dict[str, object] = {"oid": str(oid), "size": size if isinstance(size, int) else 0}
         if not (isinstance(oid, str) and SHA256_RE.match(oid) and isinstance(size, int) and size >= 0):
             answer["error"] = {
                 "code": 422,
                 "message": "oid must be a sha256 (64 hex digits) and size an integer",
             }
-        elif ctx.blobs.lfs_size(oid) != size:
+        # Present only if uploaded to this repository: whether another one holds it is not for us to tell.
+        elif not (ctx.store.has_lfs(repo_id, oid) and ctx.blobs.lfs_size(oid) == size):
+            signed = ctx.sign_upload(oid, size, repo_id)
             answer["authenticated"] = True
             answer["actions"] = {
-                "upload": {"href": f"{req.base_url}/api/lfs-upload/{oid}?{ctx.sign_upload(oid, size)}"},
+                "upload": {"href": f"{req.base_url}/api/lfs-upload/{oid}?{signed}"},
                 "verify": {"href": f"{req.base_url}/{repo_id}.git/info/lfs/objects/verify"},
             }
         objects.append(answer)
@@ -174,7 +179,7 @@ def lfs_verify(ctx: HubContext, req: Request) -> Response:
     payload = req.body.json()
     oid = payload.get("oid") if isinstance(payload, dict) else None
     size = payload.get("size") if isinstance(payload, dict) else None
-    if not isinstance(oid, str) or ctx.blobs.lfs_size(oid) != size:
+    if not isinstance(oid, str) or not ctx.store.has_lfs(repo_id, oid) or ctx.blobs.lfs_size(oid) != size:
         raise ApiError(404, f"LFS object {oid} of {size} bytes is not stored: upload it first")
     return json_response({})
 
@@ -195,17 +200,19 @@ def lfs_upload(ctx: HubContext, req: Request) -> Response:
         ApiError: 403 on a bad signature; 400 when the bytes do not match.
     """
     oid = req.params["oid"]
-    size = ctx.check_upload(oid, req)
-    if ctx.blobs.lfs_size(oid) != size:
-        try:
-            ctx.blobs.put_lfs(req.body.iter_views(), oid, size)
-        except BlobMismatchError as exc:
-            raise ApiError(400, str(exc)) from None
+    size, repo_id = ctx.check_upload(oid, req)
+    try:  # stored again if another repository has it: the bytes are checked either way
+        ctx.blobs.put_lfs(req.body.iter_views(), oid, size)
+    except BlobMismatchError as exc:
+        raise ApiError(400, str(exc)) from None
+    ctx.store.grant_lfs(repo_id, oid)
     return Response(200)
 
 
 def _operation(ctx: HubContext, key: object, value: dict[str, object]) -> Operation:
-    path = normalize_path(str(value.get("path", "")))
+    if not isinstance(value.get("path"), str):
+        raise ApiError(400, f"commit line {key!r}: 'path' must be a string")
+    path = normalize_path(str(value["path"]))
     if key == "file":
         if value.get("encoding", "base64") != "base64":
             return AddFile(path, _regular(ctx, str(value.get("content", "")).encode()))
