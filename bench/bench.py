@@ -100,6 +100,13 @@ def machine(args: argparse.Namespace) -> dict[str, str]:
         info["hubmerge commit"] = subprocess.run(
             ["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
         ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "-C", str(HERE), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        if changed:  # the numbers are of code that no commit holds
+            info["hubmerge commit"] += " (with uncommitted changes)"
     except OSError:
         pass
     if args.mergekit.exists():
@@ -148,7 +155,8 @@ def merge_results(old: list[dict], new: list[dict]) -> list[dict]:
 def main() -> None:
     """Run the benchmark and write the report."""
     args = parse_args()
-    hub = shutil.which("hubmerge") or str(Path(sys.executable).parent / "hubmerge")
+    own = Path(sys.executable).parent / "hubmerge"  # this checkout's install, not another on PATH
+    hub = str(own) if own.exists() else shutil.which("hubmerge") or str(own)
     mergekit = args.mergekit if "mergekit" in args.tools and args.mergekit.exists() else None
     if "mergekit" in args.tools and mergekit is None:
         print(f"warning: {args.mergekit} missing; run bench/run.sh to install mergekit", file=sys.stderr)
@@ -169,7 +177,9 @@ def main() -> None:
             measure.warm(cases.inputs(method, dirs))
             samples: dict[str, list[measure.Sample]] = {t: [] for t in tools}
             for round_ in range(args.runs):
-                for tool in tools:
+                # Each round starts with another tool: on a VM where fresh pages cost a host fault, the
+                # first run after the warm-up or the one after a big write would otherwise always be one tool.
+                for tool in tools[round_ % len(tools) :] + tools[: round_ % len(tools)]:
                     sample = measure.run(cmds[tool])
                     samples[tool].append(sample)
                     for out in ("hubmerge", "mergekit", "floor.safetensors"):
@@ -194,6 +204,9 @@ def main() -> None:
                 }
             )
             shutil.rmtree(work, ignore_errors=True)
+            args.work.mkdir(parents=True, exist_ok=True)  # kept as it goes: a later failure loses no case
+            partial = {"machine": info, "startup": {}, "cases": results, "complete": False}
+            (args.work / "results.json").write_text(json.dumps(partial))
     info["load after"] = f"{os.getloadavg()[0]:.2f}"
     start = startup()
     args.work.mkdir(parents=True, exist_ok=True)

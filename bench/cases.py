@@ -62,7 +62,16 @@ METHODS: dict[str, Method] = {
             linear=True,
         ),
         Method("ties", **_TASK, weights=(1.0, 1.0, 1.0), density=0.5, mergekit="ties"),
-        Method("dare_ties", **_TASK, weights=(1.0, 1.0, 1.0), density=0.5, mergekit="dare_ties"),
+        Method(
+            "dare_ties",
+            **_TASK,
+            weights=(1.0, 1.0, 1.0),
+            density=0.5,
+            mergekit="dare_ties",
+            mergekit_parameters={
+                "normalize": True
+            },  # hubmerge's default; mergekit's is false: the same merge
+        ),
         Method("dare_linear", **_TASK, weights=(0.5, 0.5, 0.5), density=0.5, mergekit="dare_linear"),
         Method("slerp", (1, 2), False, None, None, {"t": 0.5}, "slerp"),
         Method("model_stock", **_TASK, weights=None, density=None, mergekit="model_stock"),

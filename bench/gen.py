@@ -182,7 +182,7 @@ def ensure(data: Path, name: str, seed: int = 0) -> list[Path]:
 def main() -> None:
     """Generate the families named on the command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path("bench/data"))
+    parser.add_argument("--data", type=Path, default=Path(__file__).parent / "data")
     parser.add_argument("--family", nargs="+", choices=sorted(FAMILIES), default=list(BENCHMARKED))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

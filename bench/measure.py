@@ -1,9 +1,10 @@
 """Run a command as a subprocess and measure it from the parent: wall time, peak RSS, peak anonymous memory.
 
-Memory is sampled from ``/proc/PID/status`` (``VmRSS``, ``RssAnon``) every ``interval`` seconds, summed over
-the process and all its descendants, so tools that fork workers are charged for them. Anonymous memory is the
-honest number for a merge tool: page-cache pages of memory-mapped inputs count in RSS but are shared,
-reclaimable and free; anonymous pages are what the tool really allocates.
+Memory is sampled from ``/proc/PID/status`` (``VmRSS``, ``RssAnon``, ``RssShmem``) every ``interval`` seconds,
+summed over the process and all its descendants, so tools that fork workers are charged for them. Anonymous
+memory is the honest number for a merge tool: page-cache pages of memory-mapped inputs count in RSS but are
+shared, reclaimable and free; anonymous pages are what the tool really allocates, private (``RssAnon``) or
+shared (``RssShmem``: an anonymous ``mmap`` such as hubmerge's direct-I/O staging buffers).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def _children(pid: int) -> list[int]:
 
 
 def tree_memory(pid: int) -> tuple[int, int]:
-    """(VmRSS, RssAnon) in bytes summed over ``pid`` and its descendants; 0 for processes already gone."""
+    """(VmRSS, RssAnon + RssShmem) in bytes summed over ``pid`` and its descendants; 0 for processes gone."""
     rss = anon = 0
     todo = [pid]
     while todo:
@@ -86,7 +87,7 @@ def tree_memory(pid: int) -> tuple[int, int]:
                 for line in f:
                     if line.startswith("VmRSS:"):
                         rss += int(line.split()[1]) * 1024
-                    elif line.startswith("RssAnon:"):
+                    elif line.startswith(("RssAnon:", "RssShmem:")):
                         anon += int(line.split()[1]) * 1024
         except OSError:
             continue

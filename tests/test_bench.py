@@ -4,9 +4,11 @@ their tables."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -145,6 +147,41 @@ def test_hub_script_writes_its_table(tiny: tuple[Path, list[Path]], tmp_path: Pa
         assert float(row[1]) > 0 and float(row[4]) > 0
     assert re.search(r"merge \+ push: \d+\.\d+x the Hub merge alone", text)
     assert not (data / "work" / "hub").exists()  # the script cleans up its server storage and outputs
+    # The disk peak counts hubmerge's scratch files: the shard downloads land on the measured disk.
+    assert float(rows[2][-1]) > 0
+    printed = subprocess.run(
+        [*cmd, "--results", str(results), "--no-results"], check=True, capture_output=True
+    )
+    assert results.read_text() == text and b"| hub + push |" in printed.stdout
+
+
+def test_memory_counts_private_and_shared_anonymous_memory_of_the_tree() -> None:
+    """hubmerge's direct-I/O buffers are an anonymous shared mmap (RssShmem, not RssAnon); a tool that
+    forks is charged for its children."""
+    import measure
+
+    script = (
+        "import mmap, subprocess, sys, time\n"
+        "m = mmap.mmap(-1, 64 << 20)\n"
+        "m.write(b'x' * (64 << 20))\n"
+        "grow = 'b = bytearray(48 << 20)\\nfor i in range(0, len(b), 4096): b[i] = 1\\n'\n"
+        "child = subprocess.Popen([sys.executable, '-c', grow + 'import time; time.sleep(30)'])\n"
+        "time.sleep(30)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        anon = 0
+        for _ in range(100):
+            anon = max(anon, measure.tree_memory(proc.pid)[1])
+            if anon >= 112 << 20:
+                break
+            time.sleep(0.05)
+        assert anon >= 112 << 20, anon / 2**20
+    finally:
+        for child in measure._children(proc.pid):
+            os.kill(child, 9)
+        proc.kill()
+        proc.wait()
 
 
 def test_ab_script_alternates_cases_with_their_settings(tiny: tuple[Path, list[Path]]) -> None:
