@@ -205,8 +205,8 @@ def main() -> None:
             )
             shutil.rmtree(work, ignore_errors=True)
             args.work.mkdir(parents=True, exist_ok=True)  # kept as it goes: a later failure loses no case
-            partial = {"machine": info, "startup": {}, "cases": results, "complete": False}
-            (args.work / "results.json").write_text(json.dumps(partial))
+            partial = {"machine": info, "startup": {}, "cases": results}
+            (args.work / "results.partial.json").write_text(json.dumps(partial))
     info["load after"] = f"{os.getloadavg()[0]:.2f}"
     start = startup()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -214,6 +214,7 @@ def main() -> None:
         results = merge_results(json.loads((args.work / "results.json").read_text())["cases"], results)
         info["mode"] += " (merged with the previous run)"
     (args.work / "results.json").write_text(json.dumps({"machine": info, "startup": start, "cases": results}))
+    (args.work / "results.partial.json").unlink(missing_ok=True)
     text = report.render(info, start, results)
     print(text)
     if not args.no_results:

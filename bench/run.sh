@@ -3,7 +3,8 @@
 #   bash bench/run.sh            full mode (~25 min on 2 cores; writes bench/RESULTS.md)
 #   bash bench/run.sh --quick    0.2 GB models, linear and ties, and the Hub path (~3 min; prints, writes nothing)
 #   bash bench/run.sh --device cuda   also accepted; any other flag goes to bench/bench.py (--help); with
-#                                 --families, --methods, --tools, --device or --no-results the Hub path is left out
+#                                 --families, --methods, --tools, --device or --no-results the Hub path is left out,
+#                                 and RESULTS.md is left alone unless --merge merges the cases into the last run's
 # mergekit gets its own venv under bench/ and is never a dependency of hubmerge.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,11 +24,12 @@ fi
 
 data=${HUBMERGE_BENCH_DATA:-bench/data}
 mkdir -p "$data"
-quick=0; subset=0
+quick=0; subset=0; merge=0
 for arg in "$@"; do
     case "$arg" in
         --quick) quick=1 ;;
-        --families|--methods|--tools|--device|--no-results) subset=1 ;;
+        --merge) merge=1 ;;
+        --families*|--methods*|--tools*|--device*|--no-results) subset=1 ;;
     esac
 done
 # The checkpoints still to generate, and the outputs: about 1 GB for --quick, 16 GB for the whole benchmark.
@@ -46,7 +48,13 @@ if [ "$quick" = 1 ]; then
     "$HUBMERGE_PY" bench/bench.py --data "$data" --no-results "$@"
     "$HUBMERGE_PY" bench/hub.py --data "$data" --family small --runs 3 --no-results
 elif [ "$subset" = 1 ]; then
-    "$HUBMERGE_PY" bench/bench.py --data "$data" "$@"  # part of the benchmark: the Hub path is left out
+    # Part of the benchmark, the Hub path left out; it replaces RESULTS.md's table only merged (--merge)
+    # into the last full run's cases.
+    if [ "$merge" = 1 ]; then
+        "$HUBMERGE_PY" bench/bench.py --data "$data" "$@"
+    else
+        "$HUBMERGE_PY" bench/bench.py --data "$data" --no-results "$@"
+    fi
 else
     "$HUBMERGE_PY" bench/bench.py --data "$data" "$@"
     # Part 3, the Hub path: the same merge through a local Hub server, with and without --push.

@@ -18,7 +18,7 @@ from .plan import DEFAULT_MEMORY_BUDGET, MergePlan, build_plan
 from .publish import UPLOADED, PushTarget, uploads_read_direct
 from .recipe import Dtype, Recipe, load_recipe
 from .sources import TensorSource, open_source
-from .writer import MANIFEST, PROGRESS_DIR, ShardWriter, Sink, check_output, write_json
+from .writer import MANIFEST, PROGRESS_DIR, ShardWriter, Sink, check_output, partial_dir, write_json
 
 if TYPE_CHECKING:
     from .refs import ModelRef
@@ -244,18 +244,18 @@ def merge(
         # A pushed shard is read again as soon as it is written, around the page cache too where the upload
         # goes through the LFS protocol; Xet reads files by path, from the cache (publish.py).
         direct = push is None or uploads_read_direct()
-        check_space(target, merge_plan, resume=resume, delete_local=push is not None and push.delete_local)
-        writer = ShardWriter(target, resume=resume, direct=direct)
-        uploader = (
-            HubUploader(push, writer.tmp, read_direct=direct, resume=resume) if push is not None else None
-        )
-        if resume and push is None and (writer.tmp / PROGRESS_DIR / UPLOADED).is_file():
+        if resume and push is None and (partial_dir(target) / PROGRESS_DIR / UPLOADED).is_file():
             raise OutputError(
                 f"the interrupted merge into {target} pushed shards and deleted them here (--delete-local): "
                 "only the Hub has them",
                 path=str(target),
                 hint="resume with the same --push target (and --delete-local), or start over with --force",
             )
+        check_space(target, merge_plan, resume=resume, delete_local=push is not None and push.delete_local)
+        writer = ShardWriter(target, resume=resume, direct=direct)
+        uploader = (
+            HubUploader(push, writer.tmp, read_direct=direct, resume=resume) if push is not None else None
+        )
         commit_url = None
         try:
             if uploader is not None:  # the push target first: a Hub that refuses it leaves nothing here

@@ -100,7 +100,7 @@ def translate_mergekit(doc: dict[str, Any]) -> dict[str, Any]:
         models = [m for m in models if not _same(m["ref"], recipe["base"])]
     if mk_method == "slerp" and base is not None:
         # mergekit's slerp goes from base_model (t=0) to the other model (t=1).
-        others = [m for m in models if m["ref"] != recipe["base"]]
+        others = [m for m in models if not _same(m["ref"], recipe["base"])]
         models = [{"ref": recipe["base"]}, *others]
     recipe["models"] = models
     params = MERGEKIT_DEFAULTS.get(mk_method, {}) | _params(doc.get("parameters") or {}, "parameters")

@@ -135,13 +135,16 @@ def _coerce(param: ParamSpec, value: Scalar, where: str) -> Scalar:
             pass
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise RecipeError(f"'{param.name}' is a number, got {value!r}", path=where)
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):
         raise RecipeError(
             f"{value} is not a finite number",
             path=where,
             hint="give a finite value: NaN or infinity would fill the merge with NaN",
         )
-    number = int(value) if param.type is int else float(value)
+    try:
+        number = int(value) if param.type is int else float(value)
+    except OverflowError:
+        raise RecipeError(f"'{param.name}' is too large, got {value!r}", path=where) from None
     if (param.low is not None and number < param.low) or (param.high is not None and number > param.high):
         raise RecipeError(
             f"'{param.name}' must lie in [{param.low}, {param.high}], got {value!r}", path=where

@@ -128,6 +128,14 @@ def test_bench_script_writes_its_table(tiny: tuple[Path, list[Path]], tmp_path: 
         if row[2] == "hubmerge":  # hubmerge/floor: both are measured, so the ratio is there
             assert float(row[8]) > 0
     assert "mergekit" not in {r[2] for r in rows}
+    # A later run of one case merged into this one (--merge) keeps the others.
+    again = [c for c in cmd if c != "ties"]
+    subprocess.run(
+        [*again, "--runs", "1", "--results", str(results), "--merge"], check=True, capture_output=True
+    )
+    merged = _rows(results.read_text(), "| models | method | tool |")
+    assert sorted({r[1] for r in merged}) == ["ties", "weighted"]
+    assert not (tmp_path / "work" / "results.partial.json").exists()
 
 
 def test_hub_script_writes_its_table(tiny: tuple[Path, list[Path]], tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import hashlib
 import http.client
 import io
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -524,15 +525,21 @@ def test_an_lfs_object_serves_only_the_repositories_it_was_uploaded_to(
 def test_names_that_would_break_headers_or_walk_the_store_are_refused(
     hub: HubServer, hub_token: str, repo: str
 ) -> None:
-    for bad in ("evil\rname", "x.lock", "a/.hidden", "tail.", "at@{1}"):
-        status, headers, _ = call(
+    for bad in ("evil\rname", "x.lock", "a/.hidden", "tail.", "at@{1}", "a..b", "@"):
+        status, _, _ = call(
             hub, "POST", f"/api/models/{repo}/branch/{quote(bad, safe='/')}", b"{}", hub_token
         )
-        assert status == 400 and "\r" not in headers.get("x-error-message", ""), bad
-    status, headers, _ = call(
-        hub, "GET", f"/api/models/{repo}/revision/{quote('x' + chr(13) + chr(10) + 'X-Injected: 1')}"
-    )
-    assert status == 404 and "x-injected" not in headers
+        assert status == 400, bad
+    # Read raw: http.client would fold a line after a bare CR into the previous header and hide it.
+    address = urlsplit(hub.url)
+    with socket.create_connection((address.hostname or "", address.port or 80), timeout=10) as sock:
+        target = f"/api/models/{repo}/revision/{quote('x' + chr(13) + chr(10) + 'X-Injected: 1')}"
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        raw = b""
+        while b"\r\n\r\n" not in raw and (piece := sock.recv(65536)):
+            raw += piece
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    assert head.startswith(b"HTTP/1.1 404") and b"\r" not in head.replace(b"\r\n", b"")
     ns, name = repo.split("/")
     assert call(hub, "GET", f"/api/models/{ns}/x%2F..%2F{name}", token=hub_token)[0] == 400
     status, _, _ = call(
@@ -564,3 +571,23 @@ def test_hub_serve_takes_organisation_members(tmp_path: Path, hub_token: str, ot
         server.wait()
     bad = subprocess.run([*cmd, "--org", "team"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--org 'team' is not ORG=USER" in bad.stderr
+
+
+def test_repositories_stored_before_lfs_grants_keep_their_objects(
+    hub: HubServer, hub_token: str, repo_name: str
+) -> None:
+    """A repository stored by an older server has no grant folder: the objects its commits name are its own,
+    so a copy from an older revision works and the batch endpoint asks for nothing it holds."""
+    api = HfApi(token=hub_token)
+    api.create_repo(repo_name)
+    data = b"an older upload " * 500
+    first = api.upload_file(path_or_fileobj=data, path_in_repo="old.bin", repo_id=repo_name).oid
+    api.delete_file("old.bin", repo_id=repo_name)
+    shutil.rmtree(hub.root / "repos" / repo_name / "lfs")  # as an older server left it
+    copy = CommitOperationCopy(src_path_in_repo="old.bin", path_in_repo="again.bin", src_revision=first)
+    api.create_commit(repo_name, [copy], commit_message="copy from an older revision")
+    oid = hashlib.sha256(data).hexdigest()
+    objects = [{"oid": oid, "size": len(data)}]
+    batch = json.dumps({"operation": "upload", "objects": objects, "ref": {"name": "main"}}).encode()
+    status, _, answer = call(hub, "POST", f"/{repo_name}.git/info/lfs/objects/batch", batch, hub_token)
+    assert status == 200 and "actions" not in json.loads(answer)["objects"][0]

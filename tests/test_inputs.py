@@ -137,6 +137,8 @@ def test_recipe_text_files_and_numbers_read_as_meant(pair: list[str], tmp_path: 
     _recipe_error(
         {"method": "linear", "models": pair, "parameters": {"t": "nan"}}, "is not a finite", "parameters.t"
     )
+    huge = {"method": "linear", "models": pair, "parameters": {"t": 10**400}}
+    _recipe_error(huge, "too large", "parameters.t")
     # A misspelt required key is named as such, not only as the missing one.
     misspelt = _recipe_error(f"modles: {pair}\nmethod: centroid\n", "unknown key", "modles")
     assert misspelt.hint == "did you mean `models`?"
@@ -203,6 +205,11 @@ def test_mergekit_config_is_translated(pair: list[str]) -> None:
         "parameters: {t: 0.25}\n"
     )
     assert [m.ref for m in slerp.models] == [pair[1], pair[0]]
+    spelt = hubmerge.load_recipe(
+        f"merge_method: slerp\nbase_model: {pair[1]}/\nmodels: [{{model: {pair[0]}}}, {{model: {pair[1]}}}]\n"
+        "parameters: {t: 0.25}\n"
+    )
+    assert [m.ref for m in spelt.models] == [f"{pair[1]}/", pair[0]]  # `dir/` and `dir` are one model
     # mergekit's idiom lists the base among the models; its task-vector methods leave it out, and its
     # defaults (density 1.0; normalize true for ties only) hold where the config gives none.
     for method, normalize in (("ties", True), ("dare_ties", False), ("dare_linear", False)):

@@ -180,15 +180,37 @@ class RepoStore:
 
     def grant_lfs(self, repo_id: str, sha256: str) -> None:
         """Record that ``sha256`` was uploaded to ``repo_id`` (its commits may name it from now on)."""
-        folder = self._dir(repo_id) / "lfs"
-        if self.load(repo_id) is None:
-            return
-        folder.mkdir(exist_ok=True)
-        (folder / sha256).touch()
+        with self._lock:  # not while the repository is deleted (or re-created)
+            if self.load(repo_id) is None:
+                return
+            self._grants(repo_id).joinpath(sha256).touch()
 
     def has_lfs(self, repo_id: str, sha256: str) -> bool:
-        """Whether ``sha256`` was uploaded to ``repo_id``."""
-        return bool(_SHA256_RE.match(sha256)) and (self._dir(repo_id) / "lfs" / sha256).is_file()
+        """Whether ``sha256`` was uploaded to ``repo_id`` (or is named by one of its commits)."""
+        if not _SHA256_RE.match(sha256):
+            return False
+        try:
+            return (self._grants(repo_id) / sha256).is_file()
+        except FileNotFoundError:  # no such repository
+            return False
+
+    def _grants(self, repo_id: str) -> Path:
+        """The repository's grant folder; for one stored before grants existed, filled from its commits."""
+        folder = self._dir(repo_id) / "lfs"
+        if folder.is_dir():
+            return folder
+        with self._lock:
+            if not self._dir(repo_id).is_dir():
+                raise FileNotFoundError(repo_id)
+            if not folder.is_dir():
+                staging = self._tmp / f"grants-{uuid.uuid4().hex}"
+                staging.mkdir()
+                for path in (self._dir(repo_id) / "commits").glob("*.json"):
+                    for entry in json.loads(path.read_text()).get("files", {}).values():
+                        if isinstance(entry, dict) and entry.get("lfs"):
+                            staging.joinpath(str(entry["lfs"])).touch()
+                staging.rename(folder)
+        return folder
 
     def update(self, repo_id: str, change: Callable[[RepoMeta], None]) -> RepoMeta:
         """Change settings or refs under the lock and save them atomically.

@@ -106,6 +106,8 @@ def _valid_ref_name(name: str) -> bool:
         and not name.startswith("refs/")
         and all(p and not p.startswith(".") and not p.endswith(".lock") for p in parts)
         and not name.endswith(".")
+        and ".." not in name
+        and name != "@"
         and "@{" not in name
         and not any(c in name for c in " ~^:?*[\\")
         and not any(ord(c) < 32 or ord(c) == 127 for c in name)
