@@ -10,6 +10,16 @@ __version__ = "0.1.0"
 
 from .api import MergeResult, merge, plan  # noqa: E402
 from .errors import HubmergeError  # noqa: E402
+from .publish import PushTarget  # noqa: E402
 from .recipe import Recipe, load_recipe  # noqa: E402
 
-__all__ = ["HubmergeError", "MergeResult", "Recipe", "__version__", "load_recipe", "merge", "plan"]
+__all__ = [
+    "HubmergeError",
+    "MergeResult",
+    "PushTarget",
+    "Recipe",
+    "__version__",
+    "load_recipe",
+    "merge",
+    "plan",
+]

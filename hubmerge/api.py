@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, get_args
 
 from . import __version__
 from .companions import check_module_weights, companion_source
-from .errors import OutputError, RecipeError, raise_if_stopped
+from .errors import HubmergeError, OutputError, RecipeError, raise_if_stopped
 from .plan import DEFAULT_MEMORY_BUDGET, MergePlan, build_plan
 from .publish import UPLOADED, PushTarget, uploads_read_direct
 from .recipe import Dtype, Recipe, load_recipe
@@ -115,7 +115,8 @@ def plan(
     loaded = _with_dtype(load_recipe(recipe), dtype)
     with open_sources(loaded) as sources:
         merge_plan = build_plan(loaded, sources, memory_budget=memory_budget)
-        check_module_weights(companion_source(sources, len(loaded.models), loaded.base is not None))
+        for source in _unique(sources):
+            check_module_weights(source)
         if check_card:
             from .card import common_license
 
@@ -157,9 +158,14 @@ def check_target(recipe: Recipe, out: str | Path | None, *, force: bool, resume:
 
 
 def check_device(device: str) -> None:
-    """Refuse a device hubmerge does not run on."""
+    """Refuse a device hubmerge does not run on, or a CUDA device torch does not see (before any output)."""
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise RecipeError(f"device {device!r} is not cpu or cuda", hint="use --device cpu or --device cuda")
+    if device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise HubmergeError(f"--device {device} but torch sees no CUDA device", hint="use --device cpu")
 
 
 def check_space(target: Path, plan: MergePlan, *, resume: bool, delete_local: bool) -> None:
@@ -237,7 +243,8 @@ def merge(
     start = time.perf_counter()
     with open_sources(loaded, transfer=transfer) as sources:
         merge_plan = build_plan(loaded, sources, memory_budget=memory_budget)
-        check_module_weights(companion_source(sources, len(loaded.models), loaded.base is not None))
+        for source in _unique(sources):  # a module's weights, in any model, would be left out of the merge
+            check_module_weights(source)
         license_ = common_license(merge_plan, _unique(sources))  # disagreeing licenses fail before any read
         if on_plan is not None:
             on_plan(merge_plan)
@@ -315,7 +322,7 @@ def finish_output(
         Every file of the output, relative to ``dest``.
     """
     from .card import front_matter, render_card
-    from .companions import companion_source, copy_companions, read_config
+    from .companions import copy_companions, read_config
 
     recipe = plan.recipe
     files = [s.filename for s in plan.shards]

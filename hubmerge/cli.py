@@ -142,11 +142,6 @@ def merge_command(
         click.echo(plan_summary(planned))
         click.echo("dry run: nothing read, nothing written")
         return
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise HubmergeError("--device cuda but torch sees no CUDA device", hint="use --device cpu")
     bar: Any = None
 
     def on_plan(p: Any) -> None:

@@ -70,10 +70,10 @@ def check_output(out: Path, inputs: list[Path], *, force: bool, resume: bool) ->
     out = out.resolve()
     for src in inputs:
         src = src.resolve()
-        src_dir = src if src.is_dir() else src.parent
-        if out == src or out.is_relative_to(src_dir):
+        # A model folder is the input; a single .safetensors file is, not the folder it lies in.
+        if out.is_relative_to(src):
             raise OutputError(
-                f"output directory {out} lies inside the input {src_dir}",
+                f"output directory {out} is or lies inside the input {src}",
                 path=str(out),
                 hint="write the merge somewhere else with --out",
             )

@@ -169,6 +169,18 @@ def test_a_full_disk_an_unknown_dtype_or_device_fail_before_reading(recipe: Path
         hubmerge.merge(recipe, tmp_path / "o", device="tpu")
 
 
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available(), reason="checks the refusal on a machine without CUDA"
+)
+def test_cuda_without_a_gpu_is_refused_before_any_output(recipe: Path, tmp_path: Path) -> None:
+    dry = _run(str(recipe), "--dry-run", "--device", "cuda")
+    assert dry.returncode == 2 and "torch sees no CUDA device" in dry.stderr
+    with pytest.raises(hubmerge.HubmergeError, match="torch sees no CUDA device"):
+        hubmerge.merge(recipe, tmp_path / "out", device="cuda")
+    assert not (tmp_path / ".out.hubmerge-partial").exists() and not (tmp_path / "out").exists()
+    assert hubmerge.PushTarget is __import__("hubmerge.publish").publish.PushTarget
+
+
 def test_methods_lists_every_row(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["methods"]) == 0
     text = capsys.readouterr().out

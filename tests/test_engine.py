@@ -222,6 +222,11 @@ def test_output_rules(tmp_path: Path, three: list[Path]) -> None:
     assert not marker.exists() and (out / "model.safetensors").exists()
     with pytest.raises(OutputError, match="inside the input"):
         hubmerge.merge(recipe, three[0] / "merged")
+    # A single-file input is that file, not its folder: the output may sit beside it.
+    files = {"method": "centroid", "models": [str(p / "model.safetensors") for p in three]}
+    assert (hubmerge.merge(files, three[0] / "beside").out / "model.safetensors").exists()
+    with pytest.raises(OutputError, match="is or lies inside the input"):
+        hubmerge.merge(files, three[0] / "model.safetensors" / "x")
     with pytest.raises(OutputError, match="contains the input"):
         hubmerge.merge(recipe, tmp_path, force=True)
     assert all((p / "model.safetensors").exists() for p in three)
@@ -289,8 +294,10 @@ def test_a_module_with_weights_of_its_own_is_refused_before_reading(tmp_path: Pa
         (model / "1_Pooling" / "config.json").write_text("{}")
     recipe = {"method": "centroid", "models": [str(m) for m in models]}
     assert (hubmerge.merge(recipe, tmp_path / "pooled").out / "1_Pooling" / "config.json").exists()
-    for model in models:
-        save_model(model / "2_Dense", {"linear.weight": torch.ones(2, 2)})
+    save_model(models[1] / "2_Dense", {"linear.weight": torch.ones(2, 2)})  # in the second model only
+    with pytest.raises(PlanError, match="models.1: the sentence-transformers module 2_Dense has weights"):
+        hubmerge.plan(recipe)
+    save_model(models[0] / "2_Dense", {"linear.weight": torch.ones(2, 2)})
     with pytest.raises(PlanError, match="module 2_Dense has weights of its own .*2_Dense/model.safetensors"):
         hubmerge.plan(recipe)
     with pytest.raises(PlanError, match="2_Dense"):
