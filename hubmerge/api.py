@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
 from . import __version__
-from .companions import check_module_weights, companion_source
+from .companions import check_module_weights
 from .errors import HubmergeError, OutputError, RecipeError, raise_if_stopped
 from .plan import DEFAULT_MEMORY_BUDGET, MergePlan, build_plan
 from .publish import UPLOADED, PushTarget, uploads_read_direct
@@ -114,14 +114,25 @@ def plan(
     """
     loaded = _with_dtype(load_recipe(recipe), dtype)
     with open_sources(loaded) as sources:
-        merge_plan = build_plan(loaded, sources, memory_budget=memory_budget)
-        for source in _unique(sources):
-            check_module_weights(source)
-        if check_card:
-            from .card import common_license
+        return _checked_plan(loaded, sources, memory_budget, check_card=check_card)[0]
 
-            common_license(merge_plan, _unique(sources))
-        return merge_plan
+
+def _checked_plan(
+    recipe: Recipe, sources: list[TensorSource], memory_budget: int, *, check_card: bool = True
+) -> tuple[MergePlan, str | None]:
+    """The plan, and the sources' common license; what the models' files refuse, refused before any read.
+
+    Raises:
+        PlanError: the plan's refusals, or a model's module with weights of its own.
+        RecipeError: the sources' licenses differ (``check_card``).
+    """
+    from .card import common_license
+
+    merge_plan = build_plan(recipe, sources, memory_budget=memory_budget)
+    for source in _unique(sources):  # a module's weights, in any model, would be left out of the merge
+        check_module_weights(source)
+    license_ = common_license(merge_plan, _unique(sources)) if check_card else None
+    return merge_plan, license_
 
 
 def _unique(sources: list[TensorSource]) -> list[TensorSource]:
@@ -173,7 +184,6 @@ def check_space(target: Path, plan: MergePlan, *, resume: bool, delete_local: bo
     import shutil
 
     from .report import human_bytes
-    from .writer import partial_dir
 
     partial = partial_dir(target)
     sizes = [s.size for s in plan.shards]
@@ -230,7 +240,6 @@ def merge(
     Raises:
         HubmergeError: any failure, with what to do about it; a partial output is kept for ``resume``.
     """
-    from .card import common_license
     from .publish import HubUploader
     from .run import execute, start_reads
     from .sources.buffers import retain_freed_memory
@@ -242,10 +251,7 @@ def merge(
     target = check_target(loaded, out, force=force, resume=resume)
     start = time.perf_counter()
     with open_sources(loaded, transfer=transfer) as sources:
-        merge_plan = build_plan(loaded, sources, memory_budget=memory_budget)
-        for source in _unique(sources):  # a module's weights, in any model, would be left out of the merge
-            check_module_weights(source)
-        license_ = common_license(merge_plan, _unique(sources))  # disagreeing licenses fail before any read
+        merge_plan, license_ = _checked_plan(loaded, sources, memory_budget)
         if on_plan is not None:
             on_plan(merge_plan)
         # A pushed shard is read again as soon as it is written, around the page cache too where the upload
@@ -322,7 +328,7 @@ def finish_output(
         Every file of the output, relative to ``dest``.
     """
     from .card import front_matter, render_card
-    from .companions import copy_companions, read_config
+    from .companions import companion_source, copy_companions, read_config
 
     recipe = plan.recipe
     files = [s.filename for s in plan.shards]

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -187,6 +188,19 @@ class Recipe(_Strict):
     def sha256(self) -> str:
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
 
+    def _with_entries(
+        self, change: Callable[[ModelEntry, ModelRef | None, int], ModelEntry], **update: Any
+    ) -> Recipe:
+        """A copy whose model entries (then the base's) are ``change(entry, its reference, its index)``."""
+        entries = [*self.models, *([self.base] if self.base is not None else [])]
+        refs = [*self.model_refs(), *([self.base_ref()] if self.base is not None else [])]
+        changed = [change(e, r, i) for i, (e, r) in enumerate(zip(entries, refs, strict=True))]
+        n = len(self.models)
+        update["models"] = changed[:n]
+        if self.base is not None:
+            update["base"] = changed[n]
+        return self.model_copy(update=update)
+
     def pinned(self, commits: list[str | None]) -> Recipe:
         """This recipe with each Hub model (then the base) at the commit it resolved to, local paths absolute.
 
@@ -195,28 +209,22 @@ class Recipe(_Strict):
         anywhere, it reads the same models, the same bytes from the Hub even after a branch moved. The push
         target and the output directory are left out: they change where the merge goes, not its bytes.
         """
-        entries = [*self.models, *([self.base] if self.base is not None else [])]
-        refs = [*self.model_refs(), *([self.base_ref()] if self.base is not None else [])]
-        pinned = []
-        for entry, ref, commit in zip(entries, refs, commits, strict=True):
+
+        def pin(entry: ModelEntry, ref: ModelRef | None, i: int) -> ModelEntry:
+            commit = commits[i]
             if ref is not None and ref.path is not None:  # absolute: the stored recipe is read elsewhere
-                pinned.append(
-                    entry.model_copy(update={"ref" if entry.ref is not None else "path": str(ref.path)})
-                )
-            elif ref is None or ref.repo_id is None or commit is None:
-                pinned.append(entry)
-            elif entry.ref is not None:
-                pinned.append(entry.model_copy(update={"ref": f"{ref.repo_id}@{commit}", "revision": None}))
-            else:
-                pinned.append(entry.model_copy(update={"revision": commit}))
-        n = len(self.models)
+                return entry.model_copy(update={"ref" if entry.ref is not None else "path": str(ref.path)})
+            if ref is None or ref.repo_id is None or commit is None:
+                return entry
+            if entry.ref is not None:
+                return entry.model_copy(update={"ref": f"{ref.repo_id}@{commit}", "revision": None})
+            return entry.model_copy(update={"revision": commit})
+
+        if len(commits) != len(self.models) + (self.base is not None):
+            raise ValueError(f"{len(commits)} commits for {len(self.models)} models and the base")
         # Where the output went is no part of what it is: a reader rerunning the stored recipe must not
         # push to (or be refused by) the author's repository, and writes where --out says.
-        output = self.output.model_copy(update={"dir": None})
-        update: dict[str, Any] = {"models": pinned[:n], "push": None, "output": output}
-        if self.base is not None:
-            update["base"] = pinned[n]
-        return self.model_copy(update=update)
+        return self._with_entries(pin, push=None, output=self.output.model_copy(update={"dir": None}))
 
     def portable_sha256(self) -> str:
         """The SHA-256 of this recipe with each local model's path left out (``<local>``).
@@ -224,19 +232,13 @@ class Recipe(_Strict):
         What the shards' ``recipe_sha256`` records, for a pinned recipe: the same recipe and inputs give the
         same bytes from whatever folder they are run, the stored (absolute) recipe included.
         """
-        refs = [*self.model_refs(), *([self.base_ref()] if self.base is not None else [])]
-        entries = [*self.models, *([self.base] if self.base is not None else [])]
-        anonymous = [
-            e.model_copy(update={"ref" if e.ref is not None else "path": "<local>"})
-            if r is not None and r.path is not None
-            else e
-            for e, r in zip(entries, refs, strict=True)
-        ]
-        n = len(self.models)
-        update: dict[str, Any] = {"models": anonymous[:n]}
-        if self.base is not None:
-            update["base"] = anonymous[n]
-        return self.model_copy(update=update).sha256()
+
+        def anonymous(entry: ModelEntry, ref: ModelRef | None, i: int) -> ModelEntry:
+            if ref is None or ref.path is None:
+                return entry
+            return entry.model_copy(update={"ref" if entry.ref is not None else "path": "<local>"})
+
+        return self._with_entries(anonymous).sha256()
 
     def to_yaml(self) -> str:
         """The recipe as YAML, defaults left out."""
