@@ -38,6 +38,7 @@ class SourceInfo:
     commit: str | None
     cached: bool = False
     stamp: str | None = None  # a local source's weight files' sizes and times (LocalSource.stamp)
+    private: bool = False  # a private Hub repository (its id, not its files, shows in a public push's card)
 
     def identity(self) -> str:
         """What the source is: its reference, commit and, for local files, their stamp."""
@@ -236,7 +237,7 @@ def build_plan(
         )
     labels = [*(s.label for s in models), *([base.label] if base is not None else [])]
     source_infos = tuple(
-        SourceInfo(label, s.ref, s.commit, s.cached, getattr(s, "stamp", None))
+        SourceInfo(label, s.ref, s.commit, s.cached, getattr(s, "stamp", None), getattr(s, "private", False))
         for label, s in zip(labels, sources, strict=True)
     )
     float_bytes: dict[str, int] = {}

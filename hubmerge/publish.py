@@ -135,9 +135,21 @@ class HubUploader:
             "create repository",
             merged=False,
         )
-        if target.private:  # create_repo leaves an existing repository as it is
+        hidden = [s for s in plan.sources if s.private]
+        if target.private or hidden:  # create_repo leaves an existing repository as it is
             info = self._call(lambda: self.api.model_info(target.repo_id), "repository info", merged=False)
-            if not info.private:
+            if not info.private and hidden:
+                log.warning(
+                    "%s is public, and its card names the private model%s %s (base_model, the sources and "
+                    "the recipe): the id%s will be visible, not the files; push to a private repository to "
+                    "keep %s hidden",
+                    target.repo_id,
+                    "s" if len(hidden) > 1 else "",
+                    ", ".join(str(s.ref.repo_id) for s in hidden),
+                    "s" if len(hidden) > 1 else "",
+                    "them" if len(hidden) > 1 else "it",
+                )
+            if target.private and not info.private:
                 raise PublishError(
                     f"{target.repo_id} exists and is public: --private (push.private) does not change an "
                     "existing repository, and the merge would be published",

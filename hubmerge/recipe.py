@@ -30,7 +30,7 @@ from pydantic import (
 )
 
 from .errors import RecipeError
-from .refs import ModelRef, is_repo_id, parse_ref
+from .refs import ModelRef, home_relative, is_repo_id, parse_ref
 
 Dtype = Literal["float32", "float16", "bfloat16", "float64"]
 Scalar = bool | int | float | str  # checked against the method's parameter types in params.py
@@ -202,7 +202,8 @@ class Recipe(_Strict):
         return self.model_copy(update=update)
 
     def pinned(self, commits: list[str | None]) -> Recipe:
-        """This recipe with each Hub model (then the base) at the commit it resolved to, local paths absolute.
+        """This recipe with each Hub model (then the base) at the commit it resolved to, local paths absolute
+        (``~/...`` in the home directory).
 
         ``commits`` holds one entry per model, then one for the base if there is one: a commit SHA, or None
         for a local model. What ``recipe_sha256`` hashes and the output's ``recipe.yaml`` holds: rerun from
@@ -213,7 +214,9 @@ class Recipe(_Strict):
         def pin(entry: ModelEntry, ref: ModelRef | None, i: int) -> ModelEntry:
             commit = commits[i]
             if ref is not None and ref.path is not None:  # absolute: the stored recipe is read elsewhere
-                return entry.model_copy(update={"ref" if entry.ref is not None else "path": str(ref.path)})
+                return entry.model_copy(
+                    update={"ref" if entry.ref is not None else "path": home_relative(ref.path)}
+                )
             if ref is None or ref.repo_id is None or commit is None:
                 return entry
             if entry.ref is not None:

@@ -31,7 +31,26 @@ class ModelRef:
     def __str__(self) -> str:
         if self.repo_id is not None:
             return f"{self.repo_id}@{self.revision}" if self.revision else self.repo_id
-        return str(self.path)
+        return home_relative(self.path) if self.path is not None else ""
+
+
+def home_relative(path: Path) -> str:
+    """``path`` as text, ``~/...`` where it lies in the home directory.
+
+    How local paths are written into what a merge stores and may publish (the pinned ``recipe.yaml``, the
+    card, ``hubmerge.json``): the same text reads the same files on this machine, without the user's name.
+    """
+    try:
+        home = Path.home()
+    except RuntimeError:  # no home directory (some service accounts)
+        return str(path)
+    if home == Path(home.anchor):  # a home of "/" would turn every path into ~/...
+        return str(path)
+    try:
+        rest = path.relative_to(home)
+    except ValueError:
+        return str(path)
+    return "~" if rest == Path() else f"~/{rest.as_posix()}"
 
 
 def is_repo_id(text: str) -> bool:

@@ -415,6 +415,23 @@ def test_same_recipe_same_bytes(tmp_path: Path, three: list[Path]) -> None:
     assert (there / "model.safetensors").read_bytes() == (moved / "model.safetensors").read_bytes()
 
 
+def test_stored_paths_in_the_home_directory_name_no_user(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a merge stores (and a push publishes) writes a model under the home directory as ~/...: the same
+    files on this machine, without /home/<user> in a public card."""
+    home = tmp_path / "home" / "alice"
+    models = [save_model(home / "ckpt" / f"m{i}", random_tensors(i)) for i in range(2)]
+    monkeypatch.setenv("HOME", str(home))
+    recipe = {"method": "linear", "models": [str(p) for p in models], "parameters": {"t": 0.25}}
+    out = hubmerge.merge(recipe, tmp_path / "out").out
+    for name in ("recipe.yaml", "README.md", "hubmerge.json"):
+        text = (out / name).read_text()
+        assert str(home) not in text, name
+        assert "~/ckpt/m1" in text, name
+    assert hubmerge.plan(out / "recipe.yaml").fingerprint() == hubmerge.plan(recipe).fingerprint()
+
+
 KILL_AFTER = kill_after_script()
 
 

@@ -603,6 +603,13 @@ def test_offline_mode_reads_the_local_cache(
         assert (out / name).read_bytes() == (tmp_path / "online" / name).read_bytes()
     card = (out / "README.md").read_text()
     assert all(f"{i}" in card and c in card for i, c in zip(ids, commits, strict=True)), card
+    # A commit abbreviated as the Hub's pages show it reads the cached snapshot it names.
+    short = tmp_path / "short.yaml"
+    short.write_text(f"method: centroid\nmodels: [{ids[0]}@{commits[0][:7]}, {ids[1]}@{commits[1][:12]}]\n")
+    abbreviated = offline(str(short), "--out", str(tmp_path / "short"))
+    assert abbreviated.returncode == 0, abbreviated.stderr
+    for name in shards:
+        assert (tmp_path / "short" / name).read_bytes() == (out / name).read_bytes()
     # Partly downloaded (a config, no weights): named as such, with the same way out.
     api = HfApi(token=hub_token)
     partial_id = f"{repo_name}-partial"
@@ -779,6 +786,29 @@ def test_private_push_to_a_public_repository_is_refused_before_merging(
     assert info.value.hint is not None and "nothing was merged yet" in info.value.hint
     assert not api.model_info(repo_name).private and not (tmp_path / "out").exists()
     assert api.list_repo_files(repo_name) == [".gitattributes"]
+
+
+def test_a_public_push_of_a_private_source_says_its_id_becomes_visible(
+    tmp_path: Path,
+    hub_token: str,
+    repo_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", hub_token)
+    api = HfApi(token=hub_token)
+    hidden = f"{repo_name}-hidden"
+    _publish(api, hidden, tiny_llama(3, tmp_path / "p", card=LICENSED), private=True)
+    _publish(api, f"{repo_name}-open", tiny_llama(4, tmp_path / "q", card=LICENSED))
+    recipe = {"method": "centroid", "models": [f"{repo_name}-open", hidden]}
+    with caplog.at_level("WARNING", logger="hubmerge"):
+        hubmerge.merge(recipe, tmp_path / "open", push=PushTarget(f"{repo_name}-merged"))
+    said = [r.getMessage() for r in caplog.records if "private model" in r.getMessage()]
+    assert len(said) == 1 and f"private model {hidden} " in said[0] and f"{repo_name}-open" not in said[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hubmerge"):
+        hubmerge.merge(recipe, tmp_path / "closed", push=PushTarget(f"{repo_name}-closed", private=True))
+    assert not [r for r in caplog.records if "private model" in r.getMessage()]
 
 
 def test_a_push_to_a_bare_name_goes_to_the_users_namespace(

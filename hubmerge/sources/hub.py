@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -291,6 +292,27 @@ def offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+def _cached_commit(repo_id: str, revision: str | None) -> str | None:
+    """``revision``, or the one cached commit it abbreviates (``@3f2a9c1``, as the Hub's pages show commits).
+
+    Online the Hub expands a short commit id; offline the cache knows commits by their full SHA only.
+    """
+    if revision is None or not re.fullmatch(r"[0-9a-f]{7,39}", revision):
+        return revision
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    cached = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+    if (cached / "refs" / revision).is_file():  # a branch or tag that looks like a commit
+        return revision
+    snapshots = cached / "snapshots"
+    try:
+        found = [p.name for p in snapshots.iterdir() if p.name.startswith(revision) and len(p.name) == 40]
+    except OSError:
+        return revision
+    return found[0] if len(found) == 1 else revision
+
+
 def open_cached(ref: ModelRef, *, label: str) -> LocalSource:
     """A Hub model from its snapshot in the local Hugging Face cache, for offline mode.
 
@@ -318,7 +340,7 @@ def open_cached(ref: ModelRef, *, label: str) -> LocalSource:
         folder = Path(
             snapshot_download(
                 ref.repo_id,
-                revision=ref.revision,
+                revision=_cached_commit(ref.repo_id, ref.revision),
                 local_files_only=True,
                 allow_patterns=["*.safetensors", INDEX],
             )
@@ -353,6 +375,7 @@ class HubSource:
         assert info.sha is not None
         self.commit: str | None = info.sha
         self._sha = info.sha
+        self.private = bool(info.private)  # a public push's card would show this id (Publisher.begin)
         self._sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
         self.tensors: dict[str, TensorInfo] = {}
         self._pool = ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix=f"hubmerge-{label}")
