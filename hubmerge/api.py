@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
 from . import __version__
-from .companions import check_module_weights
+from .companions import check_module_weights, check_not_adapter
 from .errors import HubmergeError, OutputError, RecipeError, raise_if_stopped
 from .plan import DEFAULT_MEMORY_BUDGET, MergePlan, build_plan
 from .publish import UPLOADED, PushTarget, uploads_read_direct
@@ -123,11 +123,13 @@ def _checked_plan(
     """The plan, and the sources' common license; what the models' files refuse, refused before any read.
 
     Raises:
-        PlanError: the plan's refusals, or a model's module with weights of its own.
+        PlanError: the plan's refusals, a LoRA adapter, or a model's module with weights of its own.
         RecipeError: the sources' licenses differ (``check_card``).
     """
     from .card import common_license
 
+    for source in _unique(sources):  # before the plan, whose refusals (a missing tensor) would mislead
+        check_not_adapter(source)
     merge_plan = build_plan(recipe, sources, memory_budget=memory_budget)
     for source in _unique(sources):  # a module's weights, in any model, would be left out of the merge
         check_module_weights(source)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import re
 import logging
 import shutil
 from collections.abc import Sequence
@@ -78,6 +79,30 @@ def check_module_weights(source: TensorSource) -> None:
                 f"checkpoint) and put the result in the output's {module_dir}/, or drop the module from "
                 "modules.json",
             )
+
+
+_LORA = re.compile(r"(?:^|\.)lora_(?:A|B|embedding_A|embedding_B|magnitude_vector)(?:\.|$)")
+
+
+def check_not_adapter(source: TensorSource) -> None:
+    """Refuse a PEFT LoRA adapter (``lora_A``/``lora_B`` tensors): hubmerge merges whole checkpoints.
+
+    Averaging A and B factors separately is not the average of the updates B @ A, and the output would load
+    neither as a model nor as an adapter.
+
+    Raises:
+        PlanError: naming the model and one of its adapter tensors, before any weight is read.
+    """
+    found = next((name for name in source.tensors if _LORA.search(name)), None)
+    if found is None:
+        return
+    raise PlanError(
+        f"{source.label} ({source.ref}) is a LoRA adapter (tensor '{found}'), not a model checkpoint: "
+        "merging its A and B factors one by one would not merge the updates",
+        tensor=found,
+        hint="merge the adapter into its base model first (peft: PeftModel.from_pretrained(base, adapter)"
+        ".merge_and_unload().save_pretrained(dir)), then merge those folders",
+    )
 
 
 def _module_dirs(source: TensorSource) -> list[str]:

@@ -84,3 +84,31 @@ def test_bert_classifier_centroid_in_bf16(tmp_path: Path) -> None:
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
     logits = _logits(merged, ids)
     assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+
+
+def test_lora_adapters_are_refused_with_how_to_merge_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two real PEFT adapters: averaging their A and B factors one by one is not a merge of their updates."""
+    peft = pytest.importorskip("peft")
+    base = tiny_llama(0, tmp_path / "base")
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = transformers.LlamaForCausalLM.from_pretrained(base)
+        config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        peft.get_peft_model(model, config).save_pretrained(tmp_path / f"lora{seed}")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: centroid\nmodels: [lora1, lora2]\n")
+    assert main([str(recipe), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "models.0" in err[0] and "is a LoRA adapter (tensor '" in err[0], err
+    assert "lora_A" in err[0] and "merge_and_unload" in err[0]
+    assert not (tmp_path / "out").exists()
+    # The same folders merged into their base first are models like any other.
+    for seed in (1, 2):
+        merged = peft.PeftModel.from_pretrained(
+            transformers.LlamaForCausalLM.from_pretrained(base), tmp_path / f"lora{seed}"
+        )
+        merged.merge_and_unload().save_pretrained(tmp_path / f"full{seed}")
+    recipe.write_text("method: centroid\nmodels: [full1, full2]\n")
+    assert main([str(recipe), "--out", str(tmp_path / "out"), "-q"]) == 0
