@@ -361,7 +361,7 @@ def finish_output(
         render_card(plan, meta, out_name=out_name, repo_id=repo_id, revision=revision), encoding="utf-8"
     )
     files.append("README.md")
-    header = f"# made with hubmerge {__version__}; rerun with `hubmerge recipe.yaml`\n"
+    header = f"# made with hubmerge {__version__}; rerun with `hubmerge recipe.yaml --out DIR`\n"
     (dest / "recipe.yaml").write_text(header + recipe.to_yaml(), encoding="utf-8")
     files.append("recipe.yaml")
     write_json(dest / MANIFEST, manifest(plan))

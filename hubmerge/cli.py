@@ -8,11 +8,14 @@ with the same cleanup: Hub scratch files deleted, the partial output closed for 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
+import os
 import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any, NoReturn
@@ -49,6 +52,12 @@ class _DefaultToMerge(click.Group):
     """``hubmerge RECIPE ...`` means ``hubmerge merge RECIPE ...``."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # `hubmerge -q plan R` as `hubmerge plan -q R`: the flags both commands take, before the command.
+        lead = 0
+        while lead < len(args) and args[lead] in ("-q", "--quiet", "-v", "--verbose"):
+            lead += 1
+        if 0 < lead < len(args) and args[lead] in ("plan", "merge"):
+            args = [args[lead], *args[:lead], *args[lead + 1 :]]
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = ["merge", *args]
         return super().parse_args(ctx, args)
@@ -60,14 +69,67 @@ def cli() -> None:
     """Merge fine-tuned models tensor by tensor: `hubmerge RECIPE.yaml`."""
 
 
-def _setup_logging(verbose: bool, quiet: bool) -> None:
+def _setup_logging(verbose: bool, quiet: bool, *, info: bool = True) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
+        level=logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if not (verbose or quiet):
+    if info and not (verbose or quiet):
         logging.getLogger("hubmerge").setLevel(logging.INFO)
+
+
+class _LogProgress:
+    """Progress for a log rather than a terminal (CI, ``2> file``): a plain line as each tenth of the bytes is
+    read, at most one every ``every`` seconds, and none of a bar's carriage returns or cursor moves."""
+
+    def __init__(self, total: int, *, every: float = 5.0) -> None:
+        self.total, self.every = total, every
+        self.done, self.tenths = 0, 0
+        self.start = self.last = time.monotonic()
+
+    def update(self, n: int) -> None:
+        from .report import human_bytes
+
+        self.done += n
+        tenths = min(10, 10 * self.done // self.total) if self.total else 10
+        now = time.monotonic()
+        if tenths > self.tenths and (now - self.last >= self.every or tenths == 10):
+            self.tenths, self.last = tenths, now
+            rate = self.done / max(now - self.start, 1e-9) / 1e9
+            click.echo(
+                f"merging: {100 * self.done // max(self.total, 1)}% ({human_bytes(self.done)} of "
+                f"{human_bytes(self.total)}, {rate:.2f} GB/s, {now - self.start:.0f} s)",
+                err=True,
+            )
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int) -> Any:
+    """A tqdm bar on a terminal; plain lines (:class:`_LogProgress`) in a log, where huggingface_hub's upload
+    bars are turned off too."""
+    if not sys.stderr.isatty():
+        if "huggingface_hub" in sys.modules:
+            from huggingface_hub.utils.tqdm import disable_progress_bars
+
+            disable_progress_bars()
+        else:  # read when huggingface_hub is imported; importing it here would slow a local merge's start
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        return _LogProgress(total)
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="merging",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        smoothing=0.1,
+    )
 
 
 @cli.command("merge")
@@ -75,7 +137,7 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
 @click.option(
     "--out", type=click.Path(file_okay=False, path_type=Path), help="Output directory (overrides output.dir)."
 )
-@click.option("--dtype", type=DTYPES, help="Output dtype (overrides the recipe).")
+@click.option("--dtype", type=DTYPES, help="Output dtype (overrides the recipe; default: the first model's).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted merge into the same output.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory (never an input).")
@@ -93,7 +155,7 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     help="Read Hub sources by ranged requests per tensor, or one downloaded shard per model at a time.",
 )
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging; tracebacks on errors.")
-@click.option("--quiet", "-q", is_flag=True, help="Errors only.")
+@click.option("--quiet", "-q", is_flag=True, help="Errors only: no plan, progress, summary or warnings.")
 def merge_command(
     recipe: Path,
     out: Path | None,
@@ -148,32 +210,28 @@ def merge_command(
         nonlocal bar
         if not quiet:
             click.echo(plan_summary(p), err=True)
-            from tqdm import tqdm
+            bar = _progress_bar(p.bytes_read)
 
-            bar = tqdm(
-                total=p.bytes_read,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc="merging",
-                file=sys.stderr,
-                dynamic_ncols=True,
-                smoothing=0.1,
-            )
+    # On a terminal, log lines go above the bar instead of onto it.
+    redirect: Any = contextlib.nullcontext()
+    if not quiet and sys.stderr.isatty():
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
+        redirect = logging_redirect_tqdm()
     try:
-        result = merge(
-            loaded,
-            out,
-            dtype=dtype,
-            device=device,
-            resume=resume,
-            force=force,
-            progress=(lambda n: bar.update(n)) if not quiet else None,
-            on_plan=on_plan,
-            push=target,
-            transfer=hub_transfer,
-        )
+        with redirect:
+            result = merge(
+                loaded,
+                out,
+                dtype=dtype,
+                device=device,
+                resume=resume,
+                force=force,
+                progress=(lambda n: bar.update(n)) if not quiet else None,
+                on_plan=on_plan,
+                push=target,
+                transfer=hub_transfer,
+            )
     except KeyboardInterrupt as exc:
         from .api import output_dir
         from .writer import partial_dir
@@ -188,10 +246,12 @@ def merge_command(
             bar.close()
     if not quiet:
         resumed = f", {result.resumed_tensors} tensors resumed" if result.resumed_tensors else ""
+        gone = sum(not (result.out / name).exists() for name in result.files)  # --delete-local
+        deleted = f" ({gone} shard{'s' * (gone != 1)} deleted once uploaded)" if gone else ""
         click.echo(
             f"merged {len(result.plan.jobs)} tensors: read {human_bytes(result.bytes_read)} in "
             f"{result.seconds:.2f} s ({result.gb_per_s:.2f} GB/s){resumed}\n"
-            f"wrote {len(result.files)} files to {result.out}"
+            f"wrote {len(result.files)} files to {result.out}{deleted}"
         )
     if result.commit_url:
         click.echo(f"pushed to {result.commit_url}")
@@ -200,14 +260,15 @@ def merge_command(
 @cli.command("plan")
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--dtype", type=DTYPES, help="Output dtype (overrides the recipe).")
-@click.option("--verbose", "-v", is_flag=True, help="Tracebacks on errors.")
-def plan_command(recipe: Path, as_json: bool, dtype: Any, verbose: bool) -> None:
+@click.option("--dtype", type=DTYPES, help="Output dtype (overrides the recipe; default: the first model's).")
+@click.option("--verbose", "-v", is_flag=True, help="Debug logging; tracebacks on errors.")
+@click.option("--quiet", "-q", is_flag=True, help="No warnings (errors still print).")
+def plan_command(recipe: Path, as_json: bool, dtype: Any, verbose: bool, quiet: bool) -> None:
     """Check RECIPE and show the output layout, reading headers only."""
     from .api import plan
     from .report import plan_table
 
-    _setup_logging(verbose, quiet=True)
+    _setup_logging(verbose, quiet, info=False)
     merge_plan = plan(recipe, dtype=dtype)
     click.echo(json.dumps(merge_plan.to_json(), indent=2) if as_json else plan_table(merge_plan))
 

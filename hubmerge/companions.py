@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import re
 import logging
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path

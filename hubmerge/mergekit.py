@@ -124,8 +124,8 @@ def _model_ref(value: Any, where: str) -> str:
         raise RecipeError(
             f"mergekit's model+LoRA syntax ({value!r}) is not supported",
             path=where,
-            hint="merge the LoRA into its base first (peft's merge_and_unload, then save_pretrained), and list "
-            "that folder",
+            hint="merge the LoRA into its base first (peft's merge_and_unload, then save_pretrained), and "
+            "list that folder",
         )
     return value
 

@@ -59,7 +59,7 @@ class MergePlan:
     compute_dtype: str
     bytes_read: int
     bytes_written: int
-    peak_memory: int
+    peak_memory: int  # the merge's own buffers at their largest; the interpreter and torch come on top
     total_size: int
     memory_budget: int = field(default=DEFAULT_MEMORY_BUDGET)
 

@@ -32,7 +32,7 @@ def plan_summary(plan: MergePlan) -> str:
     lines.append(f"output   {len(plan.shards)} shard(s), {human_bytes(plan.bytes_written)}")
     lines.append(
         f"estimate read {human_bytes(plan.bytes_read)}, write {human_bytes(plan.bytes_written)}, "
-        f"peak memory {human_bytes(plan.peak_memory)}"
+        f"merge buffers {human_bytes(plan.peak_memory)} at most (Python and torch take ~150 MiB more)"
     )
     lines += [f"notice   {notice}" for notice in plan.notices]
     return "\n".join(lines)

@@ -90,6 +90,12 @@ def check_output(out: Path, inputs: list[Path], *, force: bool, resume: bool) ->
             hint="give --out a directory path (the merge writes several files)",
         )
     if out.exists() and not _empty(out):
+        if resume and not force and not partial_dir(out).exists() and (out / MANIFEST).is_file():
+            raise OutputError(
+                f"output directory {out} holds a finished merge: there is nothing to resume",
+                path=str(out),
+                hint="pass --force to merge again into it, or change --out",
+            )
         if not force:
             raise OutputError(
                 f"output directory {out} already exists",

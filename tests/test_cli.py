@@ -53,6 +53,87 @@ def test_merge_prints_plan_progress_and_summary(recipe: Path) -> None:
     assert "Traceback" not in again.stderr
 
 
+def test_progress_in_a_log_is_plain_lines(recipe: Path) -> None:
+    """Not a terminal (CI, `2> file`): whole lines, no carriage returns or cursor moves, and log lines stay
+    lines of their own."""
+    done = _run(str(recipe), "-v")
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stderr and "\x1b" not in done.stderr
+    lines = done.stderr.splitlines()
+    progress = [line for line in lines if line.startswith("merging: ")]
+    assert progress and progress[-1].startswith("merging: 100% (") and "GB/s" in progress[-1], lines
+    assert any(line.startswith("DEBUG hubmerge.run: arithmetic: ") for line in lines), lines
+    resumed = _run(str(recipe), "--resume")  # a finished merge: nothing to resume
+    assert resumed.returncode == 2 and "holds a finished merge: there is nothing to resume" in resumed.stderr
+
+
+def test_quiet_is_errors_only(tmp_path: Path) -> None:
+    """-q drops warnings too (here: a folder with both a single file and an index), and plan takes it."""
+    both = save_model(tmp_path / "both", random_tensors(0), shards=2)
+    save_model(tmp_path / "single", random_tensors(1))
+    (tmp_path / "single" / "model.safetensors").rename(both / "model.safetensors")
+    recipe = write_recipe(tmp_path / "r.yaml", "method: centroid\nmodels: [both, both]\n")
+    loud = _run("plan", str(recipe))
+    assert loud.returncode == 0 and "WARNING" in loud.stderr and "holds both" in loud.stderr
+    for args in (["plan", "-q", str(recipe)], ["-q", "plan", str(recipe)], [str(recipe), "-q", "--out", "o"]):
+        quiet = _run(*args, cwd=tmp_path)
+        assert quiet.returncode == 0 and quiet.stderr == "", (args, quiet.stderr)
+    assert (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_log_progress_writes_a_line_per_tenth_at_most_every_few_seconds(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hubmerge import cli
+
+    clock = [100.0]
+    monkeypatch.setattr(cli.time, "monotonic", lambda: clock[0])
+    progress = cli._LogProgress(1000, every=5.0)
+    for _ in range(10):  # a tenth a second: one line every 5 s, the last one always
+        clock[0] += 1.0
+        progress.update(100)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split("%")[0] for line in lines] == ["merging: 50", "merging: 100"], lines
+    assert lines[0] == "merging: 50% (500 B of 1000 B, 0.00 GB/s, 5 s)"
+    progress = cli._LogProgress(0)  # nothing to read (every tensor resumed)
+    progress.update(0)
+    assert capsys.readouterr().err.startswith("merging: 0% (")
+
+
+def test_progress_on_a_terminal_is_a_bar_with_log_lines_above_it(recipe: Path) -> None:
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    run = subprocess.Popen(
+        [sys.executable, "-m", "hubmerge.cli", str(recipe), "-v"],
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the other end closed
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(leader)
+    assert run.wait() == 0, seen
+    text = seen.decode()
+    assert "\rmerging: 100%|" in text and "merged 7 tensors" in text, text
+    # tqdm clears the bar's line before a log line is written, so the line starts clean.
+    debug = text.index("DEBUG hubmerge.run: arithmetic")
+    assert text[debug - 1] in "\r\n", text[max(0, debug - 200) : debug + 50]
+
+
 def test_errors_are_one_line_and_verbose_shows_the_traceback(tmp_path: Path) -> None:
     bad = write_recipe(tmp_path / "bad.yaml", "method: avg\nmodels: [./nothing]\n")
     quiet = _run(str(bad))

@@ -397,7 +397,11 @@ def test_same_recipe_same_bytes(tmp_path: Path, three: list[Path]) -> None:
     second = hubmerge.merge(recipe, tmp_path / "b" / "out").out
     for name in ("model.safetensors", "hubmerge.json", "README.md", "config.json", "recipe.yaml"):
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
-    # The stored recipe, local paths made absolute, plans the same merge from wherever it is read.
+    # The stored recipe, local paths made absolute, plans the same merge from wherever it is read; it names
+    # no output (where the merge went is no part of it), so its first line says to give one.
+    assert (
+        "rerun with `hubmerge recipe.yaml --out DIR`" in (first / "recipe.yaml").read_text().splitlines()[0]
+    )
     stored = hubmerge.plan(first / "recipe.yaml")
     assert stored.recipe_sha256 == hubmerge.plan(recipe).recipe_sha256
     relative = write_recipe(tmp_path / "r.yaml", "method: weighted\nmodels: [a/m0, ./a/m1]\n")

@@ -484,6 +484,8 @@ def test_delete_local_keeps_only_small_files(
     assert not list((tmp_path / "out").glob("*.safetensors"))
     api = HfApi(token=hub_token)
     assert api.model_info(repo_name).private
+    n_shards = len([f for f in api.list_repo_files(repo_name) if f.endswith(".safetensors")])
+    assert f" ({n_shards} shards deleted once uploaded)" in done.stdout, done.stdout
     shards = [f for f in api.list_repo_files(repo_name) if f.endswith(".safetensors")]
     merged: dict[str, torch.Tensor] = {}
     for shard in shards:
