@@ -13,12 +13,21 @@ from typing import TYPE_CHECKING, Any, get_args
 
 from . import __version__
 from .companions import check_module_weights, check_not_adapter
-from .errors import HubmergeError, OutputError, RecipeError, raise_if_stopped
+from .errors import OutputError, RecipeError, raise_if_stopped
 from .plan import DEFAULT_MEMORY_BUDGET, MergePlan, build_plan
 from .publish import UPLOADED, PushTarget, uploads_read_direct
 from .recipe import Dtype, Recipe, load_recipe
 from .sources import TensorSource, open_source
-from .writer import MANIFEST, PROGRESS_DIR, ShardWriter, Sink, check_output, partial_dir, write_json
+from .writer import (
+    MANIFEST,
+    PROGRESS_DIR,
+    ShardWriter,
+    Sink,
+    check_output,
+    output_lock,
+    partial_dir,
+    write_json,
+)
 
 if TYPE_CHECKING:
     from .refs import ModelRef
@@ -112,9 +121,18 @@ def plan(
     Raises:
         RecipeError, SourceError, PlanError: the recipe, a model, or their combination is wrong.
     """
+    _check_budget(memory_budget)
     loaded = _with_dtype(load_recipe(recipe), dtype)
     with open_sources(loaded) as sources:
         return _checked_plan(loaded, sources, memory_budget, check_card=check_card)[0]
+
+
+def _check_budget(memory_budget: int) -> None:
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget <= 0:
+        raise RecipeError(
+            f"memory_budget is a positive number of bytes, got {memory_budget!r}",
+            hint=f"leave it out for the default ({DEFAULT_MEMORY_BUDGET})",
+        )
 
 
 def _checked_plan(
@@ -178,7 +196,7 @@ def check_device(device: str) -> None:
         import torch
 
         if not torch.cuda.is_available():
-            raise HubmergeError(f"--device {device} but torch sees no CUDA device", hint="use --device cpu")
+            raise RecipeError(f"--device {device} but torch sees no CUDA device", hint="use --device cpu")
 
 
 def check_space(target: Path, plan: MergePlan, *, resume: bool, delete_local: bool) -> None:
@@ -218,7 +236,7 @@ def merge(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: Callable[[int], None] | None = None,
     on_plan: Callable[[MergePlan], None] | None = None,
-    push: PushTarget | None = None,
+    push: PushTarget | str | None = None,
     transfer: Transfer = "ranges",
 ) -> MergeResult:
     """Merge the recipe's models into ``out`` (default: the recipe's ``output.dir``).
@@ -233,7 +251,8 @@ def merge(
         memory_budget: compute-buffer bytes per tensor before merging in row chunks.
         progress: called with input bytes consumed, for progress bars.
         on_plan: called with the plan before any weight is read.
-        push: publish to this Hub repository (default: the recipe's ``push:``, if any).
+        push: publish to this Hub repository, a :class:`PushTarget` or a repository id (default: the
+            recipe's ``push:``, if any).
         transfer: how Hub sources are read: ``ranges`` (default) or ``shards``.
 
     Returns:
@@ -242,14 +261,41 @@ def merge(
     Raises:
         HubmergeError: any failure, with what to do about it; a partial output is kept for ``resume``.
     """
+    _check_budget(memory_budget)
+    if transfer not in ("ranges", "shards"):
+        raise RecipeError(
+            f"transfer is 'ranges' or 'shards', got {transfer!r}", hint="leave it out for ranges"
+        )
+    loaded = _with_dtype(load_recipe(recipe), dtype)
+    check_device(device)
+    if isinstance(push, str):  # a repository id, as --push takes it
+        push = PushTarget(push)
+    if push is None and loaded.push is not None:
+        push = PushTarget(**loaded.push.model_dump())
+    # Checked before the lock (which creates the output's parent folders) and again under it.
+    with output_lock(check_target(loaded, out, force=force, resume=resume)):
+        return _merge_locked(
+            loaded, out, device, resume, force, memory_budget, progress, on_plan, push, transfer
+        )
+
+
+def _merge_locked(
+    loaded: Recipe,
+    out: str | Path | None,
+    device: str,
+    resume: bool,
+    force: bool,
+    memory_budget: int,
+    progress: Callable[[int], None] | None,
+    on_plan: Callable[[MergePlan], None] | None,
+    push: PushTarget | None,
+    transfer: Transfer,
+) -> MergeResult:
+    """:func:`merge`, with the output's lock held (writer.output_lock)."""
     from .publish import HubUploader
     from .run import execute, start_reads
     from .sources.buffers import retain_freed_memory
 
-    loaded = _with_dtype(load_recipe(recipe), dtype)
-    check_device(device)
-    if push is None and loaded.push is not None:
-        push = PushTarget(**loaded.push.model_dump())
     target = check_target(loaded, out, force=force, resume=resume)
     start = time.perf_counter()
     with open_sources(loaded, transfer=transfer) as sources:

@@ -36,15 +36,17 @@ class Stopped(HubmergeError):
         self.code = code
 
 
-def _stopped(exc: BaseException | None, partial: Path | None = None) -> Stopped:
-    """What to say when ``exc`` (Ctrl-C, SIGTERM, SIGHUP) stopped a run; ``partial``: a partial output."""
+def _stopped(exc: BaseException | None, partial: Path | None = None, *, force: bool = False) -> Stopped:
+    """What to say when ``exc`` (Ctrl-C, SIGTERM, SIGHUP) stopped a run; ``partial``: a partial output
+    (``force``: of a run that replaces an earlier output, which its resume needs to be told again)."""
     if isinstance(exc, Terminated):
         message, code = f"terminated ({exc.name})", 128 + exc.signum
     else:
         message, code = "interrupted", 128 + signal.SIGINT
     hint = None
     if partial is not None and partial.exists():
-        hint = f"the finished tensors are kept in {partial}: rerun with --resume to continue"
+        flags = "--resume --force" if force else "--resume"
+        hint = f"the finished tensors are kept in {partial}: rerun with {flags} to continue"
     return Stopped(message, code=code, hint=hint)
 
 
@@ -240,7 +242,7 @@ def merge_command(
             partial: Path | None = partial_dir(output_dir(loaded, out))
         except HubmergeError:
             partial = None
-        raise _stopped(exc, partial) from None
+        raise _stopped(exc, partial, force=force) from None
     finally:
         if bar is not None:
             bar.close()

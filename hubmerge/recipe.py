@@ -168,6 +168,17 @@ class Recipe(_Strict):
     card: Card = Field(default_factory=Card)
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 
+    def __init__(self, **fields: Any) -> None:
+        """The fields of a recipe file; ``models`` as paths, Hub ids or dicts (``{"path": p, "weight": 2}``).
+
+        Raises:
+            RecipeError: naming the field, as :func:`load_recipe` does (not pydantic's ValidationError).
+        """
+        try:
+            super().__init__(**fields)
+        except ValidationError as exc:
+            raise _recipe_error(exc) from None
+
     @property
     def base_dir(self) -> Path:
         """Directory that relative paths in the recipe start from (the recipe file's directory)."""
@@ -260,7 +271,9 @@ def _ref(entry: ModelEntry, base_dir: Path, field: str) -> ModelRef:
     return parse_ref(entry.ref, base_dir=base_dir, field=field, revision=entry.revision)
 
 
-def load_recipe(source: str | Path | dict[str, Any] | Recipe, *, base_dir: Path | None = None) -> Recipe:
+def load_recipe(
+    source: str | Path | dict[str, Any] | Recipe, *, base_dir: str | Path | None = None
+) -> Recipe:
     """Load and validate a recipe.
 
     Args:
@@ -273,6 +286,8 @@ def load_recipe(source: str | Path | dict[str, Any] | Recipe, *, base_dir: Path 
     Raises:
         RecipeError: naming the YAML path, what was wrong and how to fix it.
     """
+    if base_dir is not None:
+        base_dir = Path(base_dir)
     if isinstance(source, Recipe):  # built in code: pydantic checked the fields, not the method's rules
         _check(source)
         return source
@@ -384,8 +399,10 @@ def _recipe_error(exc: ValidationError) -> RecipeError:
     errors = exc.errors()
     # An unknown key first: a misspelt `modles:` is also a missing `models:`, and the spelling is the cause.
     err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    path = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal[", "union[")))
-    path = re.sub(r"\.(str|int|float|bool|list\[.*?\]|ModelEntry)(?=\.|$)", "", path)
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, RecipeError):  # Recipe.__init__'s own, which model_validate goes through
+        return cause
+    path = _path(err)
     kind, msg = err["type"], err["msg"].removeprefix("Value error, ")
     if kind == "extra_forbidden":
         return RecipeError("unknown key", path=path, hint=_unknown_key_hint(str(err["loc"][-1])))
@@ -396,4 +413,28 @@ def _recipe_error(exc: ValidationError) -> RecipeError:
     if kind == "too_short" and path == "models":
         return RecipeError("no models listed", path=path, hint="list the models to merge under `models:`")
     got = repr(err.get("input"))
+    kinds = [_KINDS.get(e["type"]) for e in errors if _path(e) == _path(err)]
+    if len(kinds) > 1 and all(kinds):  # a value that fits none of a union's types: say what all of them are
+        wanted = list(dict.fromkeys(k for k in kinds if k))
+        expected = ", ".join(wanted[:-1]) + f" or {wanted[-1]}" if len(wanted) > 1 else wanted[0]
+        return RecipeError(f"expected {expected}, got {got}", path=path or None)
     return RecipeError(msg if got in msg else f"{msg} (got {got})", path=path or None)
+
+
+_KINDS = {
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "int_type": "a number",
+    "int_parsing": "a number",
+    "int_from_float": "a number",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "string_type": "text",
+    "list_type": "a list (one value per model)",
+}
+
+
+def _path(err: Any) -> str:
+    """An error's field path without pydantic's union and type steps (``parameters.t``)."""
+    path = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal[", "union[")))
+    return re.sub(r"\.(str|int|float|bool|list\[.*?\]|ModelEntry)(?=\.|$)", "", path)

@@ -52,6 +52,95 @@ def partial_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.hubmerge-partial"
 
 
+def lock_path(out: Path) -> Path:
+    """The lock a merge holds on its output while it writes it (:func:`output_lock`)."""
+    return out.parent / f".{out.name}.hubmerge-lock"
+
+
+@contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold ``out`` for one run: a second merge into the same output is refused while this one writes.
+
+    Two runs would share one partial folder: the second deletes and recreates it under the first, which then
+    renames a folder of zeroed or mixed shards into place and reports success. The lock is an ``flock`` on a
+    hidden file beside the output, deleted when the run ends (the kernel releases it if the run is killed).
+    Missing parent folders are created for it, and removed again if the run leaves them empty.
+
+    Raises:
+        OutputError: another run holds the lock, or the output's folder cannot be written.
+    """
+    import fcntl
+
+    out = out.resolve()
+    missing = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
+    created: list[Path] = []
+    folder = out.parent
+    try:
+        for folder in reversed(missing):
+            try:
+                folder.mkdir()
+            except FileExistsError:
+                continue
+            created.append(folder)
+        folder = out.parent
+        path = lock_path(out)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise OutputError(
+                    f"another hubmerge run (pid {holder}) is writing {out}",
+                    path=str(out),
+                    hint="wait for it to finish, or write this merge elsewhere with --out",
+                ) from None
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:  # the run that held it just ended and deleted it
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        pwrite_all(fd, memoryview(f"{os.getpid()}\n".encode()), 0)
+    except OSError as exc:  # a read-only disk, a parent that is a file, no permission
+        for folder in reversed(created):
+            _remove_if_empty(folder)
+        raise OutputError(
+            f"cannot create the output's folder {out}: {folder} cannot be written ({exc.strerror or exc})",
+            path=str(out),
+            hint="choose an --out on a disk and in a folder you can write to",
+        ) from None
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(path)  # while still held: a run waiting on this file retries on the new one
+        except OSError:
+            pass
+        os.close(fd)
+        for folder in reversed(created):
+            if not _remove_if_empty(folder):
+                break
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _remove_if_empty(folder: Path) -> bool:
+    try:
+        folder.rmdir()
+    except OSError:
+        return False
+    return True
+
+
 def _empty(path: Path) -> bool:
     return path.is_dir() and next(path.iterdir(), None) is None
 
@@ -90,7 +179,13 @@ def check_output(out: Path, inputs: list[Path], *, force: bool, resume: bool) ->
             hint="give --out a directory path (the merge writes several files)",
         )
     if out.exists() and not _empty(out):
-        if resume and not force and not partial_dir(out).exists() and (out / MANIFEST).is_file():
+        if resume and not force and (out / MANIFEST).is_file():
+            if partial_dir(out).exists():  # a --force run, stopped: it replaces the merge there
+                raise OutputError(
+                    f"the interrupted merge in {partial_dir(out)} replaces the earlier merge in {out}",
+                    path=str(out),
+                    hint="pass --resume --force to continue it, or change --out to keep both",
+                )
             raise OutputError(
                 f"output directory {out} holds a finished merge: there is nothing to resume",
                 path=str(out),
@@ -109,6 +204,14 @@ def check_output(out: Path, inputs: list[Path], *, force: bool, resume: bool) ->
                 path=str(out),
                 hint="choose another --out, or delete that directory yourself if nothing in it is needed",
             )
+    existing = next(p for p in out.parents if p.exists())  # where the partial folder is made
+    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):  # what --dry-run checks too
+        raise OutputError(
+            f"cannot create the output's folder {out}: {existing} cannot be written "
+            f"({os.strerror(errno.EROFS) if _read_only(existing) else os.strerror(errno.EACCES)})",
+            path=str(out),
+            hint="choose an --out on a disk and in a folder you can write to",
+        )
     if partial_dir(out).exists() and not (resume or force):
         raise OutputError(
             f"an interrupted merge into {out} left {partial_dir(out)}",
@@ -159,7 +262,10 @@ class ShardWriter:
             uploaded_path = progress / "uploaded.json"
             uploaded = set(json.loads(uploaded_path.read_text())) if uploaded_path.exists() else set()
             for shard in plan.shards:
-                if not (self.tmp / shard.filename).exists():
+                path = self.tmp / shard.filename
+                if path.exists() and path.stat().st_size != shard.size:  # cut short: trust none of it
+                    done -= {plan.jobs[j].name for j in shard.jobs}
+                elif not path.exists():
                     if shard.filename in uploaded:
                         self._gone.add(
                             shard.filename

@@ -173,7 +173,7 @@ def test_an_output_that_cannot_be_created_is_one_line(recipe: Path, tmp_path: Pa
     (tmp_path / "afile").write_text("x")
     done = _run(str(recipe), "--out", str(tmp_path / "afile" / "merged"))
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith(
-        "error: cannot create the output's working folder"
+        "error: cannot create the output's folder"
     )
     assert "hint: choose an --out" in done.stderr and "Traceback" not in done.stderr
 
@@ -406,3 +406,32 @@ def test_the_merge_loop_raises_a_stop_whose_signal_was_lost(tmp_path: Path) -> N
         errors._stops.clear()
     assert not (tmp_path / "out").exists()
     assert (tmp_path / ".out.hubmerge-partial").exists()  # kept for --resume
+
+
+def test_dry_run_refuses_an_output_it_could_not_write(recipe: Path, tmp_path: Path) -> None:
+    """A read-only disk (or a folder without write permission) fails --dry-run as the merge would."""
+    target = tmp_path / "ro"
+    target.mkdir()
+    target.chmod(0o555)
+    mounted = False
+    try:
+        if os.access(target, os.W_OK):  # root ignores permissions: a read-only mount instead
+            mounted = (
+                subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(target)]).returncode
+                == 0
+            )
+            if not mounted:
+                pytest.skip("permissions do not apply to this user and no read-only mount can be made")
+        for args in (
+            [str(recipe), "--out", str(target / "merged"), "--dry-run"],
+            [str(recipe), "--out", str(target / "a" / "b")],
+        ):
+            done = _run(*args)
+            assert done.returncode == 2, done.stderr
+            line = done.stderr.strip().splitlines()[-1]
+            assert line.startswith(f"error: cannot create the output's folder {target}"), line
+            assert f"{target} cannot be written" in line and "hint: choose an --out" in line
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(target)])
+        target.chmod(0o755)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import hubmerge
-from hubmerge.errors import MergeError, OutputError, PlanError
+from hubmerge.errors import MergeError, OutputError, PlanError, RecipeError
 from hubmerge.methods import METHODS
 
 from .util import default_sigint, kill_after_script, random_tensors, save_model, write_recipe
@@ -478,6 +479,60 @@ def test_resume_after_kill_gives_identical_bytes(tmp_path: Path) -> None:
     )
     assert refused.returncode == 2 and "--resume" in refused.stderr
     assert "3 tensors resumed" in _resume(recipe, out)
+
+
+def test_a_resume_rewrites_a_shard_cut_short(tmp_path: Path) -> None:
+    """A shard file shorter than the plan says (a disk that lost its tail, a copy cut short) is not trusted:
+    its journaled tensors are merged again rather than read back as zeros."""
+    recipe, out = _two_model_recipe(tmp_path), tmp_path / "out"
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER, str(recipe), "3", str(out)], capture_output=True
+    )
+    assert killed.returncode == -signal.SIGKILL
+    partial = tmp_path / ".out.hubmerge-partial"
+    journal = (partial / ".hubmerge-progress" / "journal").read_text().splitlines()
+    plan = hubmerge.plan(recipe)
+    shard = plan.shards[next(j.shard for j in plan.jobs if j.name == journal[0])]
+    os.truncate(partial / shard.filename, len(shard.header) + 8)
+    _resume(recipe, out)
+
+
+def test_a_second_run_into_the_same_output_is_refused_while_the_first_writes(tmp_path: Path) -> None:
+    """Two runs would share one partial folder, and the first would rename the second's half-written shards
+    into place as its own output."""
+    from hubmerge.writer import lock_path, output_lock
+
+    models = [str(save_model(tmp_path / f"m{i}", random_tensors(i))) for i in range(2)]
+    recipe = {"method": "centroid", "models": models}
+    out = tmp_path / "new" / "deeper" / "out"
+    with output_lock(out):
+        assert lock_path(out).read_text() == f"{os.getpid()}\n"
+        with pytest.raises(
+            OutputError, match=rf"another hubmerge run \(pid {os.getpid()}\) is writing {out}"
+        ):
+            hubmerge.merge(recipe, out)
+        text = "method: centroid\nmodels: [" + ", ".join(models) + "]\n"
+        cli = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "hubmerge.cli",
+                str(write_recipe(tmp_path / "r.yaml", text)),
+                "--out",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+        )
+        assert cli.returncode == 2 and len(cli.stderr.strip().splitlines()) == 1, cli.stderr
+        assert "another hubmerge run" in cli.stderr
+    assert not (tmp_path / "new").exists()  # the folders made for the lock go with it
+    with pytest.raises(RecipeError):  # a run that fails before writing leaves no folders either
+        hubmerge.merge({"method": "linear", "models": models}, out)
+    assert not (tmp_path / "new").exists()
+    done = hubmerge.merge(recipe, out)
+    assert (done.out / "model.safetensors").exists() and not lock_path(out).exists()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out"]
 
 
 @pytest.mark.parametrize(

@@ -158,7 +158,7 @@ def test_recipe_text_files_and_numbers_read_as_meant(pair: list[str], tmp_path: 
     )
     _recipe_error(
         {"method": "centroid", "models": pair, "output": {"max_shard_size": True}},
-        "valid integer",
+        r"expected a number or text, got True",
         "output.max_shard_size",
     )
     sized = _recipe_error(
@@ -355,3 +355,40 @@ def test_a_folder_with_both_a_single_file_and_an_index_is_read_as_transformers_r
     merged = load_file(str(out / "model.safetensors"))
     torch.testing.assert_close(merged["layer.0.weight"], single["layer.0.weight"])
     assert "holds both model.safetensors and model.safetensors.index.json" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("fields", "path", "said"),
+    [
+        ({"method": "centroid", "models": ["a"], "modles": 1}, "modles", "unknown key"),
+        ({"method": "centroid", "models": ["a"], "dtype": "fp16"}, "dtype", "'fp16'"),
+        ({"models": ["a"]}, "method", "required field is missing"),
+        ({"method": "linear", "models": ["a", "b"], "parameters": {"t": None}}, "parameters.t", "got None"),
+        (
+            {"method": "linear", "models": ["a", "b"], "parameters": {"t": {"x": 1}}},
+            "parameters.t",
+            "a number",
+        ),
+    ],
+)
+def test_a_recipe_built_in_code_raises_a_recipe_error_naming_the_field(
+    fields: dict[str, object], path: str, said: str
+) -> None:
+    """Recipe(...) reports a wrong field as load_recipe does, not as pydantic's multi-line ValidationError."""
+    with pytest.raises(RecipeError, match=said) as info:
+        hubmerge.Recipe(**fields)
+    assert info.value.path == path
+    if path == "parameters.t":
+        assert ": expected true or false, a number, text or a list" in info.value.message
+
+
+def test_the_api_takes_what_the_cli_takes_and_refuses_bad_arguments_with_its_errors(tmp_path: Path) -> None:
+    models = [save_model(tmp_path / f"m{i}", random_tensors(i)) for i in range(2)]
+    recipe = hubmerge.load_recipe({"method": "centroid", "models": ["m0", "m1"]}, base_dir=str(tmp_path))
+    assert [r.path for r in recipe.model_refs()] == models
+    for bad in (0, -1, True):
+        with pytest.raises(RecipeError, match="memory_budget is a positive number of bytes"):
+            hubmerge.plan(recipe, memory_budget=bad)  # type: ignore[arg-type]
+    with pytest.raises(RecipeError, match="transfer is 'ranges' or 'shards', got 'ftp'"):
+        hubmerge.merge(recipe, tmp_path / "out", transfer="ftp")  # type: ignore[arg-type]
+    assert not (tmp_path / "out").exists()
