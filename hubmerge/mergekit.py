@@ -9,9 +9,10 @@ refused by name rather than silently dropped.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 from .errors import RecipeError
+from .recipe import Dtype
 
 METHOD_NAMES = {
     "linear": "weighted",
@@ -22,11 +23,18 @@ METHOD_NAMES = {
     "dare_linear": "dare_linear",
     "model_stock": "model_stock",
 }
+# key -> (feature, what to do instead)
 UNSUPPORTED_KEYS = {
-    "slices": "layer slicing (`slices`)",
-    "modules": "per-module configs (`modules`)",
-    "tokenizer": "tokenizer merging (`tokenizer`)",
-    "chat_template": "chat template selection (`chat_template`)",
+    "slices": ("layer slicing (`slices`)", "merge whole models with `models:`, or keep using mergekit"),
+    "modules": ("per-module configs (`modules`)", "use hubmerge `rules:` with tensor globs per module"),
+    "tokenizer": (
+        "tokenizer merging (`tokenizer`)",
+        "remove it: hubmerge copies the base model's tokenizer (`tokenizer: {source: base}` is accepted)",
+    ),
+    "chat_template": (
+        "chat template selection (`chat_template`)",
+        "remove it: hubmerge copies the base model's tokenizer files, chat template included",
+    ),
 }
 IGNORED_PARAMS = {"int8_mask"}  # a mergekit memory option with no effect on the result
 # Methods that merge the models' differences from base_model: mergekit leaves the base out of `models:`,
@@ -58,12 +66,14 @@ def translate_mergekit(doc: dict[str, Any]) -> dict[str, Any]:
     Raises:
         RecipeError: a mergekit feature hubmerge does not support, named.
     """
-    for key, feature in UNSUPPORTED_KEYS.items():
+    doc = dict(doc)
+    tokenizer = doc.get("tokenizer")
+    if tokenizer == {"source": "base"} and "tokenizer_source" not in doc:
+        doc["tokenizer_source"] = doc.pop("tokenizer")["source"]  # the newer spelling of tokenizer_source
+    for key, (feature, instead) in UNSUPPORTED_KEYS.items():
         if key in doc:
             raise RecipeError(
-                f"mergekit config uses {feature}, which hubmerge does not support",
-                path=key,
-                hint="merge whole models with `models:`, or keep using mergekit for this config",
+                f"mergekit config uses {feature}, which hubmerge does not support", path=key, hint=instead
             )
     unknown = sorted(set(doc) - KNOWN_KEYS)
     if unknown:
@@ -106,8 +116,15 @@ def translate_mergekit(doc: dict[str, Any]) -> dict[str, Any]:
     params = MERGEKIT_DEFAULTS.get(mk_method, {}) | _params(doc.get("parameters") or {}, "parameters")
     if params:
         recipe["parameters"] = params
-    out_dtype = doc.get("out_dtype") or doc.get("dtype")
+    key = "out_dtype" if doc.get("out_dtype") else "dtype"
+    out_dtype = doc.get(key)
     if out_dtype is not None:
+        if out_dtype not in get_args(Dtype):
+            raise RecipeError(
+                f"got {out_dtype!r}; expected one of {', '.join(get_args(Dtype))}",
+                path=key,
+                hint="use one of these names",
+            )
         recipe["dtype"] = out_dtype
     return recipe
 
@@ -140,6 +157,14 @@ def _params(params: Any, where: str) -> dict[str, Any]:
         if name == "rescale" and value is not True:
             raise RecipeError("rescale: false is not supported; DARE always rescales", path=f"{where}.{name}")
         if name == "rescale":
+            continue
+        if name == "filter_wise":  # model_stock per row; mergekit's default is per tensor, as hubmerge's
+            if value is not False:
+                raise RecipeError(
+                    "filter_wise: true (model_stock per row) is not supported; hubmerge merges per tensor",
+                    path=f"{where}.{name}",
+                    hint="remove filter_wise",
+                )
             continue
         if isinstance(value, dict | list):
             raise RecipeError(

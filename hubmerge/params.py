@@ -102,6 +102,13 @@ def _param(spec: MethodSpec, name: str, where: str) -> ParamSpec:
 def _check_mapping(spec: MethodSpec, params: Mapping[str, ParamValue], n: int, where: str) -> None:
     for name, value in params.items():
         if name in ENGINE_PARAMS:
+            if where != "parameters":  # masks are drawn from (seed, tensor name): one seed per recipe
+                raise RecipeError(
+                    "seed is set once, for the whole recipe",
+                    path=f"{where}.{name}",
+                    hint="move it to the recipe's `parameters:`; each tensor's randomness already depends on "
+                    "its name",
+                )
             if not isinstance(value, int) or isinstance(value, bool):
                 raise RecipeError(f"seed must be an integer, got {value!r}", path=f"{where}.{name}")
             continue
@@ -121,6 +128,9 @@ def _check_mapping(spec: MethodSpec, params: Mapping[str, ParamValue], n: int, w
                 _coerce(param, item, f"{where}.{name}.{i}")
         else:
             _coerce(param, value, f"{where}.{name}")
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _coerce(param: ParamSpec, value: Scalar, where: str) -> Scalar:
@@ -145,6 +155,13 @@ def _coerce(param: ParamSpec, value: Scalar, where: str) -> Scalar:
         number = int(value) if param.type is int else float(value)
     except OverflowError:
         raise RecipeError(f"'{param.name}' is too large, got {value!r}", path=where) from None
+    if param.type is float and abs(number) > _FLOAT32_MAX:  # the merge computes in float32: inf there
+        raise RecipeError(
+            f"'{param.name}' is {value!r}, beyond the range of float32 (about 3.4e38), the merge's "
+            "arithmetic",
+            path=where,
+            hint="give a smaller value",
+        )
     if (param.low is not None and number < param.low) or (param.high is not None and number > param.high):
         raise RecipeError(
             f"'{param.name}' must lie in [{param.low}, {param.high}], got {value!r}", path=where

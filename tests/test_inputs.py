@@ -139,6 +139,27 @@ def test_recipe_text_files_and_numbers_read_as_meant(pair: list[str], tmp_path: 
     )
     huge = {"method": "linear", "models": pair, "parameters": {"t": 10**400}}
     _recipe_error(huge, "too large", "parameters.t")
+    for beyond in (1e39, -3.5e38, "1e300"):  # finite in Python, infinite in the float32 the merge computes in
+        doc = {"method": "linear", "models": pair, "parameters": {"t": beyond}}
+        _recipe_error(doc, "beyond the range of float32", "parameters.t")
+    weights = {
+        "method": "weighted",
+        "models": [{"path": pair[0], "weight": 1}, {"path": pair[1], "weight": 1e39}],
+    }
+    _recipe_error(weights, "beyond the range of float32", "models.1.weight")
+    # slerp's eps is a distance from 1 of |cos|; DARE's seed is the recipe's, once.
+    _recipe_error(
+        {"method": "slerp", "models": pair, "parameters": {"t": 0.5, "eps": -0.1}},
+        "must lie in",
+        "parameters.eps",
+    )
+    seeded = {
+        "method": "dare_linear",
+        "base": pair[0],
+        "models": [pair[1]],
+        "rules": [{"tensors": "*", "parameters": {"seed": 9}}],
+    }
+    assert "parameters:" in (_recipe_error(seeded, "seed is set once", "rules.0.parameters.seed").hint or "")
     # A misspelt required key is named as such, not only as the missing one.
     misspelt = _recipe_error(f"modles: {pair}\nmethod: centroid\n", "unknown key", "modles")
     assert misspelt.hint == "did you mean `models`?"
@@ -241,6 +262,22 @@ def test_mergekit_config_is_translated(pair: list[str]) -> None:
         "gradient",
         "models.0.parameters.density",
     )
+    # mergekit's newer tokenizer spelling, and model_stock's default filter_wise, say what hubmerge does.
+    newer = (
+        f"merge_method: model_stock\nbase_model: {pair[1]}\n"
+        f"models: [{{model: {pair[0]}}}, {{model: {pair[0]}}}]\n"
+    )
+    assert (
+        hubmerge.load_recipe(
+            newer + "tokenizer: {source: base}\nparameters: {filter_wise: false}\n"
+        ).parameters
+        == {}
+    )
+    _recipe_error(newer + "parameters: {filter_wise: true}\n", "filter_wise: true", "parameters.filter_wise")
+    union = _recipe_error(newer + "tokenizer: {source: union}\n", "tokenizer merging", "tokenizer")
+    template = _recipe_error(newer + "chat_template: chatml\n", "chat template", "chat_template")
+    assert "chat template included" in (template.hint or "") and "tokenizer" in (union.hint or "")
+    _recipe_error(newer + "out_dtype: fp16\n", "got 'fp16'; expected one of float32", "out_dtype")
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
@@ -306,6 +343,48 @@ def test_overlapping_offsets(tmp_path: Path) -> None:
 
     with pytest.raises(HeaderError, match="overlap"):
         _open(_corrupt(tmp_path, lambda f: _rewrite_header(f, overlap)))
+
+
+def test_a_gap_in_the_data_or_bytes_after_it_are_refused_as_safetensors_refuses_them(tmp_path: Path) -> None:
+    """Offsets that leave bytes to no tensor: the safetensors library refuses such a file ("invalid offset",
+    "not fully covered"), so merging it would write weights nobody else reads the same way."""
+    from safetensors import SafetensorError
+
+    def shift_last(f: Path) -> None:  # the last tensor moved 8 bytes on, the file 8 bytes longer
+        def edit(header: dict[str, dict[str, list[int]]]) -> None:
+            name = max(header, key=lambda k: header[k]["data_offsets"][0] if k != "__metadata__" else -1)
+            header[name]["data_offsets"] = [o + 8 for o in header[name]["data_offsets"]]
+
+        _rewrite_header(f, edit)
+        with f.open("ab") as out:
+            out.write(b"\0" * 8)
+
+    gap = _corrupt(tmp_path / "gap", shift_last)
+    with pytest.raises(SafetensorError):
+        load_file(str(gap / "model.safetensors"))
+    with pytest.raises(
+        HeaderError, match=r"8 bytes of the data section \(from byte \d+\) belong to no tensor"
+    ) as info:
+        _open(gap)
+    assert info.value.hint is not None and "download or save it again" in info.value.hint
+    tail = _corrupt(tmp_path / "tail", lambda f: f.write_bytes(f.read_bytes() + b"\0" * 16))
+    with pytest.raises(SafetensorError):
+        load_file(str(tail / "model.safetensors"))
+    with pytest.raises(HeaderError, match="16 bytes follow the last tensor's data"):
+        _open(tail)
+
+
+@pytest.mark.parametrize(
+    "shard", ["../other/model.safetensors", "/etc/model.safetensors", "a/../../x.safetensors"]
+)
+def test_an_index_that_points_outside_the_model_folder_is_refused(tmp_path: Path, shard: str) -> None:
+    directory = save_model(tmp_path / "m", random_tensors(0), shards=2)
+    index = directory / "model.safetensors.index.json"
+    doc = json.loads(index.read_text())
+    doc["weight_map"][next(iter(doc["weight_map"]))] = shard
+    index.write_text(json.dumps(doc))
+    with pytest.raises(HeaderError, match="outside the model's folder"):
+        _open(directory)
 
 
 def test_offsets_that_do_not_match_the_shape(tmp_path: Path) -> None:

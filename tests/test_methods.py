@@ -121,7 +121,8 @@ def ties_reference(
     trimmed = []
     for x, w, density in zip(xs, weights, densities, strict=True):
         delta = [xv - bv for xv, bv in zip(x.flatten().tolist(), flat_base, strict=True)]
-        keep = round(density * len(delta))
+        n = len(delta)  # mergekit's count: int(density * n), at least one
+        keep = n if density >= 1 else 0 if density <= 0 else max(1, int(density * n))
         cut = sorted((abs(v) for v in delta), reverse=True)[keep - 1] if keep else math.inf
         trimmed.append([w * v if abs(v) >= cut else 0.0 for v in delta])
     out = []
@@ -143,6 +144,17 @@ def test_ties_matches_reference_on_random_tensors(normalize: bool) -> None:
     weights, densities = [0.5, 1.0, 2.0], [0.3, 0.7, 1.0]
     got = ties(xs, base=base, weights=weights, densities=densities, normalize=normalize)
     assert_close(got, ties_reference(xs, base, weights, densities, normalize))
+
+
+@pytest.mark.parametrize(("numel", "density", "count"), [(128, 0.35, 44), (12288, 0.35, 4300), (7, 0.05, 1)])
+def test_ties_keeps_as_many_entries_as_mergekit(numel: int, density: float, count: int) -> None:
+    """int(density * numel), at least one: 0.35 of 128 is 44.8, and 44 are kept, not 45 (mergekit 0.1.5
+    and PEFT count so); a positive density keeps one entry of a small tensor."""
+    delta = torch.arange(1, numel + 1, dtype=torch.float32) * torch.tensor([1.0, -1.0]).repeat(numel)[:numel]
+    base = torch.zeros(numel)
+    got = ties([base + delta], base=base, weights=[1.0], densities=[density], normalize=False)
+    assert int(torch.count_nonzero(got)) == count
+    assert torch.equal(got.abs().topk(count).values, delta.abs().topk(count).values)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, F64])
@@ -237,6 +249,16 @@ def test_slerp_on_known_angles() -> None:
     c = t64([[1.5, 1.5 * math.sqrt(3), 0.0], [0.0, 0.0, 0.0]])  # 60 degrees from a, norm 3
     # t = 1/2: both weights sin(30 deg) / sin(60 deg) = 1 / sqrt(3)
     assert_close(slerp([a, c], t=0.5), (a + c) / math.sqrt(3))
+
+
+@pytest.mark.parametrize("cos_sign", [1.0, -1.0])
+def test_slerp_with_eps_zero_interpolates_parallel_vectors_linearly(cos_sign: float) -> None:
+    """|cos| 1 (a 1-element tensor always) has no arc: eps 0 must not divide by sin(0)."""
+    a = torch.tensor([1.0, 2.0, 3.0], dtype=F64)
+    b = cos_sign * 2 * a
+    assert_close(slerp([a, b], t=0.25, eps=0.0), 0.75 * a + 0.25 * b)
+    one = [torch.tensor([0.5], dtype=F64), torch.tensor([0.7], dtype=F64)]
+    assert_close(slerp(one, t=0.5, eps=0.0), torch.tensor([0.6], dtype=F64))
 
 
 def test_slerp_falls_back_to_linear() -> None:

@@ -156,6 +156,8 @@ METHODS: dict[str, MethodSpec] = {
                     5e-4,
                     False,
                     "interpolate linearly when 1 - |cos| is below",
+                    low=0.0,
+                    high=1.0,
                 ),
             ),
             min_models=2,

@@ -23,7 +23,7 @@ from hubmerge import kernels
 from hubmerge._torch import torch
 from hubmerge.methods.geometric import slerp_mix, stock_coefficients, stock_mix, stock_ratio
 from hubmerge.methods.spec import Pass, check_count, check_densities, per_model
-from hubmerge.methods.task_vectors import disjoint_merge, elect_sign, prune_at_
+from hubmerge.methods.task_vectors import disjoint_merge, elect_sign, kept, prune_at_
 
 LEVEL_BITS = 16
 
@@ -88,7 +88,7 @@ def _ties_finish(level: int) -> Any:
         if level == 0:
             densities = per_model(kwargs.get("densities"), n, 0.5, "density")
             check_densities(densities)
-            ranks = [round(d * numel) for d in densities]
+            ranks = [kept(d, numel) for d in densities]
             prefixes = [0] * n
             thresholds: list[float | None] = [
                 0.0 if k >= numel else float("nan") if k <= 0 else None for k in ranks

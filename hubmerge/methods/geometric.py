@@ -69,12 +69,13 @@ def slerp_coefficients(cos: float | None, t: float, eps: float) -> tuple[float, 
     Args:
         cos: cosine of the angle between A and B, None when either is zero.
         t: position along the arc.
-        eps: fall back when ``1 - |cos| < eps``.
+        eps: fall back when ``1 - |cos| < eps`` (and where ``|cos|`` is 1, even with ``eps`` 0).
 
     Returns:
         ``(sin((1 - t) * theta) / sin(theta), sin(t * theta) / sin(theta))``, or None.
     """
-    if cos is None or 1.0 - abs(cos) < eps:
+    # Parallel vectors (|cos| 1: a 1-element tensor always) have no arc to follow, whatever eps says.
+    if cos is None or 1.0 - abs(cos) < eps or abs(cos) >= 1.0:
         return None
     theta = math.acos(cos)
     sin_theta = math.sin(theta)

@@ -49,12 +49,25 @@ def kth_largest_magnitude(values: torch.Tensor, k: int, scratch: torch.Tensor) -
     return torch.kthvalue(candidates, candidates.numel() - (k - above) + 1).values
 
 
+def kept(density: float, numel: int) -> int:
+    """How many entries of ``numel`` TIES keeps at ``density``: ``int(density * numel)``, at least one.
+
+    mergekit's count (PEFT's too, but for the one), so a merge with no magnitudes tied at the threshold
+    keeps the same entries; density 0 keeps none, density 1 all.
+    """
+    if density >= 1.0:
+        return numel
+    if density <= 0.0 or numel == 0:
+        return 0
+    return max(1, int(density * numel))
+
+
 def magnitude_prune_(
     delta: torch.Tensor, density: float, scale: float, scratch: torch.Tensor
 ) -> torch.Tensor:
     """Keep the ``density`` fraction of entries largest in magnitude, zero the rest, multiply by ``scale``.
 
-    ``round(density * numel)`` entries are kept; entries tied with the smallest kept magnitude are kept too.
+    :func:`kept` entries are kept; entries tied with the smallest kept magnitude are kept too.
 
     Args:
         delta: a task vector this module owns; overwritten.
@@ -66,7 +79,7 @@ def magnitude_prune_(
         ``delta``.
     """
     n = delta.numel()
-    k = round(density * n)
+    k = kept(density, n)
     if k >= n:
         return delta.mul_(scale)
     if k <= 0:

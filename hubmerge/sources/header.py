@@ -11,6 +11,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Any
 
 from ..errors import HeaderError
@@ -47,6 +48,7 @@ DTYPE_CODES: dict[str, str] = {
 DTYPE_NAMES: dict[str, str] = {code: name for name, code in DTYPE_CODES.items()}
 
 MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enforces
+_CORRUPT = "the file is corrupt or not written by safetensors; download or save it again"
 
 
 @dataclass(frozen=True)
@@ -128,13 +130,16 @@ def parse_header(raw: bytes, *, file: str, file_size: int) -> Header:
             hint="the file is corrupt; download or save it again",
         ) from None
     if not isinstance(doc, dict):
-        raise HeaderError(f"{file}: header is a JSON {type(doc).__name__}, expected an object", location=file)
+        raise HeaderError(
+            f"{file}: header is a JSON {type(doc).__name__}, expected an object", location=file, hint=_CORRUPT
+        )
     data_start = 8 + len(raw)
     data_size = file_size - data_start
     metadata = _metadata(doc.pop("__metadata__", None), file=file)
     tensors = [_tensor(name, entry, file=file, data_start=data_start) for name, entry in doc.items()]
     tensors.sort(key=lambda t: (t.start, t.end))
     previous: TensorInfo | None = None
+    at = data_start  # where the next tensor must begin: safetensors lays them end to end from the start
     for info in tensors:
         if info.end - data_start > data_size:
             raise HeaderError(
@@ -151,7 +156,21 @@ def parse_header(raw: bytes, *, file: str, file_size: int) -> Header:
                 location=file,
                 hint="the file is corrupt; save it again with safetensors",
             )
+        if info.start != at:  # a gap: the safetensors library refuses such a file, so transformers does
+            raise HeaderError(
+                f"{file}: {info.start - at} bytes of the data section (from byte {at - data_start}) belong "
+                f"to no tensor, before '{info.name}'; safetensors lays tensors end to end",
+                location=file,
+                hint=_CORRUPT,
+            )
+        at = info.end
         previous = info
+    if at != file_size:
+        raise HeaderError(
+            f"{file}: {file_size - at} bytes follow the last tensor's data; safetensors files end with it",
+            location=file,
+            hint=_CORRUPT,
+        )
     return Header(tensors={t.name: t for t in tensors}, metadata=metadata, data_start=data_start)
 
 
@@ -159,21 +178,27 @@ def _metadata(value: Any, *, file: str) -> dict[str, str]:
     if value is None:
         return {}
     if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-        raise HeaderError(f"{file}: __metadata__ must map strings to strings", location=file)
+        raise HeaderError(f"{file}: __metadata__ must map strings to strings", location=file, hint=_CORRUPT)
     return dict(value)
 
 
 def _tensor(name: str, entry: Any, *, file: str, data_start: int) -> TensorInfo:
     where = f"{file}: tensor '{name}'"
     if not isinstance(entry, dict):
-        raise HeaderError(f"{where}: expected an object with dtype, shape, data_offsets", location=file)
+        raise HeaderError(
+            f"{where}: expected an object with dtype, shape, data_offsets", location=file, hint=_CORRUPT
+        )
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if dtype not in DTYPE_SIZES:
         raise HeaderError(
-            f"{where}: unknown dtype {dtype!r}; expected one of {', '.join(DTYPE_SIZES)}", location=file
+            f"{where}: unknown dtype {dtype!r}; expected one of {', '.join(DTYPE_SIZES)}",
+            location=file,
+            hint=_CORRUPT,
         )
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise HeaderError(f"{where}: shape {shape!r} is not a list of non-negative integers", location=file)
+        raise HeaderError(
+            f"{where}: shape {shape!r} is not a list of non-negative integers", location=file, hint=_CORRUPT
+        )
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
@@ -181,7 +206,9 @@ def _tensor(name: str, entry: Any, *, file: str, data_start: int) -> TensorInfo:
         or offsets[0] > offsets[1]
     ):
         raise HeaderError(
-            f"{where}: data_offsets {offsets!r} must be [begin, end] with begin <= end", location=file
+            f"{where}: data_offsets {offsets!r} must be [begin, end] with begin <= end",
+            location=file,
+            hint=_CORRUPT,
         )
     expected = math.prod(shape) * DTYPE_SIZES[dtype]
     if offsets[1] - offsets[0] != expected:
@@ -215,4 +242,12 @@ def parse_index(raw: bytes, *, file: str) -> dict[str, str]:
             location=file,
             hint="regenerate the index",
         )
+    for name, shard in weight_map.items():
+        parts = PurePosixPath(shard.replace("\\", "/")).parts
+        if not parts or parts[0] == "/" or ".." in parts:  # a shard lives in the model's folder
+            raise HeaderError(
+                f"{file}: maps '{name}' to {shard!r}, outside the model's folder",
+                location=file,
+                hint="regenerate the index: shard names are file names in the model's folder",
+            )
     return dict(weight_map)
