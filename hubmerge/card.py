@@ -102,7 +102,10 @@ def front_matter(
     plan: MergePlan, *, license_: str | None, config: dict[str, Any] | None, sentence_transformers: bool
 ) -> dict[str, Any]:
     """The card's metadata: base_model (Hub ids of the sources), relation, tags, library, license."""
-    hub_ids = list(dict.fromkeys(s.ref.repo_id for s in plan.sources if s.ref.repo_id))
+    merged = get_method(plan.method).needs_base  # a base the method does not merge is no base_model
+    hub_ids = list(
+        dict.fromkeys(s.ref.repo_id for s in plan.sources if s.ref.repo_id and (merged or s.label != "base"))
+    )
     tags = ["merge", "hubmerge", plan.method, *(["sentence-transformers"] if sentence_transformers else [])]
     meta: dict[str, Any] = {}
     if hub_ids:
@@ -154,7 +157,8 @@ def render_card(
             f" {params[p.kwarg][i]:g} |" if i < len(recipe.models) else " |"  # type: ignore[index]
             for p in per_model
         )
-        rows.append(f"| {src.label} | {ref} | {commit} |{values}")
+        label = src.label if spec.needs_base or src.label != "base" else "base (config and tokenizer only)"
+        rows.append(f"| {label} | {ref} | {commit} |{values}")
     global_params = {p.name: params[p.kwarg] for p in spec.params if not p.per_model}
     parameters_section = ""
     if global_params or recipe.rules:

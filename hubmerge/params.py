@@ -56,6 +56,12 @@ def check_parameters(recipe: Recipe) -> None:
                     hint=f"move it to the recipe's `parameters: {{{name}: ...}}`",
                 )
             _coerce(param, value, where)
+            if isinstance(recipe.parameters.get(name), list):  # which would win is no way to say it
+                raise RecipeError(
+                    f"'{name}' is given twice for model {i}: here and in the list `parameters.{name}`",
+                    path=where,
+                    hint=f"give it one way: on each model, or as the list `parameters: {{{name}: [...]}}`",
+                )
     for r, rule in enumerate(recipe.rules):
         if isinstance(rule.take, int) and not 0 <= rule.take < n:
             raise RecipeError(

@@ -13,7 +13,7 @@ import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import PlanError
 from .layout import WRITE_QUEUE, Job, Shard, lay_out, with_chunks, working_set
@@ -22,6 +22,9 @@ from .recipe import Recipe, Rule, parse_size
 from .refs import ModelRef
 from .sources import TensorSource
 from .sources.header import DTYPE_CODES, DTYPE_NAMES, DTYPE_SIZES, FLOAT_DTYPES, TensorInfo
+
+if TYPE_CHECKING:
+    from .methods.spec import MethodSpec
 
 __all__ = ["DEFAULT_MEMORY_BUDGET", "WRITE_QUEUE", "Job", "MergePlan", "Shard", "SourceInfo", "build_plan"]
 
@@ -235,7 +238,17 @@ def build_plan(
             f"{len(mixed)} tensors have different dtypes across models, e.g. {mixed[0]}; "
             f"they are merged in {target} and written as the output dtype"
         )
-    labels = [*(s.label for s in models), *([base.label] if base is not None else [])]
+    # By position: a model listed twice (or also the base) is opened once, under its first label.
+    labels = [*(f"models.{i}" for i in range(n)), *(["base"] if base is not None else [])]
+    notices += _source_notices(recipe, spec, sources)
+    limit = parse_size(recipe.output.max_shard_size)
+    over = [j for j in jobs if j.nbytes > limit]
+    if over:
+        biggest = max(over, key=lambda j: j.nbytes)
+        notices.append(
+            f"{len(over)} tensor(s) are larger than max_shard_size ({recipe.output.max_shard_size}), e.g. "
+            f"{biggest.name} ({biggest.nbytes} bytes): each has a shard of its own, larger than that"
+        )
     source_infos = tuple(
         SourceInfo(label, s.ref, s.commit, s.cached, getattr(s, "stamp", None), getattr(s, "private", False))
         for label, s in zip(labels, sources, strict=True)
@@ -272,6 +285,31 @@ def build_plan(
         total_size=sum(j.nbytes for j in jobs),
         memory_budget=memory_budget,
     )
+
+
+def _source_notices(recipe: Recipe, spec: MethodSpec, sources: Sequence[TensorSource]) -> list[str]:
+    """What the plan should say about the sources: a model listed twice, a base among the models, a base
+    the method does not merge."""
+    notices: list[str] = []
+    n = len(recipe.models)
+    seen: dict[str, str] = {}
+    for i, source in enumerate(sources[:n]):
+        label = f"models.{i}"  # a model listed twice is opened once: its source has the first one's label
+        identity = f"{source.ref}@{source.commit}"
+        if identity in seen:
+            notices.append(f"{label} is {seen[identity]} again ({source.ref}): it counts twice in the merge")
+        seen.setdefault(identity, label)
+    if recipe.base is not None:
+        base = sources[n]
+        again = seen.get(f"{base.ref}@{base.commit}")
+        if not spec.needs_base:
+            notices.append(
+                f"method '{spec.name}' merges no base: the base ({base.ref}) gives the output its config and "
+                "tokenizer files only"
+            )
+        elif again is not None:
+            notices.append(f"{again} is the base ({base.ref}): its task vector is zero")
+    return notices
 
 
 def _all_names(models: Sequence[TensorSource]) -> list[str]:

@@ -265,8 +265,15 @@ def _ref(entry: ModelEntry, base_dir: Path, field: str) -> ModelRef:
 
         return hub_ref(entry.repo, field=f"{field}.repo", revision=entry.revision)
     if entry.path is not None:
+        if not entry.path.strip():
+            raise RecipeError("empty path", path=f"{field}.path", hint="give the model's folder or file")
         path = Path(entry.path).expanduser()
-        return parse_ref(str(path if path.is_absolute() else base_dir / path), base_dir=base_dir, field=field)
+        return parse_ref(
+            str(path if path.is_absolute() else base_dir / path),
+            base_dir=base_dir,
+            field=field,
+            revision=entry.revision,  # refused there: a local path has no revisions
+        )
     assert entry.ref is not None  # guaranteed by ModelEntry._one_location
     return parse_ref(entry.ref, base_dir=base_dir, field=field, revision=entry.revision)
 

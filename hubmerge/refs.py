@@ -74,6 +74,10 @@ def parse_ref(text: str, *, base_dir: Path, field: str, revision: str | None = N
         RecipeError: the text is neither an existing path nor a valid Hub repository id.
     """
     text = text.strip()
+    if not text:
+        raise RecipeError(
+            "empty model reference", path=field, hint="give a local path or a Hub repository id"
+        )
     if text.startswith("hf://"):
         return hub_ref(text[len("hf://") :], field=field, revision=revision)
     local = Path(text).expanduser()

@@ -471,3 +471,44 @@ def test_the_api_takes_what_the_cli_takes_and_refuses_bad_arguments_with_its_err
     with pytest.raises(RecipeError, match="transfer is 'ranges' or 'shards', got 'ftp'"):
         hubmerge.merge(recipe, tmp_path / "out", transfer="ftp")  # type: ignore[arg-type]
     assert not (tmp_path / "out").exists()
+
+
+def test_the_plan_says_what_a_user_may_not_mean(tmp_path: Path, pair: list[str]) -> None:
+    """A model listed twice, a base among the models, a base the method does not merge, a tensor larger
+    than max_shard_size: each merges, with a notice in the plan."""
+    twice = hubmerge.plan({"method": "weighted", "models": [pair[0], pair[0] + "/", pair[1]]})
+    assert any("models.1 is models.0 again" in n and "counts twice" in n for n in twice.notices), (
+        twice.notices
+    )
+    same = hubmerge.plan({"method": "task_arithmetic", "base": pair[0], "models": [pair[1], pair[0]]})
+    assert any("models.1 is the base" in n and "task vector is zero" in n for n in same.notices), same.notices
+    recipe = {"method": "centroid", "base": pair[1], "models": pair, "output": {"max_shard_size": 100}}
+    unused = hubmerge.plan(recipe)
+    assert any("merges no base" in n and "config and" in n for n in unused.notices), unused.notices
+    big = [n for n in unused.notices if "larger than max_shard_size (100)" in n]
+    assert big and "a shard of its own" in big[0], unused.notices
+    card = (hubmerge.merge(recipe, tmp_path / "out").out / "README.md").read_text()
+    assert "| base (config and tokenizer only) |" in card
+    plain = hubmerge.plan({"method": "centroid", "models": pair})
+    assert not plain.notices
+
+
+def test_one_value_given_two_ways_or_a_local_path_with_a_revision_is_refused(pair: list[str]) -> None:
+    listed = {
+        "method": "weighted",
+        "models": [{"path": pair[0], "weight": 5}, pair[1]],
+        "parameters": {"weight": [1, 2]},
+    }
+    error = _recipe_error(listed, "'weight' is given twice for model 0", "models.0.weight")
+    assert "one way" in (error.hint or "")
+    scalar = {
+        "method": "weighted",
+        "models": [{"path": pair[0], "weight": 5}, pair[1]],
+        "parameters": {"weight": 2},
+    }
+    assert hubmerge.load_recipe(scalar)  # a default for all, overridden for one: fine
+    _recipe_error(
+        {"method": "centroid", "models": [{"path": pair[0], "revision": "main"}]}, "revision", "models.0"
+    )
+    _recipe_error({"method": "centroid", "models": [{"path": " "}]}, "empty path", "models.0.path")
+    _recipe_error({"method": "centroid", "models": [""]}, "empty model reference", "models.0")
