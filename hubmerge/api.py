@@ -21,6 +21,7 @@ from .sources import TensorSource, open_source
 from .writer import (
     MANIFEST,
     PROGRESS_DIR,
+    OverflowCheck,
     ShardWriter,
     Sink,
     check_output,
@@ -49,6 +50,12 @@ class MergeResult:
     resumed_tensors: int
     commit_url: str | None = None
     resumed_bytes: int = 0  # input bytes of the tensors an interrupted run had written (not read again)
+
+    def __repr__(self) -> str:  # the plan's summary, not its every job
+        return (
+            f"MergeResult(out={str(self.out)!r}, tensors={len(self.plan.jobs)}, seconds={self.seconds:.2f}, "
+            f"gb_per_s={self.gb_per_s:.2f}, files={len(self.files)}, commit_url={self.commit_url!r})"
+        )
 
     @property
     def bytes_read(self) -> int:
@@ -327,8 +334,12 @@ def _merge_locked(
             sinks: list[Sink] = [writer]
             if uploader is not None:
                 sinks.append(uploader)
+            overflow = OverflowCheck()
+            if any(job.dtype == "F16" and job.action == "merge" for job in merge_plan.jobs):
+                sinks.append(overflow)
             execute(merge_plan, sources, sinks, done=frozenset(done), device=device, progress=progress)
             raise_if_stopped()
+            overflow.report()
             files = finish_output(
                 merge_plan,
                 sources,

@@ -18,7 +18,7 @@ import yaml
 from . import __version__
 from .errors import RecipeError
 from .methods import get_method
-from .params import resolve_params
+from .params import resolve_params, seed_of
 from .plan import MergePlan
 from .sources import TensorSource
 
@@ -160,6 +160,8 @@ def render_card(
         label = src.label if spec.needs_base or src.label != "base" else "base (config and tokenizer only)"
         rows.append(f"| {label} | {ref} | {commit} |{values}")
     global_params = {p.name: params[p.kwarg] for p in spec.params if not p.per_model}
+    if spec.random:  # the masks' seed: the same seed, the same bytes
+        global_params["seed"] = seed_of(recipe)
     parameters_section = ""
     if global_params or recipe.rules:
         lines = ["## Parameters", ""]

@@ -48,8 +48,10 @@ class SourceInfo:
         return f"{self.ref}@{self.commit}" + (f"#{self.stamp}" if self.stamp else "")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class MergePlan:
+    """Every output tensor (``jobs``), shard and byte offset of a merge, fixed from headers alone."""
+
     recipe: Recipe  # pinned: each Hub model at its resolved commit (Recipe.pinned)
     recipe_sha256: str  # of the pinned recipe, local paths left out (Recipe.portable_sha256)
     method: str
@@ -65,6 +67,13 @@ class MergePlan:
     peak_memory: int  # the merge's own buffers at their largest; the interpreter and torch come on top
     total_size: int
     memory_budget: int = field(default=DEFAULT_MEMORY_BUDGET)
+
+    def __repr__(self) -> str:  # a summary: the jobs of a 7B model would print megabytes
+        return (
+            f"MergePlan(method={self.method!r}, sources={[str(s.ref) for s in self.sources]}, "
+            f"tensors={len(self.jobs)}, shards={len(self.shards)}, bytes_read={self.bytes_read}, "
+            f"bytes_written={self.bytes_written}, notices={len(self.notices)})"
+        )
 
     def fingerprint(self) -> str:
         """Identifies the exact output: same fingerprint, same bytes. Resume refuses a different one."""

@@ -7,7 +7,7 @@ starts with ``./``, ``../``, ``/`` or ``~`` is always local; otherwise it must l
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import RecipeError
@@ -23,6 +23,9 @@ class ModelRef:
     path: Path | None = None
     repo_id: str | None = None
     revision: str | None = None
+    # A Hub id that could have been a local path (``ckpt/tweets``): that path, which does not exist, for
+    # errors to name when the Hub does not have the repository either. Not part of what the model is.
+    local: Path | None = field(default=None, compare=False)
 
     @property
     def is_hub(self) -> bool:
@@ -90,7 +93,7 @@ def parse_ref(text: str, *, base_dir: Path, field: str, revision: str | None = N
                 hint="revisions apply to Hub repositories only; remove `revision`",
             )
         return ModelRef(path=local.resolve())
-    return hub_ref(text, field=field, revision=revision)
+    return replace(hub_ref(text, field=field, revision=revision), local=local)
 
 
 def hub_ref(text: str, *, field: str, revision: str | None = None) -> ModelRef:

@@ -47,6 +47,42 @@ class Sink(Protocol):
     def shard_done(self, shard: int) -> None: ...
 
 
+class OverflowCheck:
+    """A sink that counts the infinite values of merged float16 tensors: float16 ends at 65504, and larger
+    merged values (a bfloat16 or float32 model's embeddings, say) are written as infinity, which the merge
+    then reports (:meth:`report`) instead of leaving to the first NaN in someone's logits."""
+
+    def __init__(self) -> None:
+        self.found: dict[str, int] = {}
+
+    def begin(self, plan: MergePlan) -> set[str]:
+        return set()
+
+    def write(self, job: Job, row: int, data: torch.Tensor) -> None:
+        if job.dtype == "F16" and job.action == "merge":
+            n = int(data.isinf().sum())
+            if n:
+                self.found[job.name] = self.found.get(job.name, 0) + n
+
+    def tensor_done(self, job: Job) -> None:
+        pass
+
+    def shard_done(self, shard: int) -> None:
+        pass
+
+    def report(self) -> None:
+        if self.found:
+            worst = max(self.found, key=lambda name: self.found[name])
+            log.warning(
+                "%d values in %d float16 tensors are beyond float16's range (65504) and were written as "
+                "infinity (%s: %d); merge into bfloat16 or float32 (--dtype) to keep them",
+                sum(self.found.values()),
+                len(self.found),
+                worst,
+                self.found[worst],
+            )
+
+
 def partial_dir(out: Path) -> Path:
     """Where the output is assembled before the final rename."""
     return out.parent / f".{out.name}.hubmerge-partial"
@@ -250,13 +286,15 @@ class ShardWriter:
         fingerprint = plan.fingerprint()
         done: set[str] = set()
         if self.tmp.exists() and self.resume and (progress / "fingerprint").is_file():
-            if (progress / "fingerprint").read_text() != fingerprint:
+            if (progress / "fingerprint").read_text(errors="replace") != fingerprint:
                 raise OutputError(
                     f"{self.tmp} holds an interrupted merge of {_what_changed(progress, plan)}",
                     path=str(self.tmp),
                     hint="pass --force to start over",
                 )
-            journal = (progress / "journal").read_text() if (progress / "journal").exists() else ""
+            journal_path = progress / "journal"
+            # Bytes a crash left half-written name no tensor: read them as such, not as an error.
+            journal = journal_path.read_text(errors="replace") if journal_path.exists() else ""
             # The last line may be cut short by a kill; only complete lines count.
             done = {line for line in journal.split("\n")[:-1] if line}
             uploaded_path = progress / "uploaded.json"

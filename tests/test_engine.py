@@ -116,6 +116,7 @@ def test_dare_is_deterministic_and_seeded_per_tensor(tmp_path: Path, three: list
     first = hubmerge.merge(recipe, tmp_path / "a").out / "model.safetensors"
     second = hubmerge.merge(recipe, tmp_path / "b").out / "model.safetensors"
     assert first.read_bytes() == second.read_bytes()
+    assert "- `seed` = 1\n" in (first.parent / "README.md").read_text()  # the card says which masks
     other = hubmerge.merge({**recipe, "parameters": {"seed": 2}}, tmp_path / "c").out / "model.safetensors"
     assert load_file(str(other))["layer.0.weight"].ne(load_file(str(first))["layer.0.weight"]).any()
 
@@ -659,3 +660,27 @@ def test_merging_needs_no_numpy(tmp_path: Path) -> None:
     for name, value in a.items():
         expected = 0.75 * value + 0.25 * b[name] if value.is_floating_point() else value
         torch.testing.assert_close(merged[name], expected)
+
+
+def test_float16_output_beyond_its_range_is_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """bfloat16 (and float32) reach far beyond float16's 65504: a float16 merge writes those as infinity,
+    and says so, naming the tensor."""
+    big = torch.tensor([[1e5, -7e4, 65000.0, 1.0]] * 64, dtype=torch.bfloat16)
+    models = [
+        save_model(tmp_path / f"m{i}", {"emb": big * (1 + i), "ok": torch.ones(8, 8)}) for i in range(2)
+    ]
+    recipe = {"method": "centroid", "models": [str(m) for m in models], "dtype": "float16"}
+    with caplog.at_level("WARNING", logger="hubmerge"):
+        out = hubmerge.merge(recipe, tmp_path / "out").out
+    merged = load_file(str(out / "model.safetensors"))
+    assert int(merged["emb"].isinf().sum()) == 192 and not merged["ok"].isinf().any()  # 1.5x: 3 per row
+    said = [r.getMessage() for r in caplog.records if "float16" in r.getMessage()]
+    assert (
+        len(said) == 1 and said[0].startswith("192 values in 1 float16 tensors") and "(emb: 192)" in said[0]
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hubmerge"):
+        hubmerge.merge(recipe | {"dtype": "bfloat16"}, tmp_path / "bf16")
+    assert not [r for r in caplog.records if "infinity" in r.getMessage()]

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -224,6 +225,29 @@ def test_private_source_needs_a_token(
     assert refused.returncode == 2 and "HF_TOKEN" in refused.stderr and "Traceback" not in refused.stderr
     monkeypatch.setenv("HF_TOKEN", hub_token)
     assert hubmerge.plan({"method": "centroid", "models": [f"{repo_name}-private"]}).jobs
+
+
+def test_a_mistyped_local_path_is_named_when_the_hub_lacks_it_too(tmp_path: Path, hub: HubServer) -> None:
+    """`ckpt/tweets` that does not exist here reads as a Hub id: when the Hub has no such repository (or
+    cannot be reached), the error says there is no such local folder either, and no --resume for a plan."""
+    save_model(tmp_path / "ckpt" / "movies", random_tensors(0))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: centroid\nmodels: [ckpt/movies, ckpt/tweets]\n")
+    missing = _cli("plan", str(recipe), endpoint=hub.url, token=None)
+    assert missing.returncode == 2, missing.stderr
+    line = missing.stderr.strip().splitlines()[-1]
+    assert (
+        "repository ckpt/tweets not found" in line
+        and f"no local folder {tmp_path / 'ckpt' / 'tweets'}" in line
+    )
+    assert "relative paths start at the recipe's folder" in line
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    down = _cli("plan", str(recipe), endpoint=url, token=None, HUBMERGE_HUB_RETRIES="1")
+    line = down.stderr.strip().splitlines()[-1]
+    assert down.returncode == 2 and "lost the connection" in line and "no local folder" in line, line
+    assert "--resume" not in line and "HF_HUB_OFFLINE=1" in line
 
 
 def test_differing_licenses_fail_at_plan_time(tmp_path: Path, hub_token: str, repo_name: str) -> None:
@@ -720,7 +744,9 @@ def test_models_open_together_and_the_first_failure_in_recipe_order_is_reported(
         with pytest.raises(RepoNotFoundError, match=f"repository {order[0]} not found"):
             hubmerge.plan({"method": "centroid", "models": [ids[0], *order, ids[1]]})
     plan = hubmerge.plan({"method": "centroid", "models": [ids[1], ids[0], ids[1]]})
-    assert [s.label for s in plan.sources] == ["models.0", "models.1", "models.0"]  # one source per reference
+    # One source per reference (opened once), labelled by position; the plan says the model counts twice.
+    assert [s.label for s in plan.sources] == ["models.0", "models.1", "models.2"]
+    assert any(n.startswith("models.2 is models.0 again") for n in plan.notices), plan.notices
     assert [s.commit for s in plan.sources] == [
         sources["commits"][1],
         sources["commits"][0],

@@ -471,6 +471,14 @@ def test_the_api_takes_what_the_cli_takes_and_refuses_bad_arguments_with_its_err
     with pytest.raises(RecipeError, match="transfer is 'ranges' or 'shards', got 'ftp'"):
         hubmerge.merge(recipe, tmp_path / "out", transfer="ftp")  # type: ignore[arg-type]
     assert not (tmp_path / "out").exists()
+    # What a notebook cell shows: a summary, not every job of the plan.
+    result = hubmerge.merge(recipe, tmp_path / "out")
+    shown = repr(result)
+    assert shown.startswith(f"MergeResult(out='{tmp_path / 'out'}', tensors={len(result.plan.jobs)}, ")
+    assert (
+        repr(result.plan).startswith("MergePlan(method='centroid', sources=[")
+        and len(repr(result.plan)) < 400
+    )
 
 
 def test_the_plan_says_what_a_user_may_not_mean(tmp_path: Path, pair: list[str]) -> None:
@@ -512,3 +520,20 @@ def test_one_value_given_two_ways_or_a_local_path_with_a_revision_is_refused(pai
     )
     _recipe_error({"method": "centroid", "models": [{"path": " "}]}, "empty path", "models.0.path")
     _recipe_error({"method": "centroid", "models": [""]}, "empty model reference", "models.0")
+
+
+def test_a_folder_or_fifo_where_a_file_should_be_is_one_clear_error(tmp_path: Path) -> None:
+    import os
+
+    folder = tmp_path / "m"
+    (folder / "model.safetensors").mkdir(parents=True)
+    with pytest.raises(SourceError, match="no model.safetensors"):
+        _open(folder)
+    fifo = tmp_path / "fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / "model.safetensors")  # opening it to read would wait for a writer forever
+    with pytest.raises(SourceError, match="no model.safetensors"):
+        _open(fifo)
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    with pytest.raises(SourceError, match="is neither a file nor a folder"):
+        LocalSource(ModelRef(path=tmp_path / "pipe.safetensors"), label="models.0")

@@ -234,6 +234,21 @@ def hub_call(
     raise AssertionError("unreachable")
 
 
+def _not_local_either(exc: RepoNotFoundError | HubConnectionError, ref: ModelRef) -> HubError:
+    """``exc`` for a model's first request, which nothing has been merged before: no ``--resume`` in the
+    hint, and, for an id that could have been a local path (``ckpt/tweets``), that no such path exists."""
+    message, hint = exc.message, exc.hint
+    if isinstance(exc, HubConnectionError):
+        hint = (
+            "check the network (and HF_ENDPOINT); HF_HUB_OFFLINE=1 reads models already in the local Hugging "
+            "Face cache"
+        )
+    if ref.local is not None:
+        message += f"; there is no local folder {ref.local} either"
+        hint = f"for a local model, check the path (relative paths start at the recipe's folder); {hint}"
+    return type(exc)(message, repo_id=exc.repo_id, revision=exc.revision, hint=hint)
+
+
 def _refused(
     exc: Exception, status: int, what: str, where: str, repo_id: str, revision: str | None
 ) -> HubError:
@@ -366,12 +381,15 @@ class HubSource:
         self.ref, self.label, self.transfer = ref, label, transfer
         self.repo_id = ref.repo_id
         self.api = HfApi()
-        info = hub_call(
-            lambda: self.api.model_info(self.repo_id, revision=ref.revision, files_metadata=True),
-            repo_id=self.repo_id,
-            revision=ref.revision,
-            what="repository info",
-        )
+        try:
+            info = hub_call(
+                lambda: self.api.model_info(self.repo_id, revision=ref.revision, files_metadata=True),
+                repo_id=self.repo_id,
+                revision=ref.revision,
+                what="repository info",
+            )
+        except (RepoNotFoundError, HubConnectionError) as exc:
+            raise _not_local_either(exc, ref) from None
         assert info.sha is not None
         self.commit: str | None = info.sha
         self._sha = info.sha

@@ -54,14 +54,15 @@ def checkpoint_files(root: Path, *, label: str) -> tuple[list[str], dict[str, st
         for shard in shards:
             if not (root / shard).is_file():
                 raise SourceError(
-                    f"{label}: {root / INDEX} lists shard '{shard}' but {root / shard} does not exist",
+                    f"{label}: {root / INDEX} lists shard '{shard}' but {root / shard} does not exist "
+                    "(as a file)",
                     location=str(root),
                     hint="download the missing shard, or regenerate the index",
                 )
         return shards, weight_map
     if (root / SINGLE).is_file():
         return [SINGLE], None
-    candidates = sorted(p.name for p in root.glob("*.safetensors"))
+    candidates = sorted(p.name for p in root.glob("*.safetensors") if p.is_file())
     if len(candidates) == 1:
         return candidates, None
     if len(candidates) > 1:
@@ -111,6 +112,12 @@ class LocalSource:
                 location=str(path),
                 hint="check the path in the recipe (relative paths start at the recipe's directory)",
             )
+        if not path.is_file() and not path.is_dir():  # a FIFO would block the first read forever
+            raise SourceError(
+                f"{label}: {path} is neither a file nor a folder",
+                location=str(path),
+                hint="point the recipe at a model folder or a .safetensors file",
+            )
         if path.is_file():
             if path.suffix in PICKLE_SUFFIXES:
                 raise pickle_refused(path, label=label)
@@ -150,6 +157,12 @@ class LocalSource:
 
     def _open_shard(self, shard: str, weight_map: dict[str, str] | None) -> None:
         file = self.root / shard
+        if not file.is_file():  # a folder or a FIFO by the name of a shard (open would block on a FIFO)
+            raise SourceError(
+                f"{self.label}: {file} is not a regular file",
+                location=str(file),
+                hint="the model folder is damaged; download or save the model again",
+            )
         try:
             fd = os.open(file, os.O_RDONLY)
         except OSError as exc:
