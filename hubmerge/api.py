@@ -25,8 +25,10 @@ from .writer import (
     ShardWriter,
     Sink,
     check_output,
+    check_place,
     output_lock,
     partial_dir,
+    recover_commit,
     write_json,
 )
 
@@ -190,9 +192,12 @@ def check_target(recipe: Recipe, out: str | Path | None, *, force: bool, resume:
         OutputError: the output exists, is a file, is not an earlier merge, or touches an input.
     """
     target = output_dir(recipe, out)
-    local_inputs = [r.path for r in [*recipe.model_refs(), recipe.base_ref()] if r is not None and r.path]
-    check_output(target, local_inputs, force=force, resume=resume)
+    check_output(target, _local_inputs(recipe), force=force, resume=resume)
     return target
+
+
+def _local_inputs(recipe: Recipe) -> list[Path]:
+    return [r.path for r in [*recipe.model_refs(), recipe.base_ref()] if r is not None and r.path]
 
 
 def check_device(device: str) -> None:
@@ -279,8 +284,11 @@ def merge(
         push = PushTarget(push)
     if push is None and loaded.push is not None:
         push = PushTarget(**loaded.push.model_dump())
-    # Checked before the lock (which creates the output's parent folders) and again under it.
-    with output_lock(check_target(loaded, out, force=force, resume=resume)):
+    # Where the output goes is checked before the lock (which creates the output's parent folders); the
+    # rest under it, once an earlier run's commit cut short is finished or undone (recover_commit).
+    target = output_dir(loaded, out)
+    check_place(target, _local_inputs(loaded))
+    with output_lock(target):
         return _merge_locked(
             loaded, out, device, resume, force, memory_budget, progress, on_plan, push, transfer
         )
@@ -303,6 +311,7 @@ def _merge_locked(
     from .run import execute, start_reads
     from .sources.buffers import retain_freed_memory
 
+    recover_commit(output_dir(loaded, out))
     target = check_target(loaded, out, force=force, resume=resume)
     start = time.perf_counter()
     with open_sources(loaded, transfer=transfer) as sources:

@@ -88,6 +88,33 @@ def partial_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.hubmerge-partial"
 
 
+def old_dir(out: Path) -> Path:
+    """Where a ``--force`` commit moves the earlier output while the new one takes its name."""
+    return out.parent / f".{out.name}.hubmerge-old"
+
+
+def recover_commit(out: Path) -> None:
+    """Finish, or undo, a ``--force`` commit that a crash cut between its renames (call with the lock held).
+
+    The commit moves the earlier output to :func:`old_dir`, the finished merge to ``out``, then deletes the
+    earlier one. Cut after the first rename, ``out`` is missing: the finished merge (its journal already
+    dropped) takes the name, else the earlier output gets it back. Cut while deleting, the rest is deleted.
+    """
+    old, tmp = old_dir(out), partial_dir(out)
+    if not old.exists():
+        return
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    if (tmp / MANIFEST).is_file() and not (tmp / PROGRESS_DIR).exists():
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+        log.warning("%s: finished the commit of a run stopped while it replaced the earlier merge", out)
+    else:
+        os.rename(old, out)
+        log.warning("%s: put back the earlier merge, which a run stopped while replacing it", out)
+
+
 def lock_path(out: Path) -> Path:
     """The lock a merge holds on its output while it writes it (:func:`output_lock`)."""
     return out.parent / f".{out.name}.hubmerge-lock"
@@ -110,15 +137,16 @@ def output_lock(out: Path) -> Iterator[None]:
     out = out.resolve()
     missing = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     created: list[Path] = []
-    folder = out.parent
+    writing = out.parent  # the folder written to when something fails: the one a new folder goes in
     try:
         for folder in reversed(missing):
+            writing = folder.parent
             try:
                 folder.mkdir()
             except FileExistsError:
                 continue
             created.append(folder)
-        folder = out.parent
+        writing = out.parent
         path = lock_path(out)
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -145,7 +173,7 @@ def output_lock(out: Path) -> Iterator[None]:
         for folder in reversed(created):
             _remove_if_empty(folder)
         raise OutputError(
-            f"cannot create the output's folder {out}: {folder} cannot be written ({exc.strerror or exc})",
+            f"cannot create the output's folder {out}: {writing} cannot be written ({exc.strerror or exc})",
             path=str(out),
             hint="choose an --out on a disk and in a folder you can write to",
         ) from None
@@ -181,16 +209,12 @@ def _empty(path: Path) -> bool:
     return path.is_dir() and next(path.iterdir(), None) is None
 
 
-def check_output(out: Path, inputs: list[Path], *, force: bool, resume: bool) -> None:
-    """Refuse outputs that would overwrite without ``force`` or touch an input.
-
-    An empty directory may take the output. ``force`` replaces an earlier merge (a directory holding
-    ``hubmerge.json``), never anything else: a mistyped ``--out ~/project --force`` must not delete a project.
+def check_place(out: Path, inputs: list[Path]) -> None:
+    """Refuse an output that is, lies inside or contains an input, or is a file: what a run checks before it
+    takes the output's lock (which creates the output's parent folders).
 
     Raises:
-        OutputError: the output exists (without ``force``), is a file, or is not an earlier merge; is an
-            input, lies inside one, or contains one; or a partial run exists and neither ``resume`` nor
-            ``force`` was given.
+        OutputError: naming the input, or the file.
     """
     out = out.resolve()
     for src in inputs:
@@ -214,6 +238,21 @@ def check_output(out: Path, inputs: list[Path], *, force: bool, resume: bool) ->
             path=str(out),
             hint="give --out a directory path (the merge writes several files)",
         )
+
+
+def check_output(out: Path, inputs: list[Path], *, force: bool, resume: bool) -> None:
+    """Refuse outputs that would overwrite without ``force`` or touch an input.
+
+    An empty directory may take the output. ``force`` replaces an earlier merge (a directory holding
+    ``hubmerge.json``), never anything else: a mistyped ``--out ~/project --force`` must not delete a project.
+
+    Raises:
+        OutputError: the output exists (without ``force``), is a file, or is not an earlier merge; is an
+            input, lies inside one, or contains one; or a partial run exists and neither ``resume`` nor
+            ``force`` was given.
+    """
+    out = out.resolve()
+    check_place(out, inputs)
     if out.exists() and not _empty(out):
         if resume and not force and (out / MANIFEST).is_file():
             if partial_dir(out).exists():  # a --force run, stopped: it replaces the merge there
@@ -451,7 +490,7 @@ class ShardWriter:
                     path=str(self.out),
                     hint=f"the finished merge is in {self.tmp}; move it by hand or rerun with --force",
                 )
-            old = self.out.parent / f".{self.out.name}.hubmerge-old"
+            old = old_dir(self.out)
             if old.exists():
                 shutil.rmtree(old)
             os.rename(self.out, old)

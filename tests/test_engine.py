@@ -684,3 +684,34 @@ def test_float16_output_beyond_its_range_is_reported(
     with caplog.at_level("WARNING", logger="hubmerge"):
         hubmerge.merge(recipe | {"dtype": "bfloat16"}, tmp_path / "bf16")
     assert not [r for r in caplog.records if "infinity" in r.getMessage()]
+
+
+def test_a_force_commit_cut_between_its_renames_is_finished_or_undone(tmp_path: Path) -> None:
+    """--force moves the earlier merge aside, the new one into place, then deletes the earlier one: a crash
+    between the renames leaves no output. The next run finishes that commit, or puts the earlier one back."""
+    from hubmerge.writer import old_dir
+
+    models = [str(save_model(tmp_path / f"m{i}", random_tensors(i))) for i in range(2)]
+    out = tmp_path / "out"
+    first = hubmerge.merge({"method": "centroid", "models": models}, out)
+    earlier = (out / "model.safetensors").read_bytes()
+    linear = {"method": "linear", "models": models, "parameters": {"t": 0.9}}
+    newer = hubmerge.merge(linear, tmp_path / "newer").out
+    # Cut after the first rename, the finished merge (journal dropped) beside it: it takes the name.
+    os.rename(out, old_dir(out))
+    shutil.copytree(newer, tmp_path / ".out.hubmerge-partial")
+    assert (
+        hubmerge.plan(linear).recipe_sha256
+        == json.loads((newer / "hubmerge.json").read_text())["recipe_sha256"]
+    )
+    with pytest.raises(OutputError, match="already exists"):  # recovered first, then refused without --force
+        hubmerge.merge(linear, out)
+    assert (out / "model.safetensors").read_bytes() == (newer / "model.safetensors").read_bytes()
+    assert not old_dir(out).exists() and not (tmp_path / ".out.hubmerge-partial").exists()
+    # Cut with the new merge unfinished (its journal still there): the earlier merge is put back.
+    shutil.rmtree(out)
+    shutil.copytree(first.out.parent / "newer", out)  # any earlier merge
+    os.rename(out, old_dir(out))
+    (tmp_path / ".out.hubmerge-partial" / ".hubmerge-progress").mkdir(parents=True)
+    hubmerge.merge({"method": "centroid", "models": models}, out, force=True)
+    assert (out / "model.safetensors").read_bytes() == earlier and not old_dir(out).exists()
