@@ -280,10 +280,11 @@ def merge(
         )
     loaded = _with_dtype(load_recipe(recipe), dtype)
     check_device(device)
-    if isinstance(push, str):  # a repository id, as --push takes it
-        push = PushTarget(push)
-    if push is None and loaded.push is not None:
-        push = PushTarget(**loaded.push.model_dump())
+    settings = loaded.push.model_dump() if loaded.push is not None else {}
+    if isinstance(push, str):  # a repository id, as --push takes it: the recipe's other push settings hold
+        settings["repo"] = push
+    if push is None or isinstance(push, str):
+        push = PushTarget(repo_id=settings.pop("repo"), **settings) if settings else None
     # Where the output goes is checked before the lock (which creates the output's parent folders); the
     # rest under it, once an earlier run's commit cut short is finished or undone (recover_commit).
     target = output_dir(loaded, out)
@@ -344,7 +345,7 @@ def _merge_locked(
             if uploader is not None:
                 sinks.append(uploader)
             overflow = OverflowCheck()
-            if any(job.dtype == "F16" and job.action == "merge" for job in merge_plan.jobs):
+            if any(OverflowCheck.applies(job) for job in merge_plan.jobs):
                 sinks.append(overflow)
             execute(merge_plan, sources, sinks, done=frozenset(done), device=device, progress=progress)
             raise_if_stopped()
@@ -443,7 +444,7 @@ def manifest(plan: MergePlan) -> dict[str, Any]:
         "recipe_sha256": plan.recipe_sha256,
         "plan_fingerprint": plan.fingerprint(),
         "method": plan.method,
-        "sources": [{"label": s.label, "ref": str(s.ref), "commit": s.commit} for s in plan.sources],
+        "sources": [{"label": s.label, "ref": s.ref.shown(), "commit": s.commit} for s in plan.sources],
         "shards": {s.filename: s.size for s in plan.shards},
         "tensors": len(plan.jobs),
         "skipped": list(plan.skipped),

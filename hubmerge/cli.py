@@ -73,7 +73,7 @@ def cli() -> None:
 
 def _setup_logging(verbose: bool, quiet: bool, *, info: bool = True) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING,
+        level=logging.DEBUG if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
@@ -94,7 +94,9 @@ class _LogProgress:
         from .report import human_bytes
 
         self.done += n
-        tenths = min(10, 10 * self.done // self.total) if self.total else 10
+        if not self.total:  # nothing to read: the summary says what was done
+            return
+        tenths = min(10, 10 * self.done // self.total)
         now = time.monotonic()
         if tenths > self.tenths and (now - self.last >= self.every or tenths == 10):
             self.tenths, self.last = tenths, now
@@ -109,16 +111,15 @@ class _LogProgress:
         pass
 
 
-def _progress_bar(total: int) -> Any:
-    """A tqdm bar on a terminal; plain lines (:class:`_LogProgress`) in a log, where huggingface_hub's upload
-    bars are turned off too."""
-    if not sys.stderr.isatty():
-        if "huggingface_hub" in sys.modules:
-            from huggingface_hub.utils.tqdm import disable_progress_bars
+def _no_hub_bars() -> None:
+    """Turn huggingface_hub's upload bars off for this process (with -q, or in a log, where their cursor
+    moves are noise): read when huggingface_hub is imported, which would slow a local merge's start here."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-            disable_progress_bars()
-        else:  # read when huggingface_hub is imported; importing it here would slow a local merge's start
-            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+def _progress_bar(total: int) -> Any:
+    """A tqdm bar on a terminal; plain lines (:class:`_LogProgress`) in a log."""
+    if not sys.stderr.isatty():
         return _LogProgress(total)
     from tqdm import tqdm
 
@@ -157,7 +158,7 @@ def _progress_bar(total: int) -> Any:
     help="Read Hub sources by ranged requests per tensor, or one downloaded shard per model at a time.",
 )
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging; tracebacks on errors.")
-@click.option("--quiet", "-q", is_flag=True, help="Errors only: no plan, progress, summary or warnings.")
+@click.option("--quiet", "-q", is_flag=True, help="No plan, progress or summary: warnings and errors only.")
 def merge_command(
     recipe: Path,
     out: Path | None,
@@ -264,7 +265,7 @@ def merge_command(
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--dtype", type=DTYPES, help="Output dtype (overrides the recipe; default: the first model's).")
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging; tracebacks on errors.")
-@click.option("--quiet", "-q", is_flag=True, help="No warnings (errors still print).")
+@click.option("--quiet", "-q", is_flag=True, help="Accepted as the merge takes it (plan prints no progress).")
 def plan_command(recipe: Path, as_json: bool, dtype: Any, verbose: bool, quiet: bool) -> None:
     """Check RECIPE and show the output layout, reading headers only."""
     from .api import plan
@@ -416,7 +417,10 @@ def run() -> NoReturn:
     Interpreter shutdown runs garbage collections over every object still alive, and torch alone brings
     about 150k: half a second after every merge. Freezing them first skips that work; the process is ending,
     so there is no garbage worth finding. (Not done in :func:`main`, which tests and other programs call.)
+    With -q, or with stderr not a terminal, huggingface_hub's upload bars are turned off for the process.
     """
+    if not sys.stderr.isatty() or {"-q", "--quiet"} & set(sys.argv[1:]):
+        _no_hub_bars()
     code = main()
     gc.freeze()
     sys.exit(code)

@@ -9,10 +9,9 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
-import re
 import shutil
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import PlanError
@@ -81,25 +80,24 @@ def check_module_weights(source: TensorSource) -> None:
             )
 
 
-_LORA = re.compile(r"(?:^|\.)lora_(?:A|B|embedding_A|embedding_B|magnitude_vector)(?:\.|$)")
-
-
 def check_not_adapter(source: TensorSource) -> None:
-    """Refuse a PEFT LoRA adapter (``lora_A``/``lora_B`` tensors): hubmerge merges whole checkpoints.
+    """Refuse a PEFT adapter (LoRA, IA3, LoHa, ...): hubmerge merges whole checkpoints.
 
-    Averaging A and B factors separately is not the average of the updates B @ A, and the output would load
-    neither as a model nor as an adapter.
+    Averaging LoRA's A and B factors one by one is not the average of the updates B @ A, and the output
+    would load neither as a model nor as an adapter. An adapter is known by the file its weights are read
+    from, PEFT's ``adapter_model.safetensors`` (a model that stores LoRA tensors of its own, as some
+    multimodal ones do, is a model).
 
     Raises:
-        PlanError: naming the model and one of its adapter tensors, before any weight is read.
+        PlanError: naming the model and the adapter's file, before any weight is read.
     """
-    found = next((name for name in source.tensors if _LORA.search(name)), None)
-    if found is None:
+    read = {PurePosixPath(info.file).name for info in source.tensors.values()}
+    found = next((name for name in sorted(read) if name.startswith("adapter_model")), None)
+    if found is None:  # the weights read are a model's (a folder may hold an adapter's files beside them)
         return
     raise PlanError(
-        f"{source.label} ({source.ref}) is a LoRA adapter (tensor '{found}'), not a model checkpoint: "
-        "merging its A and B factors one by one would not merge the updates",
-        tensor=found,
+        f"{source.label} ({source.ref}) is a PEFT adapter ({found}), not a model checkpoint: merging its "
+        "tensors one by one (LoRA's A and B factors) would not merge the updates",
         hint="merge the adapter into its base model first (peft: PeftModel.from_pretrained(base, adapter)"
         ".merge_and_unload().save_pretrained(dir)), then merge those folders",
     )

@@ -68,8 +68,9 @@ def translate_mergekit(doc: dict[str, Any]) -> dict[str, Any]:
     """
     doc = dict(doc)
     tokenizer = doc.get("tokenizer")
-    if tokenizer == {"source": "base"} and "tokenizer_source" not in doc:
-        doc["tokenizer_source"] = doc.pop("tokenizer")["source"]  # the newer spelling of tokenizer_source
+    if tokenizer == {"source": "base"}:  # the newer spelling of `tokenizer_source: base`
+        doc.pop("tokenizer")
+        doc.setdefault("tokenizer_source", "base")
     for key, (feature, instead) in UNSUPPORTED_KEYS.items():
         if key in doc:
             raise RecipeError(

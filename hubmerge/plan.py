@@ -304,13 +304,13 @@ def _source_notices(recipe: Recipe, spec: MethodSpec, sources: Sequence[TensorSo
     seen: dict[str, str] = {}
     for i, source in enumerate(sources[:n]):
         label = f"models.{i}"  # a model listed twice is opened once: its source has the first one's label
-        identity = f"{source.ref}@{source.commit}"
+        identity = _model_identity(source)
         if identity in seen:
             notices.append(f"{label} is {seen[identity]} again ({source.ref}): it counts twice in the merge")
         seen.setdefault(identity, label)
     if recipe.base is not None:
         base = sources[n]
-        again = seen.get(f"{base.ref}@{base.commit}")
+        again = seen.get(_model_identity(base))
         if not spec.needs_base:
             notices.append(
                 f"method '{spec.name}' merges no base: the base ({base.ref}) gives the output its config and "
@@ -319,6 +319,12 @@ def _source_notices(recipe: Recipe, spec: MethodSpec, sources: Sequence[TensorSo
         elif again is not None:
             notices.append(f"{again} is the base ({base.ref}): its task vector is zero")
     return notices
+
+
+def _model_identity(source: TensorSource) -> str:
+    """The model a source reads: its folder, or its repository at the commit (``org/x`` and ``org/x@main``
+    name the same one)."""
+    return str(source.ref.path) if source.ref.path is not None else f"{source.ref.repo_id}@{source.commit}"
 
 
 def _all_names(models: Sequence[TensorSource]) -> list[str]:

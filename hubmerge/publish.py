@@ -135,7 +135,7 @@ class HubUploader:
             "create repository",
             merged=False,
         )
-        hidden = [s for s in plan.sources if s.private]
+        hidden = list(dict.fromkeys(str(s.ref.repo_id) for s in plan.sources if s.private))
         if target.private or hidden:  # create_repo leaves an existing repository as it is
             info = self._call(lambda: self.api.model_info(target.repo_id), "repository info", merged=False)
             if not info.private and hidden:
@@ -145,7 +145,7 @@ class HubUploader:
                     "keep %s hidden",
                     target.repo_id,
                     "s" if len(hidden) > 1 else "",
-                    ", ".join(str(s.ref.repo_id) for s in hidden),
+                    ", ".join(hidden),
                     "s" if len(hidden) > 1 else "",
                     "them" if len(hidden) > 1 else "it",
                 )
@@ -285,7 +285,7 @@ class HubUploader:
             target.commit_message or f"hubmerge: {plan.method} merge of {len(plan.recipe.models)} models"
         )
         sources = "\n".join(
-            f"- {s.label}: {s.ref}" + (f" @ {s.commit}" if s.commit else "") for s in plan.sources
+            f"- {s.label}: {s.ref.shown()}" + (f" @ {s.commit}" if s.commit else "") for s in plan.sources
         )
         description = f"Merged with hubmerge.\n\n{sources}\n\nrecipe sha256: {plan.recipe_sha256}"
         info = self._call(

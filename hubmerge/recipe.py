@@ -168,7 +168,7 @@ class Recipe(_Strict):
     card: Card = Field(default_factory=Card)
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 
-    def __init__(self, **fields: Any) -> None:
+    def __init__(self, /, **fields: Any) -> None:
         """The fields of a recipe file; ``models`` as paths, Hub ids or dicts (``{"path": p, "weight": 2}``).
 
         Raises:
@@ -313,6 +313,11 @@ def load_recipe(
         raise RecipeError(
             f"a recipe is a YAML mapping, got {type(doc).__name__}", hint="see recipes/ for examples"
         )
+    for key in doc:
+        if not isinstance(key, str):  # YAML reads `on:`, `yes:` and `1:` as a bool or a number
+            raise RecipeError(
+                f"unknown key {key!r} (not text)", path=str(key), hint="recipe keys are names like `models`"
+            )
     if "merge_method" in doc:
         from .mergekit import translate_mergekit
 

@@ -34,7 +34,12 @@ class ModelRef:
     def __str__(self) -> str:
         if self.repo_id is not None:
             return f"{self.repo_id}@{self.revision}" if self.revision else self.repo_id
-        return home_relative(self.path) if self.path is not None else ""
+        return str(self.path)
+
+    def shown(self) -> str:
+        """As written into what a merge stores and may publish: a local path under the home directory as
+        ``~/...`` (:func:`home_relative`); what the model *is* (fingerprints, resume) stays ``str(ref)``."""
+        return home_relative(self.path) if self.path is not None else str(self)
 
 
 def home_relative(path: Path) -> str:
@@ -47,13 +52,15 @@ def home_relative(path: Path) -> str:
         home = Path.home()
     except RuntimeError:  # no home directory (some service accounts)
         return str(path)
-    if home == Path(home.anchor):  # a home of "/" would turn every path into ~/...
-        return str(path)
-    try:
-        rest = path.relative_to(home)
-    except ValueError:
-        return str(path)
-    return "~" if rest == Path() else f"~/{rest.as_posix()}"
+    for prefix in dict.fromkeys((home, home.resolve())):  # paths are resolved; $HOME may be a symlink
+        if prefix == Path(prefix.anchor):  # a home of "/" would turn every path into ~/...
+            continue
+        try:
+            rest = path.relative_to(prefix)
+        except ValueError:
+            continue
+        return "~" if rest == Path() else f"~/{rest.as_posix()}"
+    return str(path)
 
 
 def is_repo_id(text: str) -> bool:

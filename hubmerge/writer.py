@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -58,11 +59,17 @@ class OverflowCheck:
     def begin(self, plan: MergePlan) -> set[str]:
         return set()
 
+    @staticmethod
+    def applies(job: Job) -> bool:
+        """Whether ``job`` writes float16 it computed or cast (not a float16 tensor copied as it is)."""
+        return job.dtype == "F16" and (job.action == "merge" or any(i.dtype != "F16" for i in job.inputs))
+
     def write(self, job: Job, row: int, data: torch.Tensor) -> None:
-        if job.dtype == "F16" and job.action == "merge":
-            n = int(data.isinf().sum())
-            if n:
-                self.found[job.name] = self.found.get(job.name, 0) + n
+        if not self.applies(job) or data.numel() == 0:
+            return
+        low, high = data.aminmax()  # one fast pass; the count only where something is infinite
+        if math.isinf(float(low)) or math.isinf(float(high)):
+            self.found[job.name] = self.found.get(job.name, 0) + int(data.isinf().sum())
 
     def tensor_done(self, job: Job) -> None:
         pass
@@ -74,8 +81,8 @@ class OverflowCheck:
         if self.found:
             worst = max(self.found, key=lambda name: self.found[name])
             log.warning(
-                "%d values in %d float16 tensors are beyond float16's range (65504) and were written as "
-                "infinity (%s: %d); merge into bfloat16 or float32 (--dtype) to keep them",
+                "%d values in %d float16 tensors are infinite, as merged or cast values beyond float16's "
+                "range (65504) become (%s: %d); merge into bfloat16 or float32 (--dtype) to keep them",
                 sum(self.found.values()),
                 len(self.found),
                 worst,
@@ -132,8 +139,6 @@ def output_lock(out: Path) -> Iterator[None]:
     Raises:
         OutputError: another run holds the lock, or the output's folder cannot be written.
     """
-    import fcntl
-
     out = out.resolve()
     missing = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     created: list[Path] = []
@@ -146,32 +151,12 @@ def output_lock(out: Path) -> Iterator[None]:
             except FileExistsError:
                 continue
             created.append(folder)
-        writing = out.parent
-        path = lock_path(out)
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                os.close(fd)
-                raise OutputError(
-                    f"another hubmerge run (pid {holder}) is writing {out}",
-                    path=str(out),
-                    hint="wait for it to finish, or write this merge elsewhere with --out",
-                ) from None
-            try:
-                same = os.stat(path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:  # the run that held it just ended and deleted it
-                same = False
-            if same:
-                break
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        pwrite_all(fd, memoryview(f"{os.getpid()}\n".encode()), 0)
-    except OSError as exc:  # a read-only disk, a parent that is a file, no permission
+        fd = _take_lock(lock_path(out), out)
+    except OSError as exc:  # a read-only disk, a parent that is a file, no permission; or the lock is held
         for folder in reversed(created):
             _remove_if_empty(folder)
+        if isinstance(exc, OutputError):
+            raise
         raise OutputError(
             f"cannot create the output's folder {out}: {writing} cannot be written ({exc.strerror or exc})",
             path=str(out),
@@ -180,14 +165,66 @@ def output_lock(out: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        try:
-            os.unlink(path)  # while still held: a run waiting on this file retries on the new one
-        except OSError:
-            pass
-        os.close(fd)
+        if fd is not None:
+            try:
+                os.unlink(
+                    lock_path(out)
+                )  # while still held: a run waiting on this file retries on the new one
+            except OSError:
+                pass
+            os.close(fd)
         for folder in reversed(created):
             if not _remove_if_empty(folder):
                 break
+
+
+# flock answers these where the file system has no locks (Lustre without -o flock, some FUSE mounts).
+_NO_LOCKS = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL}
+
+
+def _take_lock(path: Path, out: Path) -> int | None:
+    """The descriptor holding ``path``'s lock; None where the file system has no locks (a warning says so).
+
+    Raises:
+        OutputError: another process holds it.
+        OSError: the lock file cannot be made or opened.
+    """
+    import fcntl
+
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError:  # left by another user's run that was killed: a read-only open locks too
+            fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise OutputError(
+                f"another hubmerge run (pid {holder}) is writing {out}",
+                path=str(out),
+                hint="wait for it to finish, or write this merge elsewhere with --out",
+            ) from None
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in _NO_LOCKS:
+                raise
+            log.warning("%s: the file system takes no locks; make sure no other run writes this output", out)
+            return None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:  # the run that held it just ended and deleted it
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:  # who holds it, for the message of a run refused; a lock without it still locks
+        os.ftruncate(fd, 0)
+        pwrite_all(fd, memoryview(f"{os.getpid()}\n".encode()), 0)
+    except OSError:
+        pass
+    return fd
 
 
 def _read_only(path: Path) -> bool:

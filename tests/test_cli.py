@@ -67,8 +67,9 @@ def test_progress_in_a_log_is_plain_lines(recipe: Path) -> None:
     assert resumed.returncode == 2 and "holds a finished merge: there is nothing to resume" in resumed.stderr
 
 
-def test_quiet_is_errors_only(tmp_path: Path) -> None:
-    """-q drops warnings too (here: a folder with both a single file and an index), and plan takes it."""
+def test_quiet_is_warnings_and_errors_only(tmp_path: Path) -> None:
+    """-q drops the plan, progress and summary, not a warning (here: a folder with both a single file and an
+    index), and plan takes it too, before or after the command."""
     both = save_model(tmp_path / "both", random_tensors(0), shards=2)
     save_model(tmp_path / "single", random_tensors(1))
     (tmp_path / "single" / "model.safetensors").rename(both / "model.safetensors")
@@ -77,7 +78,10 @@ def test_quiet_is_errors_only(tmp_path: Path) -> None:
     assert loud.returncode == 0 and "WARNING" in loud.stderr and "holds both" in loud.stderr
     for args in (["plan", "-q", str(recipe)], ["-q", "plan", str(recipe)], [str(recipe), "-q", "--out", "o"]):
         quiet = _run(*args, cwd=tmp_path)
-        assert quiet.returncode == 0 and quiet.stderr == "", (args, quiet.stderr)
+        assert quiet.returncode == 0, (args, quiet.stderr)
+        lines = quiet.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("WARNING ") and "holds both" in lines[0], lines
+    assert quiet.stdout == ""  # no summary
     assert (tmp_path / "o" / "model.safetensors").exists()
 
 
@@ -95,9 +99,9 @@ def test_log_progress_writes_a_line_per_tenth_at_most_every_few_seconds(
     lines = capsys.readouterr().err.splitlines()
     assert [line.split("%")[0] for line in lines] == ["merging: 50", "merging: 100"], lines
     assert lines[0] == "merging: 50% (500 B of 1000 B, 0.00 GB/s, 5 s)"
-    progress = cli._LogProgress(0)  # nothing to read (every tensor resumed)
+    progress = cli._LogProgress(0)  # nothing to read: no line (the summary follows)
     progress.update(0)
-    assert capsys.readouterr().err.startswith("merging: 0% (")
+    assert capsys.readouterr().err == ""
 
 
 def test_progress_on_a_terminal_is_a_bar_with_log_lines_above_it(recipe: Path) -> None:

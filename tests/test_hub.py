@@ -495,8 +495,14 @@ def test_ctrl_c_stops_an_upload_under_way(tmp_path: Path, hub_token: str, repo_n
 
 
 def test_delete_local_keeps_only_small_files(
-    tmp_path: Path, hub: HubServer, hub_token: str, other_token: str, repo_name: str
+    tmp_path: Path,
+    hub: HubServer,
+    hub_token: str,
+    other_token: str,
+    repo_name: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)  # the command turns them off in a log
     local = [save_model(tmp_path / f"m{i}", random_tensors(i)) for i in range(2)]
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
@@ -510,6 +516,8 @@ def test_delete_local_keeps_only_small_files(
     assert api.model_info(repo_name).private
     n_shards = len([f for f in api.list_repo_files(repo_name) if f.endswith(".safetensors")])
     assert f" ({n_shards} shards deleted once uploaded)" in done.stdout, done.stdout
+    # A log (text=True reads a bar's carriage returns as newlines): no upload bars either.
+    assert not re.search(r"safetensors: +\d+%\|", done.stderr), done.stderr
     shards = [f for f in api.list_repo_files(repo_name) if f.endswith(".safetensors")]
     merged: dict[str, torch.Tensor] = {}
     for shard in shards:
@@ -837,6 +845,24 @@ def test_a_public_push_of_a_private_source_says_its_id_becomes_visible(
     with caplog.at_level("WARNING", logger="hubmerge"):
         hubmerge.merge(recipe, tmp_path / "closed", push=PushTarget(f"{repo_name}-closed", private=True))
     assert not [r for r in caplog.records if "private model" in r.getMessage()]
+
+
+def test_the_api_pushes_as_the_recipe_says_and_a_repository_id_keeps_its_other_settings(
+    tmp_path: Path, hub_token: str, repo_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", hub_token)
+    api = HfApi(token=hub_token)
+    models = [str(save_model(tmp_path / f"m{i}", random_tensors(i))) for i in range(2)]
+    recipe = {
+        "method": "centroid",
+        "models": models,
+        "push": {"repo": f"{repo_name}-recipe", "private": True},
+    }
+    by_recipe = hubmerge.merge(recipe, tmp_path / "a")
+    assert by_recipe.commit_url is not None and api.model_info(f"{repo_name}-recipe").private
+    by_id = hubmerge.merge(recipe, tmp_path / "b", push=f"{repo_name}-id")  # as --push: still private
+    assert by_id.commit_url is not None and f"/{repo_name}-id/commit/" in by_id.commit_url
+    assert api.model_info(f"{repo_name}-id").private
 
 
 def test_a_push_to_a_bare_name_goes_to_the_users_namespace(

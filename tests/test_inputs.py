@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import hubmerge
-from hubmerge.errors import HeaderError, RecipeError, SourceError
+from hubmerge.errors import HeaderError, PlanError, RecipeError, SourceError
 from hubmerge.methods import get_method
 from hubmerge.params import resolve_params
 from hubmerge.refs import ModelRef
@@ -160,6 +160,9 @@ def test_recipe_text_files_and_numbers_read_as_meant(pair: list[str], tmp_path: 
         "rules": [{"tensors": "*", "parameters": {"seed": 9}}],
     }
     assert "parameters:" in (_recipe_error(seeded, "seed is set once", "rules.0.parameters.seed").hint or "")
+    # YAML's `on:` is True, and `self` is no keyword of Recipe's: both are unknown keys, not a TypeError.
+    _recipe_error(f"method: centroid\nmodels: {pair}\non: 1\n", "unknown key True", "True")
+    _recipe_error({"method": "centroid", "models": pair, "self": 1}, "unknown key", "self")
     # A misspelt required key is named as such, not only as the missing one.
     misspelt = _recipe_error(f"modles: {pair}\nmethod: centroid\n", "unknown key", "modles")
     assert misspelt.hint == "did you mean `models`?"
@@ -372,10 +375,17 @@ def test_a_gap_in_the_data_or_bytes_after_it_are_refused_as_safetensors_refuses_
         load_file(str(tail / "model.safetensors"))
     with pytest.raises(HeaderError, match="16 bytes follow the last tensor's data"):
         _open(tail)
+    # A Hub listing without sizes: the header alone is checked (the reads past the end would fail instead).
+    from hubmerge.sources.header import parse_header
+
+    raw = (tail / "model.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    assert parse_header(raw[8 : 8 + n], file="x", file_size=None).tensors
 
 
 @pytest.mark.parametrize(
-    "shard", ["../other/model.safetensors", "/etc/model.safetensors", "a/../../x.safetensors"]
+    "shard",
+    ["../other/model.safetensors", "/etc/model.safetensors", "//etc/m.safetensors", "a/../../x.safetensors"],
 )
 def test_an_index_that_points_outside_the_model_folder_is_refused(tmp_path: Path, shard: str) -> None:
     directory = save_model(tmp_path / "m", random_tensors(0), shards=2)
@@ -537,3 +547,17 @@ def test_a_folder_or_fifo_where_a_file_should_be_is_one_clear_error(tmp_path: Pa
     os.mkfifo(tmp_path / "pipe.safetensors")
     with pytest.raises(SourceError, match="is neither a file nor a folder"):
         LocalSource(ModelRef(path=tmp_path / "pipe.safetensors"), label="models.0")
+
+
+def test_a_model_with_lora_named_tensors_of_its_own_is_a_model(tmp_path: Path) -> None:
+    """Some models store LoRA weights in their own checkpoint: only PEFT's adapter file marks an adapter."""
+    tensors = {"layer.lora_A.weight": torch.ones(2, 4), "layer.lora_B.weight": torch.ones(4, 2)}
+    models = [str(save_model(tmp_path / f"m{i}", tensors)) for i in range(2)]
+    assert hubmerge.plan({"method": "centroid", "models": models}).jobs
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (tmp_path / "m0" / "model.safetensors").rename(adapter / "adapter_model.safetensors")
+    with pytest.raises(
+        PlanError, match=r"models.0 \(.*adapter\) is a PEFT adapter \(adapter_model.safetensors\)"
+    ):
+        hubmerge.plan({"method": "centroid", "models": [str(adapter), models[1]]})

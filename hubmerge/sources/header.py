@@ -107,13 +107,14 @@ def header_length(prefix: bytes, *, file: str, file_size: int) -> int:
     return int(n)
 
 
-def parse_header(raw: bytes, *, file: str, file_size: int) -> Header:
+def parse_header(raw: bytes, *, file: str, file_size: int | None) -> Header:
     """Parse and validate the JSON header of a safetensors file.
 
     Args:
         raw: the header bytes (after the 8-byte length).
         file: file name for messages and for :attr:`TensorInfo.file`.
-        file_size: total size of the file, to check that offsets stay inside it.
+        file_size: total size of the file, to check that offsets stay inside it and that the data fills it;
+            None where it is not known (a Hub listing without sizes).
 
     Returns:
         The header with absolute offsets, tensors ordered by their position in the file.
@@ -134,14 +135,14 @@ def parse_header(raw: bytes, *, file: str, file_size: int) -> Header:
             f"{file}: header is a JSON {type(doc).__name__}, expected an object", location=file, hint=_CORRUPT
         )
     data_start = 8 + len(raw)
-    data_size = file_size - data_start
+    data_size = file_size - data_start if file_size is not None else None
     metadata = _metadata(doc.pop("__metadata__", None), file=file)
     tensors = [_tensor(name, entry, file=file, data_start=data_start) for name, entry in doc.items()]
     tensors.sort(key=lambda t: (t.start, t.end))
     previous: TensorInfo | None = None
     at = data_start  # where the next tensor must begin: safetensors lays them end to end from the start
     for info in tensors:
-        if info.end - data_start > data_size:
+        if data_size is not None and info.end - data_start > data_size:
             raise HeaderError(
                 f"{file}: tensor '{info.name}' ends at byte {info.end - data_start} of the data section, "
                 f"which has only {data_size} bytes",
@@ -165,7 +166,7 @@ def parse_header(raw: bytes, *, file: str, file_size: int) -> Header:
             )
         at = info.end
         previous = info
-    if at != file_size:
+    if file_size is not None and at != file_size:
         raise HeaderError(
             f"{file}: {file_size - at} bytes follow the last tensor's data; safetensors files end with it",
             location=file,
@@ -243,8 +244,8 @@ def parse_index(raw: bytes, *, file: str) -> dict[str, str]:
             hint="regenerate the index",
         )
     for name, shard in weight_map.items():
-        parts = PurePosixPath(shard.replace("\\", "/")).parts
-        if not parts or parts[0] == "/" or ".." in parts:  # a shard lives in the model's folder
+        relative = PurePosixPath(shard.replace("\\", "/"))
+        if not relative.parts or relative.is_absolute() or ".." in relative.parts:  # in the model's folder
             raise HeaderError(
                 f"{file}: maps '{name}' to {shard!r}, outside the model's folder",
                 location=file,

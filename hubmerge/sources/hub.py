@@ -497,7 +497,7 @@ class HubSource:
     def _read_header(self, shard: str, raw: bytes) -> None:
         where = f"{self.repo_id}@{self._sha[:12]}/{shard}"
         size = self._sizes.get(shard) or 0
-        header = parse_header(raw[8:], file=where, file_size=size or 1 << 62)
+        header = parse_header(raw[8:], file=where, file_size=size or None)  # None: the listing gave no size
         for name, info in header.tensors.items():
             if self._weight_map is not None and self._weight_map.get(name) != shard:
                 continue
