@@ -15,8 +15,10 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <signal.h>
 #include <stdint.h>
 #include <string.h>
+#include <unistd.h>
 
 #define CHUNK 256
 #define LANES 8
@@ -539,7 +541,30 @@ static PyObject *py_gram(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
+/* A memory-mapped input that shrinks under the merge (rewritten, truncated, a network disk that lost it) makes
+ * the next read of a mapped page raise SIGBUS, which no Python handler can catch: the process would end with
+ * "Bus error" alone. The command installs this handler instead: one line saying what happened, then the
+ * usual exit status of a signal. Only async-signal-safe calls. */
+static void on_sigbus(int sig) {
+    static const char message[] =
+        "error: an input file changed (shrank) while the merge read it (bus error) "
+        "(hint: restore the inputs, then rerun with --resume: the finished tensors are kept)\n";
+    ssize_t written = write(2, message, sizeof message - 1);
+    (void)written;
+    _exit(128 + sig);
+}
+
+static PyObject *py_catch_sigbus(PyObject *self, PyObject *args) {
+    struct sigaction action;
+    memset(&action, 0, sizeof action);
+    action.sa_handler = on_sigbus;
+    sigemptyset(&action.sa_mask);
+    if (sigaction(SIGBUS, &action, NULL) != 0) return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"catch_sigbus", py_catch_sigbus, METH_NOARGS, "Report a bus error (an input that shrank) in one line."},
     {"dare_sum", py_dare_sum, METH_VARARGS, "DARE-linear sum of one span (see hubmerge/kernels.py)."},
     {"gram", py_gram, METH_VARARGS, "Gram matrix of one span, added in float64 (see hubmerge/kernels.py)."},
     {"ties_hist", py_ties_hist, METH_VARARGS, "TIES magnitude histogram (see hubmerge/kernels.py)."},

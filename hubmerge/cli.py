@@ -111,6 +111,18 @@ class _LogProgress:
         pass
 
 
+def _catch_sigbus() -> None:
+    """A bus error (a memory-mapped input that shrank under the merge) reported in one line, where the C
+    kernels are built (``_kernels.catch_sigbus``); else the process ends as the kernel ends it."""
+    try:
+        from . import _kernels  # type: ignore[attr-defined]
+    except ImportError:
+        return
+    catch = getattr(_kernels, "catch_sigbus", None)
+    if catch is not None:
+        catch()
+
+
 def _no_hub_bars() -> None:
     """Turn huggingface_hub's upload bars off for this process (with -q, or in a log, where their cursor
     moves are noise): read when huggingface_hub is imported, which would slow a local merge's start here."""
@@ -421,6 +433,7 @@ def run() -> NoReturn:
     """
     if not sys.stderr.isatty() or {"-q", "--quiet"} & set(sys.argv[1:]):
         _no_hub_bars()
+    _catch_sigbus()
     code = main()
     gc.freeze()
     sys.exit(code)

@@ -470,8 +470,8 @@ def _copy(job: Job, ctx: _Context) -> Iterator[tuple[int, torch.Tensor, int]]:
                     f"integer tensor '{job.name}' differs between {ctx.sources[job.sources[0]].label} and "
                     f"{ctx.sources[src].label}; integer tensors are copied, never averaged",
                     tensor=job.name,
-                    hint=f"add a rule `- {{tensors: '{job.name}', take: N}}` to pick one model's values, then "
-                    "rerun with --force (a changed recipe starts over)",
+                    hint=f"add a rule `- {{tensors: '{job.name}', take: N}}` to pick one model's values, "
+                    "then rerun with --force (a changed recipe starts over)",
                 )
         count = rows[1] - rows[0] if rows else 1
         yield (rows[0] if rows else 0), first.to(out_dtype), count * row_bytes

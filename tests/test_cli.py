@@ -439,3 +439,27 @@ def test_dry_run_refuses_an_output_it_could_not_write(recipe: Path, tmp_path: Pa
         if mounted:
             subprocess.run(["umount", str(target)])
         target.chmod(0o755)
+
+
+def test_an_input_that_shrinks_under_the_merge_is_one_line_not_a_bare_bus_error(tmp_path: Path) -> None:
+    """Reading a mapped page past the end of a file that shrank raises SIGBUS, which Python cannot catch:
+    the command's handler says what happened and exits as the signal would."""
+    pytest.importorskip("hubmerge._kernels")
+    script = textwrap.dedent(
+        f"""
+        import mmap, os
+        from hubmerge.cli import _catch_sigbus
+        _catch_sigbus()
+        path = {str(tmp_path / "input.safetensors")!r}
+        with open(path, "wb") as f:
+            f.write(b"x" * 65536)
+        with open(path, "r+b") as f:
+            mapped = mmap.mmap(f.fileno(), 65536)
+            os.truncate(path, 0)
+            mapped[40000]
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 128 + 7, done.stderr  # SIGBUS is 7 on Linux
+    assert done.stderr.startswith("error: an input file changed (shrank) while the merge read it (bus error)")
+    assert "--resume" in done.stderr and len(done.stderr.splitlines()) == 1
