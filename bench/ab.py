@@ -147,7 +147,11 @@ def main() -> None:
     """Run the cases, alternating, and print what they measured."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cases", nargs="+", help='a kind and VAR=VALUE settings: "hub HUBMERGE_HUB_DIRECT=0"')
-    parser.add_argument("--data", type=Path, default=Path(__file__).parent / "data")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=Path(os.environ.get("HUBMERGE_BENCH_DATA", Path(__file__).parent / "data")),
+    )
     parser.add_argument("--family", default="mid", choices=sorted(gen.FAMILIES))
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--timeline", action="store_true", help="print each run's CPU use every 100 ms")

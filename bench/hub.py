@@ -140,7 +140,11 @@ def timed(cmd: list[str], env: dict[str, str], watch: Path, server: int) -> tupl
 def main() -> None:
     """Run the Hub-path cases and write their table into bench/RESULTS.md."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path(__file__).parent / "data")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=Path(os.environ.get("HUBMERGE_BENCH_DATA", Path(__file__).parent / "data")),
+    )
     parser.add_argument("--family", default="small", choices=sorted(gen.FAMILIES))
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "RESULTS.md")

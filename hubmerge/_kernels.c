@@ -548,7 +548,8 @@ static PyObject *py_gram(PyObject *self, PyObject *args) {
 static void on_sigbus(int sig) {
     static const char message[] =
         "error: an input file changed (shrank) while the merge read it (bus error) "
-        "(hint: restore the inputs, then rerun with --resume: the finished tensors are kept)\n";
+        "(hint: the finished tensors are kept: restore the inputs with their times, as `cp -p` does, and rerun "
+        "with --resume, or rerun with --force)\n";
     ssize_t written = write(2, message, sizeof message - 1);
     (void)written;
     _exit(128 + sig);

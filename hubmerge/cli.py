@@ -9,6 +9,7 @@ with the same cleanup: Hub scratch files deleted, the partial output closed for 
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import json
 import logging
@@ -293,6 +294,7 @@ def plan_command(recipe: Path, as_json: bool, dtype: Any, verbose: bool, quiet: 
 def methods_command(as_json: bool) -> None:
     """List merge methods and their parameters."""
     from .methods import METHODS
+    from .params import SEED_DOC
     from .report import methods_table
 
     if as_json:
@@ -311,7 +313,12 @@ def methods_command(as_json: bool) -> None:
                         "doc": p.doc,
                     }
                     for p in s.params
-                },
+                }
+                | (  # the engine's, for the random methods (report.methods_table lists it too)
+                    {"seed": {"type": "int", "default": 0, "per_model": False, "doc": SEED_DOC}}
+                    if s.random
+                    else {}
+                ),
             }
             for name, s in METHODS.items()
         }
@@ -412,15 +419,31 @@ def main(argv: list[str] | None = None) -> int:
         stop = _stopped(exc)
         click.echo(stop.message, err=True)
         return stop.code
-    except Exception as exc:  # anything unexpected still gets one line, unless --verbose
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return _unexpected(exc, verbose)
         if verbose:
             traceback.print_exc()
+        where = f" writing {exc.filename}" if exc.filename else ""
         click.echo(
-            f"error: {type(exc).__name__}: {_one_line(str(exc))} (rerun with --verbose for the traceback)",
+            f"error: the disk is full{where} ({exc.strerror}) (hint: free some space, then rerun with "
+            "--resume to continue)",
             err=True,
         )
-        return 1
+        return 2
+    except Exception as exc:  # anything unexpected still gets one line, unless --verbose
+        return _unexpected(exc, verbose)
     return 0
+
+
+def _unexpected(exc: BaseException, verbose: bool) -> int:
+    if verbose:
+        traceback.print_exc()
+    click.echo(
+        f"error: {type(exc).__name__}: {_one_line(str(exc))} (rerun with --verbose for the traceback)",
+        err=True,
+    )
+    return 1
 
 
 def run() -> NoReturn:

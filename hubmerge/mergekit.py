@@ -110,9 +110,10 @@ def translate_mergekit(doc: dict[str, Any]) -> dict[str, Any]:
     if mk_method in TASK_VECTOR_METHODS and base is not None:
         models = [m for m in models if not _same(m["ref"], recipe["base"])]
     if mk_method == "slerp" and base is not None:
-        # mergekit's slerp goes from base_model (t=0) to the other model (t=1).
+        # mergekit's slerp goes from base_model (t=0) to the other model (t=1); as the first model it gives
+        # the output its config and tokenizer too, so no `base:` (slerp merges none).
         others = [m for m in models if not _same(m["ref"], recipe["base"])]
-        models = [{"ref": recipe["base"]}, *others]
+        models = [{"ref": recipe.pop("base")}, *others]
     recipe["models"] = models
     params = MERGEKIT_DEFAULTS.get(mk_method, {}) | _params(doc.get("parameters") or {}, "parameters")
     if params:

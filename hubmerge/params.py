@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .recipe import ParamValue, Recipe, Scalar
 
 ENGINE_PARAMS = ("seed",)  # handled by the engine for every method, never passed to a method
+SEED_DOC = "random seed (masks drawn per tensor name)"
 
 
 def check_parameters(recipe: Recipe) -> None:

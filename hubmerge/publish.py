@@ -107,6 +107,13 @@ class HubUploader:
                 fn, repo_id=self.target.repo_id, revision=self.target.branch, what=what, attempts=1
             )
         except HubError as exc:
+            if "xet-write-token" in exc.message:  # hf_xet installed, and a Hub without Xet (hub serve)
+                raise PublishError(
+                    f"push to {self.target.repo_id} failed: the Hub at HF_ENDPOINT takes no Xet uploads, "
+                    "which huggingface_hub uses when hf_xet is installed",
+                    repo_id=self.target.repo_id,
+                    hint=f"set HF_HUB_DISABLE_XET=1 to upload through LFS; {keep}",
+                ) from None
             raise PublishError(
                 f"push to {self.target.repo_id} failed: {exc.message}",
                 repo_id=self.target.repo_id,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from .methods import METHODS
+from .params import SEED_DOC
 from .plan import MergePlan
 
 
@@ -78,8 +79,6 @@ def methods_table() -> str:
             scope = "per model" if p.per_model else "global"
             lines.append(f"    {p.name:<10} {p.type.__name__:<6} {scope:<9} {default:<14} {p.doc}")
         if spec.random:
-            lines.append(
-                f"    {'seed':<10} {'int':<6} {'global':<9} {'default 0':<14} random seed (per tensor name)"
-            )
+            lines.append(f"    {'seed':<10} {'int':<6} {'global':<9} {'default 0':<14} {SEED_DOC}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

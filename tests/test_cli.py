@@ -272,7 +272,12 @@ def test_methods_lists_every_row(capsys: pytest.CaptureFixture[str]) -> None:
     for name, spec in METHODS.items():
         assert name in text and spec.paper in text
     assert main(["methods", "--json"]) == 0
-    assert set(json.loads(capsys.readouterr().out)) == set(METHODS)
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc) == set(METHODS)
+    for name, spec in METHODS.items():  # the engine's seed where the method draws masks, as the table says
+        assert ("seed" in doc[name]["parameters"]) == spec.random, name
+        block = next(b for b in text.split("\n\n") if b.startswith(f"{name} "))
+        assert ("\n    seed " in block) == spec.random, name
 
 
 def test_cli_flags_override_the_recipe(recipe: Path, tmp_path: Path) -> None:
@@ -463,3 +468,21 @@ def test_an_input_that_shrinks_under_the_merge_is_one_line_not_a_bare_bus_error(
     assert done.returncode == 128 + 7, done.stderr  # SIGBUS is 7 on Linux
     assert done.stderr.startswith("error: an input file changed (shrank) while the merge read it (bus error)")
     assert "--resume" in done.stderr and len(done.stderr.splitlines()) == 1
+
+
+def test_a_full_disk_anywhere_is_one_line_with_what_to_do(
+    recipe: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ENOSPC from any write (a card, an index, a library's temporary file) says the disk is full."""
+    import errno
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/data/out/README.md")
+
+    monkeypatch.setattr(api, "finish_output", full)
+    assert main([str(recipe), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "error: the disk is full writing /data/out/README.md (No space left on device) "
+        "(hint: free some space, then rerun with --resume to continue)"
+    ]

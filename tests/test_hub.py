@@ -865,6 +865,24 @@ def test_the_api_pushes_as_the_recipe_says_and_a_repository_id_keeps_its_other_s
     assert api.model_info(f"{repo_name}-id").private
 
 
+def test_a_push_through_xet_to_a_hub_without_it_says_how_to_upload(
+    tmp_path: Path, hub: HubServer, hub_token: str, repo_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """hf_xet installed makes huggingface_hub upload through Xet, which `hub serve` (like other Hub
+    servers) does not speak: one line that names the switch, not a lost connection."""
+    pytest.importorskip("hf_xet")
+    monkeypatch.delenv("HF_HUB_DISABLE_XET", raising=False)
+    models = [save_model(tmp_path / f"m{i}", random_tensors(i)) for i in range(2)]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: centroid\nmodels: [{models[0]}, {models[1]}]\n")
+    done = _cli(
+        str(recipe), "--out", str(tmp_path / "out"), "--push", repo_name, endpoint=hub.url, token=hub_token
+    )
+    assert done.returncode == 2, done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert "takes no Xet uploads" in line and "HF_HUB_DISABLE_XET=1" in line and "--resume" in line, line
+
+
 def test_a_push_to_a_bare_name_goes_to_the_users_namespace(
     tmp_path: Path, hub_token: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

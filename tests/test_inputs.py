@@ -229,6 +229,7 @@ def test_mergekit_config_is_translated(pair: list[str]) -> None:
         "parameters: {t: 0.25}\n"
     )
     assert [m.ref for m in slerp.models] == [pair[1], pair[0]]
+    assert slerp.base is None and not hubmerge.plan(slerp).notices  # the first model gives config, tokenizer
     spelt = hubmerge.load_recipe(
         f"merge_method: slerp\nbase_model: {pair[1]}/\nmodels: [{{model: {pair[0]}}}, {{model: {pair[1]}}}]\n"
         "parameters: {t: 0.25}\n"
