@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from . import __version__
 from .companions import check_module_weights, check_not_adapter
-from .errors import OutputError, RecipeError, raise_if_stopped
+from .errors import HubmergeError, OutputError, RecipeError, raise_if_stopped
 from .plan import DEFAULT_MEMORY_BUDGET, MergePlan, build_plan
 from .publish import UPLOADED, PushTarget, uploads_read_direct
 from .recipe import Dtype, Recipe, load_recipe
@@ -246,9 +247,9 @@ def merge(
     resume: bool = False,
     force: bool = False,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
-    progress: Callable[[int], None] | None = None,
-    on_plan: Callable[[MergePlan], None] | None = None,
-    push: PushTarget | str | None = None,
+    progress: Callable[[int], object] | None = None,
+    on_plan: Callable[[MergePlan], object] | None = None,
+    push: PushTarget | str | Literal[False] | None = None,
     transfer: Transfer = "ranges",
 ) -> MergeResult:
     """Merge the recipe's models into ``out`` (default: the recipe's ``output.dir``).
@@ -264,7 +265,7 @@ def merge(
         progress: called with input bytes consumed, for progress bars.
         on_plan: called with the plan before any weight is read.
         push: publish to this Hub repository, a :class:`PushTarget` or a repository id (default: the
-            recipe's ``push:``, if any).
+            recipe's ``push:``, if any; False: no push, whatever the recipe says).
         transfer: how Hub sources are read: ``ranges`` (default) or ``shards``.
 
     Returns:
@@ -280,7 +281,9 @@ def merge(
         )
     loaded = _with_dtype(load_recipe(recipe), dtype)
     check_device(device)
-    settings = loaded.push.model_dump() if loaded.push is not None else {}
+    settings = loaded.push.model_dump() if loaded.push is not None and push is not False else {}
+    if push is False:  # the recipe's push: left out
+        push = None
     if isinstance(push, str):  # a repository id, as --push takes it: the recipe's other push settings hold
         settings["repo"] = push
     if push is None or isinstance(push, str):
@@ -302,8 +305,8 @@ def _merge_locked(
     resume: bool,
     force: bool,
     memory_budget: int,
-    progress: Callable[[int], None] | None,
-    on_plan: Callable[[MergePlan], None] | None,
+    progress: Callable[[int], object] | None,
+    on_plan: Callable[[MergePlan], object] | None,
     push: PushTarget | None,
     transfer: Transfer,
 ) -> MergeResult:
@@ -350,15 +353,16 @@ def _merge_locked(
             execute(merge_plan, sources, sinks, done=frozenset(done), device=device, progress=progress)
             raise_if_stopped()
             overflow.report()
-            files = finish_output(
-                merge_plan,
-                sources,
-                writer.tmp,
-                out_name=target.name,
-                repo_id=uploader.target.repo_id if uploader is not None else None,  # namespace filled in
-                revision=push.branch if push is not None else None,
-                license_=license_,
-            )
+            with _writing(target):
+                files = finish_output(
+                    merge_plan,
+                    sources,
+                    writer.tmp,
+                    out_name=target.name,
+                    repo_id=uploader.target.repo_id if uploader is not None else None,  # namespace filled in
+                    revision=push.branch if push is not None else None,
+                    license_=license_,
+                )
             if uploader is not None:
                 raise_if_stopped()  # before the commit, which cannot be taken back
                 commit_url = uploader.commit(files)
@@ -370,7 +374,8 @@ def _merge_locked(
                 if uploader is not None:  # an upload under way stops even if the last write failed
                     uploader.close()
         raise_if_stopped()  # before the output takes its name
-        writer.commit(force=force)
+        with _writing(target):
+            writer.commit(force=force)
     elapsed = time.perf_counter() - start
     skipped = sum(
         i.nbytes
@@ -379,6 +384,24 @@ def _merge_locked(
         for i in (*j.inputs, *([j.base] if j.base else []))
     )
     return MergeResult(target, merge_plan, elapsed, tuple(files), len(done), commit_url, skipped)
+
+
+@contextlib.contextmanager
+def _writing(target: Path) -> Iterator[None]:
+    """An OSError while the output's own files are written or renamed, as an :class:`OutputError`."""
+    try:
+        yield
+    except HubmergeError:
+        raise
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise OutputError(
+            f"writing the output {target} failed: {exc.strerror or exc}{where}",
+            path=str(target),
+            hint=("free some space, then " if full else "fix the cause, then ")
+            + "rerun with --resume (resume=True): the merged shards are kept",
+        ) from None
 
 
 def finish_output(

@@ -457,6 +457,9 @@ def run() -> NoReturn:
     if not sys.stderr.isatty() or {"-q", "--quiet"} & set(sys.argv[1:]):
         _no_hub_bars()
     _catch_sigbus()
+    from .sources import buffers
+
+    buffers.OWN_PROCESS = True  # the process is the command's: a merge may tune malloc and the collector
     code = main()
     gc.freeze()
     sys.exit(code)

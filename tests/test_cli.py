@@ -479,10 +479,20 @@ def test_a_full_disk_anywhere_is_one_line_with_what_to_do(
     def full(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/data/out/README.md")
 
-    monkeypatch.setattr(api, "finish_output", full)
+    monkeypatch.setattr("hubmerge.card.render_card", full)  # the card, written after the shards
     assert main([str(recipe), "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
+    out = recipe.parent / "out"
     assert err == [
+        f"error: writing the output {out} failed: No space left on device (/data/out/README.md) "
+        "(hint: free some space, then rerun with --resume (resume=True): the merged shards are kept)"
+    ]
+    monkeypatch.undo()
+    assert main([str(recipe), "-q", "--resume"]) == 0 and (out / "README.md").exists()
+    # Anywhere else (a library's temporary file, say): one line that says the disk is full.
+    monkeypatch.setattr(api, "check_space", full)
+    assert main([str(recipe), "-q", "--out", str(recipe.parent / "other")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         "error: the disk is full writing /data/out/README.md (No space left on device) "
         "(hint: free some space, then rerun with --resume to continue)"
     ]

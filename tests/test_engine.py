@@ -732,3 +732,62 @@ def test_a_force_commit_cut_between_its_renames_is_finished_or_undone(tmp_path: 
     (tmp_path / ".out.hubmerge-partial" / ".hubmerge-progress").mkdir(parents=True)
     hubmerge.merge({"method": "centroid", "models": models}, out, force=True)
     assert (out / "model.safetensors").read_bytes() == earlier and not old_dir(out).exists()
+
+
+def test_a_merge_in_a_program_leaves_its_process_settings_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The command may tune malloc and the collector for its merge; a program's merge() must not: those
+    settings are process-wide (its other threads), and malloc's adaptive thresholds cannot be put back. Two
+    merges at once put torch's thread count back as the program had it."""
+    import gc
+    import threading
+
+    from hubmerge.sources import buffers
+
+    calls: list[str] = []
+
+    class Libc:
+        def mallopt(self, *args: int) -> None:
+            calls.append("mallopt")
+
+        def malloc_trim(self, *args: int) -> None:
+            calls.append("trim")
+
+    monkeypatch.setattr(buffers, "_LIBC", Libc())
+    models = [str(save_model(tmp_path / f"m{i}", random_tensors(i))) for i in range(2)]
+    seen: list[bool] = []
+    hubmerge.merge(
+        {"method": "centroid", "models": models},
+        tmp_path / "a",
+        progress=lambda n: seen.append(gc.isenabled()),
+    )
+    assert calls == [] and seen and all(seen)
+    monkeypatch.setattr(buffers, "OWN_PROCESS", True)  # as the command runs it
+    hubmerge.merge({"method": "centroid", "models": models}, tmp_path / "b")
+    assert "mallopt" in calls and calls[-1] == "trim"
+    # Two merges in threads, the second starting while the first runs: torch's count is the program's after.
+    before = torch.get_num_threads()
+    started, finish = threading.Event(), threading.Event()
+
+    def slow(n: int) -> None:
+        started.set()
+        finish.wait(5)
+
+    first = threading.Thread(
+        target=hubmerge.merge,
+        args=({"method": "centroid", "models": models}, tmp_path / "c"),
+        kwargs={"progress": slow},
+    )
+    first.start()
+    started.wait(5)
+    second = hubmerge.merge({"method": "linear", "models": models, "parameters": {"t": 0.3}}, tmp_path / "d")
+    finish.set()
+    first.join()
+    assert second.out.exists() and (tmp_path / "c" / "model.safetensors").exists()
+    assert torch.get_num_threads() == before
+    fresh: list[int] = []
+    thread = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert fresh == [before]

@@ -39,6 +39,11 @@ def _libc() -> Any:
 
 _LIBC = _libc()
 
+# Whether this process is hubmerge's own (the command sets it, cli.run): then a merge may tune process-wide
+# settings for its duration, glibc's malloc thresholds (retain_freed_memory) and the garbage collector
+# (run.execute). A program that calls merge() keeps its own: they would hold for its other threads too.
+OWN_PROCESS = False
+
 
 def buffer(size: int) -> Buffer:
     """``size`` bytes of uninitialised memory (zeroed, as a bytearray, where there is no C library to ask)."""
@@ -68,10 +73,12 @@ def retain_freed_memory(retain: bool) -> None:
     Every block allocates and frees a few MiB of temporaries, and every read a buffer of up to ``READ_BYTES``.
     With the default thresholds malloc hands that memory back to the kernel after each use and the next use
     faults it in again, page by page, zeroed: that churn alone cost as much system time as the whole merge.
-    Other C libraries are left alone.
+    Other C libraries are left alone. Only in a process of hubmerge's own (:data:`OWN_PROCESS`): the
+    thresholds hold for the whole process, and once set malloc no longer adapts them, so a program that
+    calls ``merge()`` keeps its allocator as it was.
     """
     mallopt, trim = (getattr(_LIBC, name, None) for name in ("mallopt", "malloc_trim"))
-    if mallopt is None or trim is None:
+    if mallopt is None or trim is None or not OWN_PROCESS:
         return
     if retain:
         mallopt(_M_MMAP_THRESHOLD, 256 << 20)
