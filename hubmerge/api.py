@@ -404,6 +404,9 @@ def _writing(target: Path) -> Iterator[None]:
         ) from None
 
 
+TOKENIZER_FILES = ("tokenizer", "vocab.", "spiece.model", "merges.txt", "sentencepiece")
+
+
 def finish_output(
     plan: MergePlan,
     sources: list[TensorSource],
@@ -441,6 +444,7 @@ def finish_output(
     origin = companion_source(sources, len(recipe.models), recipe.base is not None)
     files += copy_companions(origin, dest, model_dtype=plan.model_dtype)
     config = read_config(dest / "config.json") if (dest / "config.json").exists() else None
+    tokenizer = any(Path(name).name.startswith(TOKENIZER_FILES) for name in files)
     meta = front_matter(
         plan,
         license_=license_,
@@ -448,7 +452,8 @@ def finish_output(
         sentence_transformers=(dest / "modules.json").exists(),
     )
     (dest / "README.md").write_text(
-        render_card(plan, meta, out_name=out_name, repo_id=repo_id, revision=revision), encoding="utf-8"
+        render_card(plan, meta, out_name=out_name, repo_id=repo_id, revision=revision, tokenizer=tokenizer),
+        encoding="utf-8",
     )
     files.append("README.md")
     header = f"# made with hubmerge {__version__}; rerun with `hubmerge recipe.yaml --out DIR`\n"

@@ -6,6 +6,7 @@ The license is the sources' common license (read from their cards); when they di
 from __future__ import annotations
 
 import logging
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -131,6 +132,12 @@ def _card_yaml(meta: dict[str, Any]) -> str:
     return ModelCardData(**meta).to_yaml() + "\n"
 
 
+def _hub_url() -> str:
+    """Where the sources' pages are: the Hub huggingface_hub talks to (``HF_ENDPOINT``), huggingface.co unless
+    set."""
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
 def render_card(
     plan: MergePlan,
     meta: dict[str, Any],
@@ -138,8 +145,10 @@ def render_card(
     out_name: str,
     repo_id: str | None = None,
     revision: str | None = None,
+    tokenizer: bool = True,
 ) -> str:
-    """The whole README.md of the merge; ``revision``: the branch it is pushed to (the snippet loads it)."""
+    """The whole README.md of the merge; ``revision``: the branch it is pushed to (the snippet loads it);
+    ``tokenizer``: whether the output has a tokenizer (the snippet loads it too)."""
     recipe = plan.recipe
     spec = get_method(plan.method)
     params = resolve_params(recipe, spec, {})
@@ -148,7 +157,7 @@ def render_card(
     rows = [header.rstrip(), "|" + " --- |" * (3 + len(per_model))]
     for i, src in enumerate(plan.sources):
         ref = (
-            f"[{src.ref.repo_id}](https://huggingface.co/{src.ref.repo_id})"
+            f"[{src.ref.repo_id}]({_hub_url()}/{src.ref.repo_id})"
             if src.ref.repo_id
             else f"`{Path(str(src.ref)).name}` (local)"
         )
@@ -189,6 +198,8 @@ def render_card(
         f"from transformers import AutoTokenizer, {auto}\n\n"
         f"tokenizer = AutoTokenizer.from_pretrained({where})\n"
         f"model = {auto}.from_pretrained({where})"
+        if tokenizer  # no tokenizer came with the sources: loading one would fail, or find a stale one
+        else f"from transformers import {auto}\n\nmodel = {auto}.from_pretrained({where})"
     )
     if meta.get("library_name") == "sentence-transformers":
         usage = (

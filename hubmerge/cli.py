@@ -14,6 +14,7 @@ import gc
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -80,6 +81,8 @@ def _setup_logging(verbose: bool, quiet: bool, *, info: bool = True) -> None:
     )
     if info and not (verbose or quiet):
         logging.getLogger("hubmerge").setLevel(logging.INFO)
+    # huggingface_hub prints its warnings through a handler of its own: not a second time through ours.
+    logging.getLogger("huggingface_hub").propagate = False
 
 
 class _LogProgress:
@@ -271,6 +274,9 @@ def merge_command(
         )
     if result.commit_url:
         click.echo(f"pushed to {result.commit_url}")
+        pull = re.search(r"/discussions/(\d+)$", result.commit_url)
+        if pull:  # the card's snippets load the branch, which holds the merge once the pull request is merged
+            click.echo(f'until it is merged, load the merge with revision="refs/pr/{pull.group(1)}"')
 
 
 @cli.command("plan")

@@ -160,7 +160,7 @@ class HubError(SourceError):
 
 
 class RepoNotFoundError(HubError):
-    """The repository does not exist, or it is private and no valid token was sent."""
+    """The repository does not exist, or it is private and the token sent (if any) cannot read it."""
 
 
 class RevisionNotFoundError(HubError):

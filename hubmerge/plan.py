@@ -45,7 +45,10 @@ class SourceInfo:
 
     def identity(self) -> str:
         """What the source is: its reference, commit and, for local files, their stamp."""
-        return f"{self.ref}@{self.commit}" + (f"#{self.stamp}" if self.stamp else "")
+        # A Hub model by repository and commit, not by the revision written (`@main` and `@<its sha>` are one
+        # model: a resume may pin the commit a moved branch had).
+        name = self.ref.repo_id if self.ref.repo_id is not None else str(self.ref)
+        return f"{name}@{self.commit}" + (f"#{self.stamp}" if self.stamp else "")
 
 
 @dataclass(frozen=True, repr=False)

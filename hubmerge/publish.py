@@ -32,8 +32,8 @@ from . import directio
 from .directio import DirectReader
 from .errors import HubError, PublishError, RecipeError
 from .refs import is_repo_id
-from .sources.hub import hub_call
-from .writer import PROGRESS_DIR, batch_offset, tensor_bytes
+from .sources.hub import hub_call, unsigned
+from .writer import PROGRESS_DIR, batch_offset, tensor_bytes, write_json
 
 if TYPE_CHECKING:
     import torch
@@ -65,6 +65,12 @@ class PushTarget:
                 f"push target {self.repo_id!r} (--push or push.repo) is not a Hub repository id",
                 hint="write namespace/name, e.g. --push my-org/my-merge (no revision: use --branch)",
             )
+        if self.branch is not None and self.branch.startswith("refs/"):  # refs/pr/N, refs/heads/x, ...
+            raise RecipeError(
+                f"branch {self.branch!r} (--branch or push.branch) is a ref, not a branch name",
+                hint="give a branch name (created if missing); a pull request of its own: --create-pr "
+                "(adding to an existing one is not supported)",
+            )
 
 
 class HubUploader:
@@ -95,8 +101,9 @@ class HubUploader:
         self._reading: DirectReader | None = None  # the shard being uploaded, if read by a DirectReader
         self._closing = False
 
-    def _call(self, fn: Any, what: str, *, merged: bool = True) -> Any:
-        # huggingface_hub retries its own requests with backoff; one attempt here, errors mapped to ours.
+    def _call(self, fn: Any, what: str, *, merged: bool = True, attempts: int | None = None) -> Any:
+        # Retried with backoff like every Hub call (hub_call); an upload is retried inside huggingface_hub
+        # (attempts=1 here). A repeated commit after a lost answer is one the Hub says changes nothing.
         keep = (
             "the merged files are kept: rerun with --resume to finish the push"
             if merged
@@ -104,7 +111,7 @@ class HubUploader:
         )
         try:
             return hub_call(
-                fn, repo_id=self.target.repo_id, revision=self.target.branch, what=what, attempts=1
+                fn, repo_id=self.target.repo_id, revision=self.target.branch, what=what, attempts=attempts
             )
         except HubError as exc:
             if "xet-write-token" in exc.message:  # hf_xet installed, and a Hub without Xet (hub serve)
@@ -122,7 +129,8 @@ class HubUploader:
         except RuntimeError as exc:  # how huggingface_hub reports a failed LFS upload
             cause = exc.__cause__ or exc
             raise PublishError(
-                f"push to {self.target.repo_id} failed during {what}: {type(cause).__name__}: {cause}",
+                f"push to {self.target.repo_id} failed during {what}: {type(cause).__name__}: "
+                f"{unsigned(str(cause))}",
                 repo_id=self.target.repo_id,
                 hint=f"check the connection to the Hub; {keep}",
             ) from None
@@ -142,6 +150,17 @@ class HubUploader:
             "create repository",
             merged=False,
         )
+        for source in plan.sources:
+            if source.ref.repo_id == target.repo_id and (source.ref.revision or "main") == (
+                target.branch or "main"
+            ):
+                log.warning(
+                    "the push goes to %s's repository and branch (%s): the merge replaces the model it read "
+                    "there, and recipes that do not pin its commit (%s) will read the merge",
+                    source.label,
+                    target.repo_id,
+                    source.commit,
+                )
         hidden = list(dict.fromkeys(str(s.ref.repo_id) for s in plan.sources if s.private))
         if target.private or hidden:  # create_repo leaves an existing repository as it is
             info = self._call(lambda: self.api.model_info(target.repo_id), "repository info", merged=False)
@@ -235,6 +254,7 @@ class HubUploader:
                     free_memory=False,
                 ),
                 f"upload of {filename}",
+                attempts=1,  # its reader is used up; huggingface_hub retries the requests themselves
             )
         finally:
             if reader is not None:
@@ -256,7 +276,7 @@ class HubUploader:
                 "size": op.upload_info.size,
                 "sample": sample.hex(),
             }
-            (self.directory / PROGRESS_DIR / UPLOADED).write_text(json.dumps(recorded, sort_keys=True))
+            write_json(self.directory / PROGRESS_DIR / UPLOADED, recorded)  # whole or not at all
             path.unlink()
 
     def _recorded(self) -> dict[str, dict[str, Any]]:

@@ -557,9 +557,10 @@ def _what_changed(progress: Path, plan: MergePlan) -> str:
         if old.get("ref") != now["ref"]:
             return f"a different recipe: {label} is now {now['ref']}, it was {old.get('ref')}"
         if old.get("commit") != now["commit"]:
+            repo = str(now["ref"]).split("@")[0]
             return (
                 f"different inputs: {label} ({now['ref']}) now resolves to commit {now['commit']}, "
-                f"it was {old.get('commit')}"
+                f"it was {old.get('commit')} (to resume, pin that commit: {repo}@{old.get('commit')})"
             )
         if old.get("stamp") != now["stamp"]:
             return (

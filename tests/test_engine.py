@@ -791,3 +791,14 @@ def test_a_merge_in_a_program_leaves_its_process_settings_alone(
     thread.start()
     thread.join()
     assert fresh == [before]
+
+
+def test_the_cards_snippet_loads_a_tokenizer_only_where_the_output_has_one(tmp_path: Path) -> None:
+    models = [save_model(tmp_path / f"m{i}", random_tensors(i)) for i in range(2)]
+    recipe = {"method": "centroid", "models": [str(m) for m in models]}
+    bare = (hubmerge.merge(recipe, tmp_path / "bare").out / "README.md").read_text()
+    assert "AutoTokenizer" not in bare and 'model = AutoModel.from_pretrained("./bare")' in bare
+    (models[0] / "tokenizer.json").write_text("{}")
+    (models[0] / "tokenizer_config.json").write_text("{}")
+    with_tokenizer = (hubmerge.merge(recipe, tmp_path / "tok").out / "README.md").read_text()
+    assert 'tokenizer = AutoTokenizer.from_pretrained("./tok")' in with_tokenizer

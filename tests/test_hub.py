@@ -740,6 +740,42 @@ def test_push_to_a_branch_and_as_a_pull_request(
     assert "model.safetensors" in api.list_repo_files(repo_name, revision="refs/pr/1")
     assert "model.safetensors" not in api.list_repo_files(repo_name)
     assert f'from_pretrained("{repo_name}", revision="dev")' in card.text  # the snippet loads the branch
+    # The command says where a pull request's merge is until it is merged (the card loads the branch).
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(f"method: centroid\nmodels: [{local[0]}, {local[1]}]\n")
+    args = (str(recipe_file), "--out", str(tmp_path / "c"), "--push", repo_name, "--create-pr")
+    done = _cli(*args, endpoint=os.environ["HF_ENDPOINT"], token=hub_token)
+    assert done.returncode == 0, done.stderr
+    assert (
+        done.stdout.strip().splitlines()[-1] == 'until it is merged, load the merge with revision="refs/pr/2"'
+    )
+    with pytest.raises(RecipeError, match="is a ref, not a branch name"):  # adding to a pull request
+        PushTarget(repo_name, branch="refs/pr/1")
+
+
+def test_a_push_into_a_sources_own_repository_says_it_replaces_it(
+    tmp_path: Path,
+    hub_token: str,
+    sources: dict[str, object],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from hubmerge.plan import SourceInfo
+    from hubmerge.refs import ModelRef
+
+    ids, _, commits = _unpacked(sources)
+    monkeypatch.setenv("HF_TOKEN", hub_token)
+    with caplog.at_level("WARNING", logger="hubmerge"):
+        hubmerge.merge({"method": "centroid", "models": ids}, tmp_path / "out", push=ids[1])
+    said = [r.getMessage() for r in caplog.records if "replaces the model it read" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(
+        f"the push goes to models.1's repository and branch ({ids[1]})"
+    )
+    assert commits[1] in said[0]
+    # What a source is: its repository and commit, whatever revision named it (a resume may pin the commit).
+    by_branch = SourceInfo("models.0", ModelRef(repo_id=ids[0], revision="main"), commits[0])
+    by_commit = SourceInfo("models.0", ModelRef(repo_id=ids[0], revision=commits[0][:7]), commits[0])
+    assert by_branch.identity() == by_commit.identity()
 
 
 def test_models_open_together_and_the_first_failure_in_recipe_order_is_reported(
@@ -881,6 +917,57 @@ def test_a_push_through_xet_to_a_hub_without_it_says_how_to_upload(
     assert done.returncode == 2, done.stderr
     line = done.stderr.strip().splitlines()[-1]
     assert "takes no Xet uploads" in line and "HF_HUB_DISABLE_XET=1" in line and "--resume" in line, line
+
+
+def test_the_commit_of_a_push_is_retried_once_the_merge_is_done(
+    tmp_path: Path,
+    hub_token: str,
+    repo_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A merge of hours must not fail on one dropped answer to its commit (or whoami, create_repo, the card's
+    check): those calls are retried with backoff as reads are."""
+    monkeypatch.setenv("HF_TOKEN", hub_token)
+    monkeypatch.setenv("HUBMERGE_HUB_RETRIES", "3")
+    commit = HfApi.create_commit
+    failures = [OSError("connection reset by peer")]
+
+    def flaky(self: HfApi, *args: Any, **kwargs: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return commit(self, *args, **kwargs)
+
+    monkeypatch.setattr(HfApi, "create_commit", flaky)
+    models = [str(save_model(tmp_path / f"m{i}", random_tensors(i))) for i in range(2)]
+    with caplog.at_level("WARNING", logger="hubmerge"):
+        result = hubmerge.merge({"method": "centroid", "models": models}, tmp_path / "out", push=repo_name)
+    assert result.commit_url is not None and not failures
+    assert any("commit on" in r.getMessage() and "retrying" in r.getMessage() for r in caplog.records)
+    assert "model.safetensors" in HfApi(token=hub_token).list_repo_files(repo_name)
+
+
+def test_shard_downloads_into_a_full_temporary_folder_name_it(
+    tmp_path: Path, hub: HubServer, hub_token: str, sources: dict[str, object]
+) -> None:
+    """--hub-transfer shards downloads a shard per model into TMPDIR: no room there is said so, with the
+    way around it, not as a full output disk."""
+    ids, _, _ = _unpacked(sources)
+    small = tmp_path / "small-tmp"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)]).returncode != 0:
+        pytest.skip("no tmpfs can be mounted here")
+    try:
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(f"method: centroid\nmodels: [{ids[0]}, {ids[1]}]\n")
+        args = (str(recipe), "--out", str(tmp_path / "out"), "--hub-transfer", "shards")
+        done = _cli(*args, endpoint=hub.url, token=hub_token, TMPDIR=str(small))
+        assert done.returncode == 2, done.stderr
+        line = done.stderr.strip().splitlines()[-1]
+        assert "no room for model.safetensors" in line and f"temporary folder {small}" in line, line
+        assert "TMPDIR" in line and "--hub-transfer ranges" in line
+    finally:
+        subprocess.run(["umount", str(small)])
 
 
 def test_a_push_to_a_bare_name_goes_to_the_users_namespace(

@@ -8,6 +8,7 @@ shard per model at a time into a temporary directory and evicts it when the mode
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import os
@@ -29,6 +30,7 @@ from ..errors import (
     HeaderError,
     HubConnectionError,
     HubError,
+    HubmergeError,
     RepoNotFoundError,
     RevisionNotFoundError,
     SourceError,
@@ -168,11 +170,13 @@ def hub_call(
                 f"{where} is gated: access must be granted before it can be read",
                 repo_id=repo_id,
                 revision=revision,
-                hint="request access on its page, then log in with `hf auth login` or set HF_TOKEN",
+                hint="request access on its page; once granted, use a token of that account (HF_TOKEN or "
+                "`hf auth login`)",
             ) from None
         except hf.RepositoryNotFoundError:
             raise RepoNotFoundError(
-                f"repository {repo_id} not found, or it is private and no valid token was sent",
+                f"repository {repo_id} not found, or it is private and the token sent (if any) cannot "
+                "read it",
                 repo_id=repo_id,
                 revision=revision,
                 hint="check the id; for a private repository set HF_TOKEN or run `hf auth login`",
@@ -217,16 +221,25 @@ def hub_call(
                     repo_id=repo_id,
                     revision=revision,
                 ) from None
+            said = _said(exc)
+            tries = f"{attempts} attempt{'s' * (attempts != 1)}"
             if attempt + 1 == attempts:
+                if status is not None:  # it answered: the Hub (or a proxy) is failing, not the network
+                    raise HubConnectionError(
+                        f"the Hub answered {status} to {what} on {where} ({said}); gave up after {tries}",
+                        repo_id=repo_id,
+                        revision=revision,
+                        hint="the Hub is failing for now: try again later with --resume to continue",
+                    ) from None
                 raise HubConnectionError(
-                    f"lost the connection to the Hub while reading {what} from {where} "
-                    f"({type(exc).__name__}: {exc}); gave up after {attempts} attempts",
+                    f"lost the connection to the Hub during {what} on {where} ({said}); "
+                    f"gave up after {tries}",
                     repo_id=repo_id,
                     revision=revision,
                     hint="check the network, then rerun with --resume to continue where it stopped",
                 ) from None
             delay = min(0.5 * 2**attempt, 8.0)
-            log.warning("%s from %s failed (%s); retrying in %.1f s", what, where, exc, delay)
+            log.warning("%s on %s failed (%s); retrying in %.1f s", what, where, said, delay)
             if cancelled is not None:
                 cancelled.wait(delay)
             else:
@@ -247,6 +260,18 @@ def _not_local_either(exc: RepoNotFoundError | HubConnectionError, ref: ModelRef
         message += f"; there is no local folder {ref.local} either"
         hint = f"for a local model, check the path (relative paths start at the recipe's folder); {hint}"
     return type(exc)(message, repo_id=exc.repo_id, revision=exc.revision, hint=hint)
+
+
+def unsigned(text: str) -> str:
+    """``text`` with the query of every URL in it cut: a signed URL's signature is a credential."""
+    return re.sub(r"(https?://[^\s?'\"]+)\?[^\s'\"]*", r"\1?...", text)
+
+
+def _said(exc: BaseException) -> str:
+    """An exception on one line, without signed URLs or huggingface_hub's pointer to the HTTP docs."""
+    text = " ".join(str(exc).split())
+    text = re.sub(r";? ?For more information check: \S+", "", text)
+    return f"{type(exc).__name__}: {unsigned(text)}"
 
 
 def _refused(
@@ -751,6 +776,16 @@ class HubSource:
                     end = min(size, start + SHARD_PIECE)
                     into = piece if end - start == len(piece) else bytearray(end - start)  # the last piece
                     out.write(writable(self._range(shard, start, end, into)), start)
+        except OSError as exc:
+            if isinstance(exc, HubmergeError) or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise SourceError(
+                f"{self.label}: no room for {shard} ({size} bytes) in the temporary folder "
+                f"{path.parent.parent} ({exc.strerror})",
+                location=str(path),
+                hint="point TMPDIR at a disk with room for one shard per model, or read by ranges "
+                "(--hub-transfer ranges, the default), which downloads no shard",
+            ) from None
         finally:
             os.close(fd)
         self._shard = (shard, DirectReader(path))
