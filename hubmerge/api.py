@@ -374,8 +374,7 @@ def _merge_locked(
                 if uploader is not None:  # an upload under way stops even if the last write failed
                     uploader.close()
         raise_if_stopped()  # before the output takes its name
-        with _writing(target):
-            writer.commit(force=force)
+        writer.commit(force=force)
     elapsed = time.perf_counter() - start
     skipped = sum(
         i.nbytes
@@ -404,7 +403,7 @@ def _writing(target: Path) -> Iterator[None]:
         ) from None
 
 
-TOKENIZER_FILES = ("tokenizer", "vocab.", "spiece.model", "merges.txt", "sentencepiece")
+TOKENIZER_FILES = ("tokenizer", "vocab.", "spiece.model", "spm.model", "merges.txt", "sentencepiece")
 
 
 def finish_output(
@@ -444,7 +443,10 @@ def finish_output(
     origin = companion_source(sources, len(recipe.models), recipe.base is not None)
     files += copy_companions(origin, dest, model_dtype=plan.model_dtype)
     config = read_config(dest / "config.json") if (dest / "config.json").exists() else None
-    tokenizer = any(Path(name).name.startswith(TOKENIZER_FILES) for name in files)
+    tokenizer = any(
+        Path(name).name.startswith(TOKENIZER_FILES) or name.endswith((".tiktoken", ".model"))
+        for name in files
+    )
     meta = front_matter(
         plan,
         license_=license_,

@@ -6,7 +6,6 @@ The license is the sources' common license (read from their cards); when they di
 from __future__ import annotations
 
 import logging
-import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -133,9 +132,15 @@ def _card_yaml(meta: dict[str, Any]) -> str:
 
 
 def _hub_url() -> str:
-    """Where the sources' pages are: the Hub huggingface_hub talks to (``HF_ENDPOINT``), huggingface.co unless
-    set."""
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    """Where the sources' pages are: the Hub huggingface_hub talks to (``HF_ENDPOINT``, which a push goes to
+    as well), without any credentials in the URL."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from huggingface_hub import constants
+
+    parts = urlsplit(str(constants.ENDPOINT).rstrip("/"))
+    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=host))
 
 
 def render_card(

@@ -197,8 +197,11 @@ def merge_command(
     from .publish import PushTarget
     from .recipe import load_recipe
     from .report import human_bytes, plan_summary
+    from .sources import buffers
 
     _setup_logging(verbose, quiet)
+    if buffers.OWN_PROCESS:  # the command's own process (cli.run): a bus error is the merge's to report
+        _catch_sigbus()
     loaded = load_recipe(recipe)
     wanted: dict[str, Any] = loaded.push.model_dump() if loaded.push is not None else {}
     overrides = {
@@ -462,7 +465,6 @@ def run() -> NoReturn:
     """
     if not sys.stderr.isatty() or {"-q", "--quiet"} & set(sys.argv[1:]):
         _no_hub_bars()
-    _catch_sigbus()
     from .sources import buffers
 
     buffers.OWN_PROCESS = True  # the process is the command's: a merge may tune malloc and the collector

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
@@ -80,19 +81,25 @@ def check_module_weights(source: TensorSource) -> None:
             )
 
 
+# A LoRA factor's name: PEFT's (lora_A/lora_B), diffusers' (lora.down/lora.up, lora_down/lora_up).
+_LORA = re.compile(r"(?:^|[._])lora(?:_[AB]|_embedding_[AB]|_magnitude_vector|[._](?:down|up))(?:[._]|$)")
+
+
 def check_not_adapter(source: TensorSource) -> None:
     """Refuse a PEFT adapter (LoRA, IA3, LoHa, ...): hubmerge merges whole checkpoints.
 
     Averaging LoRA's A and B factors one by one is not the average of the updates B @ A, and the output
     would load neither as a model nor as an adapter. An adapter is known by the file its weights are read
-    from, PEFT's ``adapter_model.safetensors`` (a model that stores LoRA tensors of its own, as some
-    multimodal ones do, is a model).
+    from, PEFT's ``adapter_model.safetensors``, or by holding LoRA factors only (a model that stores LoRA
+    tensors of its own beside its weights, as some multimodal ones do, is a model).
 
     Raises:
         PlanError: naming the model and the adapter's file, before any weight is read.
     """
     read = {PurePosixPath(info.file).name for info in source.tensors.values()}
     found = next((name for name in sorted(read) if name.startswith("adapter_model")), None)
+    if found is None and source.tensors and all(_LORA.search(name) for name in source.tensors):
+        found = next(iter(sorted(read)))  # LoRA factors only, by another name (diffusers' LoRA files)
     if found is None:  # the weights read are a model's (a folder may hold an adapter's files beside them)
         return
     raise PlanError(

@@ -102,8 +102,8 @@ class HubUploader:
         self._closing = False
 
     def _call(self, fn: Any, what: str, *, merged: bool = True, attempts: int | None = None) -> Any:
-        # Retried with backoff like every Hub call (hub_call); an upload is retried inside huggingface_hub
-        # (attempts=1 here). A repeated commit after a lost answer is one the Hub says changes nothing.
+        # Retried with backoff like every Hub call (hub_call), but for an upload (retried inside
+        # huggingface_hub) and the commit (attempts=1 there).
         keep = (
             "the merged files are kept: rerun with --resume to finish the push"
             if merged
@@ -325,6 +325,9 @@ class HubUploader:
                 create_pr=target.create_pr,
             ),
             "commit",
+            # Not repeated: after a lost answer the commit may have landed, and a second one would open
+            # another pull request or fail deleting files already gone. --resume finishes it instead.
+            attempts=1,
         )
         url = info.pr_url if target.create_pr and info.pr_url else info.commit_url
         return str(url)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import gc
 import logging
 import math
-import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -80,7 +79,7 @@ def execute(
     """
     spec = get_method(plan.method)
     compute = _torch_dtype("F64" if plan.compute_dtype == "float64" else "F32")
-    workers = max(1, _torch_threads()) if device == "cpu" else 1
+    workers = max(1, torch.get_num_threads()) if device == "cpu" else 1
     left = [sum(plan.jobs[j].name not in done for j in shard.jobs) for shard in plan.shards]
     pending: deque[Future[None]] = deque()
     with (
@@ -93,7 +92,7 @@ def execute(
         arithmetic = f"fused CPU kernels ({kernels.variant()})" if fused else f"torch on {device}"
         log.debug("arithmetic: %s", arithmetic)
         ctx = _Context(spec, sources, compute, device, pool if workers > 1 else None, workers, fused)
-        threads = _enter_torch_threads()
+        threads = torch.get_num_threads()  # this thread's (OpenMP keeps one per thread): put back after
         retain_freed_memory(True)  # only where the process is ours (buffers.OWN_PROCESS), as the collector
         collecting = buffers.OWN_PROCESS and gc.isenabled()
         if collecting:
@@ -130,7 +129,7 @@ def execute(
             while pending:
                 pending.popleft().result()
         finally:
-            _leave_torch_threads(threads)
+            torch.set_num_threads(threads)
             retain_freed_memory(False)
             if collecting:
                 gc.enable()
@@ -162,36 +161,6 @@ def start_reads(
         asked += largest if rows is None else largest * (rows[1] - rows[0]) // max(job.shape[0], 1)
         if asked >= EARLY_READ_BYTES:
             break
-
-
-# torch's thread count is process-wide too: the first merge under way saves it, the last one puts it back
-# (merges in two threads at once would otherwise restore each other's 1).
-_threads_lock = threading.Lock()
-_threads_users = 0
-_threads_saved = 0
-
-
-def _torch_threads() -> int:
-    """torch's thread count as the program set it (not the 1 a merge under way in another thread set)."""
-    with _threads_lock:
-        return _threads_saved if _threads_users else torch.get_num_threads()
-
-
-def _enter_torch_threads() -> int:
-    global _threads_users, _threads_saved
-    with _threads_lock:
-        if _threads_users == 0:
-            _threads_saved = torch.get_num_threads()
-        _threads_users += 1
-        return _threads_saved
-
-
-def _leave_torch_threads(threads: int) -> None:
-    global _threads_users
-    with _threads_lock:
-        _threads_users -= 1
-        # Every merge's thread sets its count back (OpenMP keeps one per thread), to the program's value.
-        torch.set_num_threads(threads)
 
 
 def _one_torch_thread() -> None:

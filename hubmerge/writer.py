@@ -108,7 +108,7 @@ def recover_commit(out: Path) -> None:
     dropped) takes the name, else the earlier output gets it back. Cut while deleting, the rest is deleted.
     """
     old, tmp = old_dir(out), partial_dir(out)
-    if not old.exists():
+    if not (old / MANIFEST).is_file():  # not an earlier merge moved aside: a folder of the user's, left alone
         return
     if out.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -194,8 +194,10 @@ def _take_lock(path: Path, out: Path) -> int | None:
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except PermissionError:  # left by another user's run that was killed: a read-only open locks too
-            fd = os.open(path, os.O_RDONLY)
+        except PermissionError:
+            if not path.exists():  # the folder cannot be written: that is the error
+                raise
+            fd = os.open(path, os.O_RDONLY)  # left by another user's run that was killed: read-only locks too
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -532,7 +534,9 @@ class ShardWriter:
                 shutil.rmtree(old)
             os.rename(self.out, old)
             os.rename(self.tmp, self.out)
-            shutil.rmtree(old)
+            shutil.rmtree(old, ignore_errors=True)  # the merge is in place; a leftover goes on the next run
+            if old.exists():
+                log.warning("%s: could not delete the earlier merge, moved to %s", self.out, old)
         else:
             os.rename(self.tmp, self.out)
         return self.out

@@ -732,6 +732,12 @@ def test_a_force_commit_cut_between_its_renames_is_finished_or_undone(tmp_path: 
     (tmp_path / ".out.hubmerge-partial" / ".hubmerge-progress").mkdir(parents=True)
     hubmerge.merge({"method": "centroid", "models": models}, out, force=True)
     assert (out / "model.safetensors").read_bytes() == earlier and not old_dir(out).exists()
+    # A folder of the user's by that name (no hubmerge.json: no merge moved aside) is left alone.
+    old_dir(out).mkdir()
+    (old_dir(out) / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="already exists"):
+        hubmerge.merge({"method": "centroid", "models": models}, out)
+    assert (old_dir(out) / "notes.txt").read_text() == "mine"
 
 
 def test_a_merge_in_a_program_leaves_its_process_settings_alone(

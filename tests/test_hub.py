@@ -919,32 +919,44 @@ def test_a_push_through_xet_to_a_hub_without_it_says_how_to_upload(
     assert "takes no Xet uploads" in line and "HF_HUB_DISABLE_XET=1" in line and "--resume" in line, line
 
 
-def test_the_commit_of_a_push_is_retried_once_the_merge_is_done(
+def test_a_pushs_calls_are_retried_but_its_commit_is_not_repeated(
     tmp_path: Path,
     hub_token: str,
     repo_name: str,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A merge of hours must not fail on one dropped answer to its commit (or whoami, create_repo, the card's
-    check): those calls are retried with backoff as reads are."""
+    """A push's calls (whoami, create_repo, the card's check) are retried with backoff as reads are; its
+    commit is not: after a lost answer it may have landed, and a second one would open another pull request
+    (--resume finishes a push whose commit failed)."""
     monkeypatch.setenv("HF_TOKEN", hub_token)
     monkeypatch.setenv("HUBMERGE_HUB_RETRIES", "3")
-    commit = HfApi.create_commit
+    whoami, commit = HfApi.whoami, HfApi.create_commit
     failures = [OSError("connection reset by peer")]
+    commits: list[str] = []
 
     def flaky(self: HfApi, *args: Any, **kwargs: Any) -> Any:
         if failures:
             raise failures.pop()
-        return commit(self, *args, **kwargs)
+        return whoami(self, *args, **kwargs)
 
-    monkeypatch.setattr(HfApi, "create_commit", flaky)
+    def lost(self: HfApi, *args: Any, **kwargs: Any) -> Any:
+        commits.append("tried")
+        commit(self, *args, **kwargs)
+        raise OSError("connection reset by peer")  # the commit landed, its answer did not
+
+    monkeypatch.setattr(HfApi, "whoami", flaky)
+    monkeypatch.setattr(HfApi, "create_commit", lost)
     models = [str(save_model(tmp_path / f"m{i}", random_tensors(i))) for i in range(2)]
-    with caplog.at_level("WARNING", logger="hubmerge"):
-        result = hubmerge.merge({"method": "centroid", "models": models}, tmp_path / "out", push=repo_name)
-    assert result.commit_url is not None and not failures
-    assert any("commit on" in r.getMessage() and "retrying" in r.getMessage() for r in caplog.records)
-    assert "model.safetensors" in HfApi(token=hub_token).list_repo_files(repo_name)
+    recipe = {"method": "centroid", "models": models}
+    with caplog.at_level("WARNING", logger="hubmerge"), pytest.raises(PublishError, match="commit"):
+        hubmerge.merge(recipe, tmp_path / "out", push=PushTarget(repo_name, create_pr=True))
+    assert not failures and any(
+        "whoami on" in r.getMessage() and "retrying" in r.getMessage() for r in caplog.records
+    )
+    api = HfApi(token=hub_token)
+    pulls = api.list_repo_refs(repo_name, include_pull_requests=True).pull_requests
+    assert commits == ["tried"] and len(pulls) == 1  # one pull request, not two
 
 
 def test_shard_downloads_into_a_full_temporary_folder_name_it(

@@ -551,9 +551,12 @@ def test_a_folder_or_fifo_where_a_file_should_be_is_one_clear_error(tmp_path: Pa
 
 
 def test_a_model_with_lora_named_tensors_of_its_own_is_a_model(tmp_path: Path) -> None:
-    """Some models store LoRA weights in their own checkpoint: only PEFT's adapter file marks an adapter."""
-    tensors = {"layer.lora_A.weight": torch.ones(2, 4), "layer.lora_B.weight": torch.ones(4, 2)}
-    models = [str(save_model(tmp_path / f"m{i}", tensors)) for i in range(2)]
+    """Some models store LoRA weights beside their own: an adapter is PEFT's adapter file, or LoRA factors
+    only (diffusers' LoRA files)."""
+    lora = {"layer.lora_A.weight": torch.ones(2, 4), "layer.lora_B.weight": torch.ones(4, 2)}
+    models = [
+        str(save_model(tmp_path / f"m{i}", lora | {"layer.weight": torch.ones(4, 4)})) for i in range(2)
+    ]
     assert hubmerge.plan({"method": "centroid", "models": models}).jobs
     adapter = tmp_path / "adapter"
     adapter.mkdir()
@@ -562,3 +565,8 @@ def test_a_model_with_lora_named_tensors_of_its_own_is_a_model(tmp_path: Path) -
         PlanError, match=r"models.0 \(.*adapter\) is a PEFT adapter \(adapter_model.safetensors\)"
     ):
         hubmerge.plan({"method": "centroid", "models": [str(adapter), models[1]]})
+    diffusers = {"unet.x.lora.down.weight": torch.ones(2, 4), "unet.x.lora.up.weight": torch.ones(4, 2)}
+    for only in (lora, diffusers):
+        folder = save_model(tmp_path / f"only{len(str(only))}", only)
+        with pytest.raises(PlanError, match=r"is a PEFT adapter \(model.safetensors\)"):
+            hubmerge.plan({"method": "centroid", "models": [str(folder), str(folder)]})

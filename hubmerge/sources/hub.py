@@ -264,7 +264,7 @@ def _not_local_either(exc: RepoNotFoundError | HubConnectionError, ref: ModelRef
 
 def unsigned(text: str) -> str:
     """``text`` with the query of every URL in it cut: a signed URL's signature is a credential."""
-    return re.sub(r"(https?://[^\s?'\"]+)\?[^\s'\"]*", r"\1?...", text)
+    return re.sub(r"((?:https?://|url: )[^\s?'\"]+)\?[^\s'\"),;]*", r"\1?...", text)
 
 
 def _said(exc: BaseException) -> str:
