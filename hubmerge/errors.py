@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import signal
 import threading
+import types
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -50,11 +52,23 @@ def _stop(signum: int) -> KeyboardInterrupt:
     return KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
 
 
-def _on_stop(signum: int, frame: object) -> None:
+def _on_stop(signum: int, frame: types.FrameType | None) -> None:
     _stops.append(signum)
     signal.signal(signum, signal.SIG_DFL)  # the same signal again ends the process at once
-    if len(_stops) == 1:  # another kind while the first one's cleanup runs lets that cleanup run
-        raise _stop(signum)
+    if len(_stops) == 1 and not _in_finalizer(frame):  # another kind while the first one's cleanup runs
+        raise _stop(
+            signum
+        )  # lets that cleanup run; in a finalizer it would be lost, with a traceback printed
+
+
+def _in_finalizer(frame: types.FrameType | None) -> bool:
+    """Whether the signal landed in a weakref finalizer (a buffer freed): Python would print its exception as
+    ignored and drop it. The stop is raised again where the loop next calls :func:`raise_if_stopped`."""
+    while frame is not None:
+        if frame.f_code.co_filename == weakref.__file__:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def raise_if_stopped() -> None:
