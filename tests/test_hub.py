@@ -428,11 +428,15 @@ def test_interrupted_push_resumes_without_reuploading(tmp_path: Path, hub_token:
     assert 2 <= uploaded_before < n_shards
     partial = tmp_path / ".out.hubmerge-partial"
     assert not (partial / f"model-00001-of-{n_shards:05d}.safetensors").exists()  # uploaded, deleted
+    recorded = json.loads((partial / ".hubmerge-progress" / "uploaded.json").read_text())
     with HubServer(storage, tokens={hub_token: "alice"}) as second:
         args = (str(recipe), "--out", str(out), "--push", "alice/resumed", "--resume", "--delete-local")
         done = _cli(*args, endpoint=second.url, token=hub_token)
         assert done.returncode == 0, done.stderr
-        assert second.stats.requests["lfs_upload"] == n_shards - uploaded_before
+        # Every shard the first run recorded is committed from its record, not uploaded again; one whose
+        # upload the kill cut after its bytes were stored (not yet granted to the repository) may be.
+        uploads = second.stats.requests["lfs_upload"]
+        assert n_shards - uploaded_before <= uploads <= n_shards - len(recorded), (uploads, recorded)
         api = HfApi(endpoint=second.url, token=hub_token)
         shards = sorted(f for f in api.list_repo_files("alice/resumed") if f.startswith("model-"))
         assert len(shards) == n_shards
