@@ -387,7 +387,8 @@ def _merge_locked(
 
 @contextlib.contextmanager
 def _writing(target: Path) -> Iterator[None]:
-    """An OSError while the output's own files are written or renamed, as an :class:`OutputError`."""
+    """An OSError while the output's own files (index, companions, card, manifest) are written, as an
+    :class:`OutputError` whose hint says the merged shards are kept for a resume."""
     try:
         yield
     except HubmergeError:
