@@ -31,6 +31,12 @@ __all__ = ["DEFAULT_MEMORY_BUDGET", "WRITE_QUEUE", "Job", "MergePlan", "Shard", 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes of compute buffers per tensor before merging it in row chunks
 
 
+def model_key(ref: ModelRef, commit: str | None) -> str:
+    """The model a reference reads: its path, or its repository at the commit, not by the revision written
+    (``org/x``, ``org/x@main`` and ``org/x@<its sha>`` are one model: a resume may pin a moved branch's)."""
+    return f"{ref.path}@{commit}" if ref.path is not None else f"{ref.repo_id}@{commit}"
+
+
 @dataclass(frozen=True)
 class SourceInfo:
     """A model as the plan records it: role label, reference, pinned commit (Hub sources), and whether a Hub
@@ -44,11 +50,8 @@ class SourceInfo:
     private: bool = False  # a private Hub repository (its id, not its files, shows in a public push's card)
 
     def identity(self) -> str:
-        """What the source is: its reference, commit and, for local files, their stamp."""
-        # A Hub model by repository and commit, not by the revision written (`@main` and `@<its sha>` are one
-        # model: a resume may pin the commit a moved branch had).
-        name = self.ref.repo_id if self.ref.repo_id is not None else str(self.ref)
-        return f"{name}@{self.commit}" + (f"#{self.stamp}" if self.stamp else "")
+        """What the source is (:func:`model_key`) and, for local files, their stamp."""
+        return model_key(self.ref, self.commit) + (f"#{self.stamp}" if self.stamp else "")
 
 
 @dataclass(frozen=True, repr=False)
@@ -307,13 +310,13 @@ def _source_notices(recipe: Recipe, spec: MethodSpec, sources: Sequence[TensorSo
     seen: dict[str, str] = {}
     for i, source in enumerate(sources[:n]):
         label = f"models.{i}"  # a model listed twice is opened once: its source has the first one's label
-        identity = _model_identity(source)
+        identity = model_key(source.ref, source.commit)
         if identity in seen:
             notices.append(f"{label} is {seen[identity]} again ({source.ref}): it counts twice in the merge")
         seen.setdefault(identity, label)
     if recipe.base is not None:
         base = sources[n]
-        again = seen.get(_model_identity(base))
+        again = seen.get(model_key(base.ref, base.commit))
         if not spec.needs_base:
             notices.append(
                 f"method '{spec.name}' merges no base: the base ({base.ref}) gives the output its config and "
@@ -322,12 +325,6 @@ def _source_notices(recipe: Recipe, spec: MethodSpec, sources: Sequence[TensorSo
         elif again is not None:
             notices.append(f"{again} is the base ({base.ref}): its task vector is zero")
     return notices
-
-
-def _model_identity(source: TensorSource) -> str:
-    """The model a source reads: its folder, or its repository at the commit (``org/x`` and ``org/x@main``
-    name the same one)."""
-    return str(source.ref.path) if source.ref.path is not None else f"{source.ref.repo_id}@{source.commit}"
 
 
 def _all_names(models: Sequence[TensorSource]) -> list[str]:
