@@ -100,6 +100,8 @@ class HubUploader:
         self._lock = threading.Lock()
         self._reading: DirectReader | None = None  # the shard being uploaded, if read by a DirectReader
         self._closing = False
+        self._failed: str | None = None  # the first upload that failed: later ones are not tried
+        self._committing = False  # commit() waits for the uploads: the merge is done
 
     def _call(self, fn: Any, what: str, *, merged: bool = True, attempts: int | None = None) -> Any:
         # Retried with backoff like every Hub call (hub_call), but for an upload (retried inside
@@ -121,6 +123,8 @@ class HubUploader:
                     repo_id=self.target.repo_id,
                     hint=f"set HF_HUB_DISABLE_XET=1 to upload through LFS; {keep}",
                 ) from None
+            if exc.hint and "--resume" in exc.hint and merged:  # one "rerun with --resume" is enough
+                keep = "the merged files are kept"
             raise PublishError(
                 f"push to {self.target.repo_id} failed: {exc.message}",
                 repo_id=self.target.repo_id,
@@ -229,6 +233,11 @@ class HubUploader:
         if filename in recorded and not path.exists():
             self._ops[filename] = _already_uploaded(filename, recorded[filename])
             return
+        if (
+            self._failed is not None
+        ):  # the push has failed (commit() raises that error): --resume uploads this
+            log.info("not uploading %s: the upload of %s failed", filename, self._failed)
+            return
         if sha256 is not None:
             op = _hashed(filename, path, sha256)
         else:  # resumed: an earlier run wrote part of the shard, so huggingface_hub reads it whole to hash it
@@ -245,7 +254,8 @@ class HubUploader:
                 if self._closing:
                     reader.abort()
         try:
-            self._call(
+            self._upload_call(
+                filename,
                 lambda: self.api.preupload_lfs_files(
                     self.target.repo_id,
                     additions=[op],
@@ -253,8 +263,6 @@ class HubUploader:
                     create_pr=self.target.create_pr,
                     free_memory=False,
                 ),
-                f"upload of {filename}",
-                attempts=1,  # its reader is used up; huggingface_hub retries the requests themselves
             )
         finally:
             if reader is not None:
@@ -279,6 +287,21 @@ class HubUploader:
             write_json(self.directory / PROGRESS_DIR / UPLOADED, recorded)  # whole or not at all
             path.unlink()
 
+    def _upload_call(self, filename: str, fn: Any) -> None:
+        """One shard's upload. If it fails, the merge goes on (its files are kept for ``--resume``), but
+        the shards after it are not tried: each would wait out huggingface_hub's retries in turn."""
+        try:
+            # attempts=1: the shard's reader is used up; huggingface_hub retries the requests themselves
+            self._call(fn, f"upload of {filename}", attempts=1)
+        except PublishError as exc:
+            self._failed = filename
+            if not (self._closing or self._committing):  # the merge is still going: say so now
+                log.warning(
+                    "%s; the merge goes on without uploading, and `--resume` finishes the push",
+                    exc.message,
+                )
+            raise
+
     def _recorded(self) -> dict[str, dict[str, Any]]:
         path = self.directory / PROGRESS_DIR / UPLOADED
         return json.loads(path.read_text()) if path.exists() else {}
@@ -295,6 +318,7 @@ class HubUploader:
         from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
         assert self._plan is not None
+        self._committing = True
         for future in self._uploads:
             future.result()
         self._pool.shutdown()

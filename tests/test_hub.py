@@ -424,6 +424,10 @@ def test_interrupted_push_resumes_without_reuploading(tmp_path: Path, hub_token:
     assert failed.returncode == 2, failed.stderr
     assert "--resume" in failed.stderr and "Traceback" not in failed.stderr
     assert hub_token not in failed.stderr + failed.stdout
+    # huggingface_hub logs each retried request with its URL (a signed one's signature cut out, below)
+    assert "thrown while requesting" in failed.stderr and "signature=" not in failed.stderr
+    # After the failed upload the next shards are not tried (each would wait out the retries again)
+    assert failed.stderr.count("[Retry 5/5]") == 1, failed.stderr
     uploaded_before = len([p for p in blobs.rglob("*") if p.is_file()])
     assert 2 <= uploaded_before < n_shards
     partial = tmp_path / ".out.hubmerge-partial"
@@ -1090,3 +1094,33 @@ def test_a_push_the_token_cannot_make_is_refused_before_merging(
     _check_namespace("alice/x", member)
     with pytest.raises(PublishError, match="is read-only"):
         _check_namespace("alice/x", member | {"auth": {"accessToken": {"role": "read"}}})
+
+
+def test_huggingface_hub_log_lines_lose_url_signatures() -> None:
+    """huggingface_hub logs each request it retries with its URL; a signed upload URL is a credential, and
+    CI logs are often public."""
+    import io
+    import logging
+
+    from hubmerge.sources.hub import redact_hub_logs
+
+    redact_hub_logs()
+    redact_hub_logs()  # once is enough: no second filter
+    (handler,) = [
+        h for h in logging.getLogger("huggingface_hub").handlers if isinstance(h, logging.StreamHandler)
+    ]
+    assert len(handler.filters) == 1
+    stream = io.StringIO()
+    old = handler.setStream(stream)
+    try:
+        logging.getLogger("huggingface_hub.utils._http").warning(
+            "'%s' thrown while requesting %s %s",
+            "[Errno 111] Connection refused",
+            "PUT",
+            "http://127.0.0.1:9/api/lfs-upload/ab12?size=3&repo=a%2Fb&expires=9&signature=5ec2e7",
+        )
+    finally:
+        handler.setStream(old)
+    assert stream.getvalue() == (
+        "'[Errno 111] Connection refused' thrown while requesting PUT http://127.0.0.1:9/api/lfs-upload/ab12?...\n"
+    )

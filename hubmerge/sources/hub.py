@@ -160,6 +160,7 @@ def hub_call(
     import httpx2
     from huggingface_hub import errors as hf
 
+    redact_hub_logs()
     where = f"{repo_id}@{revision}" if revision else repo_id
     attempts = attempts or retries()
     for attempt in range(attempts):
@@ -265,6 +266,31 @@ def _not_local_either(exc: RepoNotFoundError | HubConnectionError, ref: ModelRef
 def unsigned(text: str) -> str:
     """``text`` with the query of every URL in it cut: a signed URL's signature is a credential."""
     return re.sub(r"((?:https?://|url: )[^\s?'\"]+)\?[^\s'\"),;]*", r"\1?...", text)
+
+
+class _Unsigned(logging.Filter):
+    """Cuts signed URLs out of huggingface_hub's log lines (its retries name each failed request's URL)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = unsigned(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True
+
+
+_UNSIGNED = _Unsigned()
+
+
+def redact_hub_logs() -> None:
+    """Put :class:`_Unsigned` on huggingface_hub's log handlers (once; its root logger prints by a handler of
+    its own). A CI log is often public, and a signed upload URL is a credential until it expires."""
+    from huggingface_hub.utils import logging as hf_logging
+
+    hf_logging.get_logger()  # configures the library's handler, if nothing has yet
+    for handler in logging.getLogger("huggingface_hub").handlers:
+        if _UNSIGNED not in handler.filters:
+            handler.addFilter(_UNSIGNED)
 
 
 def _said(exc: BaseException) -> str:
