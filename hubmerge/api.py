@@ -72,12 +72,15 @@ class MergeResult:
 
 
 @contextlib.contextmanager
-def open_sources(recipe: Recipe, *, transfer: Transfer = "ranges") -> Iterator[list[TensorSource]]:
+def open_sources(
+    recipe: Recipe, *, transfer: Transfer = "ranges", token: str | None = None
+) -> Iterator[list[TensorSource]]:
     """Open every model of the recipe (headers only), then the base; the same reference is opened once.
 
     The models open concurrently (from the Hub each takes a few round trips); if any fails, the first failure
     in recipe order is raised. ``transfer`` chooses how Hub sources read tensors: ``ranges`` (HTTP Range
-    requests, no disk) or ``shards`` (one downloaded shard per model at a time).
+    requests, no disk) or ``shards`` (one downloaded shard per model at a time). ``token`` reads Hub
+    models with that token instead of huggingface_hub's (``HF_TOKEN``, a login).
     """
     refs = [(f"models.{i}", ref) for i, ref in enumerate(recipe.model_refs())]
     base = recipe.base_ref()
@@ -90,7 +93,7 @@ def open_sources(recipe: Recipe, *, transfer: Transfer = "ranges") -> Iterator[l
     try:
         with ThreadPoolExecutor(min(8, len(first)), thread_name_prefix="hubmerge-open") as pool:
             futures = {
-                key: pool.submit(open_source, ref, label=label, transfer=transfer)
+                key: pool.submit(open_source, ref, label=label, transfer=transfer, token=token)
                 for key, (label, ref) in first.items()
             }
         failures = []
@@ -123,17 +126,19 @@ def plan(
     dtype: Dtype | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     check_card: bool = True,
+    token: str | None = None,
 ) -> MergePlan:
     """Load the recipe, read the models' headers, and plan the merge without reading any weight.
 
-    ``check_card`` also reads the sources' model cards to check that their licenses agree.
+    ``check_card`` also reads the sources' model cards to check that their licenses agree. ``token`` is the
+    Hub token to read with (default: huggingface_hub's, from ``HF_TOKEN`` or ``hf auth login``).
 
     Raises:
         RecipeError, SourceError, PlanError: the recipe, a model, or their combination is wrong.
     """
     _check_budget(memory_budget)
     loaded = _with_dtype(load_recipe(recipe), dtype)
-    with open_sources(loaded) as sources:
+    with open_sources(loaded, token=token) as sources:
         return _checked_plan(loaded, sources, memory_budget, check_card=check_card)[0]
 
 
@@ -251,6 +256,7 @@ def merge(
     on_plan: Callable[[MergePlan], object] | None = None,
     push: PushTarget | str | Literal[False] | None = None,
     transfer: Transfer = "ranges",
+    token: str | None = None,
 ) -> MergeResult:
     """Merge the recipe's models into ``out`` (default: the recipe's ``output.dir``).
 
@@ -267,6 +273,8 @@ def merge(
         push: publish to this Hub repository, a :class:`PushTarget` or a repository id (default: the
             recipe's ``push:``, if any; False: no push, whatever the recipe says).
         transfer: how Hub sources are read: ``ranges`` (default) or ``shards``.
+        token: the Hub token to read the models and push with (default: huggingface_hub's, from
+            ``HF_TOKEN`` or ``hf auth login``).
 
     Returns:
         A :class:`MergeResult`.
@@ -294,7 +302,7 @@ def merge(
     check_place(target, _local_inputs(loaded))
     with output_lock(target):
         return _merge_locked(
-            loaded, out, device, resume, force, memory_budget, progress, on_plan, push, transfer
+            loaded, out, device, resume, force, memory_budget, progress, on_plan, push, transfer, token=token
         )
 
 
@@ -309,6 +317,8 @@ def _merge_locked(
     on_plan: Callable[[MergePlan], object] | None,
     push: PushTarget | None,
     transfer: Transfer,
+    *,
+    token: str | None,
 ) -> MergeResult:
     """:func:`merge`, with the output's lock held (writer.output_lock)."""
     from .publish import HubUploader
@@ -318,7 +328,7 @@ def _merge_locked(
     recover_commit(output_dir(loaded, out))
     target = check_target(loaded, out, force=force, resume=resume)
     start = time.perf_counter()
-    with open_sources(loaded, transfer=transfer) as sources:
+    with open_sources(loaded, transfer=transfer, token=token) as sources:
         merge_plan, license_ = _checked_plan(loaded, sources, memory_budget)
         if on_plan is not None:
             on_plan(merge_plan)
@@ -335,7 +345,9 @@ def _merge_locked(
         check_space(target, merge_plan, resume=resume, delete_local=push is not None and push.delete_local)
         writer = ShardWriter(target, resume=resume, direct=direct)
         uploader = (
-            HubUploader(push, writer.tmp, read_direct=direct, resume=resume) if push is not None else None
+            HubUploader(push, writer.tmp, read_direct=direct, resume=resume, token=token)
+            if push is not None
+            else None
         )
         commit_url = None
         try:

@@ -82,15 +82,22 @@ class HubUploader:
         read_direct: read each shard for its upload around the page cache, with a thread reading ahead
             (``directio.DirectReader``): for shards written that way, see :func:`uploads_read_direct`.
         resume: the merge continues an interrupted one (whose uploads ``directory`` records).
+        token: the Hub token to push with (default: huggingface_hub's, from ``HF_TOKEN`` or a login).
     """
 
     def __init__(
-        self, target: PushTarget, directory: Path, *, read_direct: bool = False, resume: bool = False
+        self,
+        target: PushTarget,
+        directory: Path,
+        *,
+        read_direct: bool = False,
+        resume: bool = False,
+        token: str | None = None,
     ) -> None:
         from huggingface_hub import HfApi
 
         self.target, self.directory, self.resume = target, directory, resume
-        self.api = HfApi()
+        self.api = HfApi(token=token)  # None: huggingface_hub's (HF_TOKEN, `hf auth login`)
         self._plan: MergePlan | None = None
         self._ops: dict[str, CommitOperationAdd] = {}
         self._uploads: list[Future[None]] = []

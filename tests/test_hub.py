@@ -227,6 +227,48 @@ def test_private_source_needs_a_token(
     assert hubmerge.plan({"method": "centroid", "models": [f"{repo_name}-private"]}).jobs
 
 
+@pytest.mark.parametrize("transfer", ["ranges", "shards"])
+def test_a_token_passed_to_the_api_reads_and_pushes_without_hf_token(
+    tmp_path: Path, hub_token: str, other_token: str, repo_name: str, transfer: str
+) -> None:
+    """A program holding its own token (several accounts, a secret store) passes it per call; HF_TOKEN is
+    unset here, and bob's token neither reads alice's private model nor pushes into her namespace."""
+    api = HfApi(token=hub_token)
+    private = f"{repo_name}-private"
+    _publish(api, private, tiny_llama(3, tmp_path / "p", card=LICENSED), private=True)
+    local = tiny_llama(4, tmp_path / "q", card=LICENSED)
+    recipe = {"method": "linear", "models": [private, str(local)], "parameters": {"t": 0.25}}
+    assert "HF_TOKEN" not in os.environ
+    with pytest.raises(RepoNotFoundError):
+        hubmerge.plan(recipe)
+    with pytest.raises(RepoNotFoundError):
+        hubmerge.plan(recipe, token=other_token)
+    assert hubmerge.plan(recipe, token=hub_token).jobs
+    with pytest.raises(PublishError, match="bob"):
+        hubmerge.merge(
+            {"method": "centroid", "models": [str(local)]},
+            tmp_path / "bob",
+            push=repo_name,
+            token=other_token,
+        )
+    result = hubmerge.merge(
+        recipe,
+        tmp_path / "out",
+        push=f"{repo_name}-merged",
+        token=hub_token,
+        transfer=transfer,  # type: ignore[arg-type]
+    )
+    assert result.commit_url is not None
+    pushed = Path(api.snapshot_download(f"{repo_name}-merged"))
+    merged = load_file(pushed / "model.safetensors")
+    first = load_file(Path(api.snapshot_download(private)) / "model.safetensors")
+    second = load_file(local / "model.safetensors")
+    for name, value in merged.items():
+        expected = 0.75 * first[name].double() + 0.25 * second[name].double()
+        torch.testing.assert_close(value, expected.to(value.dtype))
+    assert (pushed / "config.json").is_file()  # fetched from the private source with the token
+
+
 def test_a_mistyped_local_path_is_named_when_the_hub_lacks_it_too(tmp_path: Path, hub: HubServer) -> None:
     """`ckpt/tweets` that does not exist here reads as a Hub id: when the Hub has no such repository (or
     cannot be reached), the error says there is no such local folder either, and no --resume for a plan."""

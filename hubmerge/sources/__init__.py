@@ -69,7 +69,11 @@ class TensorSource(Protocol):
 
 
 def open_source(
-    ref: ModelRef, *, label: str, transfer: Literal["ranges", "shards"] = "ranges"
+    ref: ModelRef,
+    *,
+    label: str,
+    transfer: Literal["ranges", "shards"] = "ranges",
+    token: str | None = None,
 ) -> TensorSource:
     """Open a model's headers.
 
@@ -77,6 +81,7 @@ def open_source(
         ref: where the model lives.
         label: short name for messages (``models.0``, ``base``).
         transfer: how Hub sources read tensors: ranged requests, or one downloaded shard at a time.
+        token: the Hub token to read with (default: huggingface_hub's, from ``HF_TOKEN`` or a login).
 
     A Hub model whose weight files are all in the local Hugging Face cache at the resolved commit is read
     there; with ``HF_HUB_OFFLINE`` set, it is read from the cached snapshot the revision resolves to.
@@ -95,4 +100,4 @@ def open_source(
 
     if offline():
         return open_cached(ref, label=label)
-    return HubSource(ref, label=label, transfer=transfer)
+    return HubSource(ref, label=label, transfer=transfer, token=token)

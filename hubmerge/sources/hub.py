@@ -425,13 +425,15 @@ def open_cached(ref: ModelRef, *, label: str) -> LocalSource:
 class HubSource:
     """A model in a Hub repository, pinned to one commit."""
 
-    def __init__(self, ref: ModelRef, *, label: str, transfer: Transfer = "ranges") -> None:
+    def __init__(
+        self, ref: ModelRef, *, label: str, transfer: Transfer = "ranges", token: str | None = None
+    ) -> None:
         from huggingface_hub import HfApi
 
         assert ref.repo_id is not None  # open_source dispatches on this
         self.ref, self.label, self.transfer = ref, label, transfer
         self.repo_id = ref.repo_id
-        self.api = HfApi()
+        self.api = HfApi(token=token)  # None: huggingface_hub's (HF_TOKEN, `hf auth login`)
         try:
             info = hub_call(
                 lambda: self.api.model_info(self.repo_id, revision=ref.revision, files_metadata=True),
