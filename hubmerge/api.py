@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from . import __version__
 from .companions import check_module_weights, check_not_adapter
-from .errors import HubmergeError, OutputError, RecipeError, raise_if_stopped
+from .errors import HubmergeError, OutputError, RecipeError, raise_if_stopped, spoken_to_python
 from .plan import DEFAULT_MEMORY_BUDGET, MergePlan, build_plan
 from .publish import UPLOADED, PushTarget, uploads_read_direct
 from .recipe import Dtype, Recipe, load_recipe
@@ -120,6 +120,7 @@ def _with_dtype(recipe: Recipe, dtype: Dtype | None) -> Recipe:
     return recipe.model_copy(update={"dtype": dtype})
 
 
+@spoken_to_python
 def plan(
     recipe: RecipeLike,
     *,
@@ -243,6 +244,7 @@ def check_space(target: Path, plan: MergePlan, *, resume: bool, delete_local: bo
         )
 
 
+@spoken_to_python
 def merge(
     recipe: RecipeLike,
     out: str | Path | None = None,

@@ -25,7 +25,7 @@ from typing import Any, NoReturn
 import click
 
 from . import __version__
-from .errors import HubmergeError, Terminated, raise_if_stopped, stop_signals
+from .errors import CLI_WORDS, HubmergeError, Terminated, raise_if_stopped, stop_signals
 
 DTYPES = click.Choice(["float32", "float16", "bfloat16", "float64"])
 
@@ -223,8 +223,9 @@ def merge_command(
         check_device(device)
         planned = plan(loaded, dtype=dtype)
         check_space(target_dir, planned, resume=resume, delete_local=bool(target and target.delete_local))
-        click.echo(plan_summary(planned))
-        click.echo("dry run: nothing read, nothing written")
+        if not quiet:  # -q: the exit status says whether the merge would start
+            click.echo(plan_summary(planned))
+            click.echo("dry run: nothing read, nothing written")
         return
     bar: Any = None
 
@@ -404,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turn errors into one line and an exit code."""
     args = sys.argv[1:] if argv is None else argv
     verbose = "--verbose" in args or "-v" in args
+    spoken = CLI_WORDS.set(True)  # errors name this command's flags
     try:
         with stop_signals():
             cli.main(args=args, prog_name="hubmerge", standalone_mode=False)
@@ -422,7 +424,10 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(stop.message, err=True)
         return stop.code
     except click.ClickException as exc:
-        click.echo(f"error: {exc.format_message()}", err=True)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare `hubmerge`: the help, not an error line
+            click.echo(exc.format_message(), err=True)
+        else:
+            click.echo(f"error: {exc.format_message()}", err=True)
         return 2
     except KeyboardInterrupt as exc:
         stop = _stopped(exc)
@@ -442,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:  # anything unexpected still gets one line, unless --verbose
         return _unexpected(exc, verbose)
+    finally:
+        CLI_WORDS.reset(spoken)
     return 0
 
 

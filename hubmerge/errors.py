@@ -25,12 +25,16 @@ The CLI prints ``error: <message> (hint: <hint>)`` on one line.
 
 from __future__ import annotations
 
+import functools
+import re
 import signal
 import threading
 import types
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import ParamSpec, TypeVar
 
 
 class Terminated(KeyboardInterrupt):
@@ -135,6 +139,55 @@ class HubmergeError(Exception):
 
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+# Set while the `hubmerge` command runs: errors name its flags. A program calling merge() or plan() reads
+# the same advice in its own words (resume=True, not --resume).
+CLI_WORDS: ContextVar[bool] = ContextVar("hubmerge_cli_words", default=False)
+
+_PYTHON_WORDS = (
+    (r"--resume --force", "resume=True, force=True"),
+    (r"--resume", "resume=True"),
+    (r"--force", "force=True"),
+    (r"--out DIR", "`out`"),
+    (r"--out", "`out`"),
+    (r"--device (\w+)", r'device="\1"'),
+    (r"--dtype", "`dtype`"),
+    (r"--hub-transfer (\w+)", r'transfer="\1"'),
+    (r"--push", "`push`"),
+    (r"--delete-local", "PushTarget(delete_local=True)"),
+    (r"--private", "PushTarget(private=True)"),
+    (r"--create-pr", "PushTarget(create_pr=True)"),
+    (r"--branch", "PushTarget(branch=...)"),
+)
+
+
+def python_words(text: str) -> str:
+    """``text`` with the command's flags named as the Python API's arguments."""
+    for flag, argument in _PYTHON_WORDS:
+        text = re.sub(flag + r"(?![\w-])", argument, text)
+    return text
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def spoken_to_python(fn: Callable[P, R]) -> Callable[P, R]:
+    """Errors from ``fn`` name arguments, not the command's flags, unless the command called it."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except HubmergeError as exc:
+            if not CLI_WORDS.get():
+                exc.message = python_words(exc.message)
+                exc.hint = python_words(exc.hint) if exc.hint else exc.hint
+                exc.args = (exc.message, *exc.args[1:])
+            raise
+
+    return wrapper
 
 
 class RecipeError(HubmergeError, ValueError):

@@ -38,7 +38,13 @@ def check_parameters(recipe: Recipe) -> None:
             if spec.max_models is None
             else f"{spec.min_models} to {spec.max_models}"
         )
-        raise RecipeError(f"method '{spec.name}' merges {wanted} models, the recipe lists {n}", path="models")
+        raise RecipeError(
+            f"method '{spec.name}' merges {wanted} models, the recipe lists {n}",
+            path="models",
+            hint="`weighted` or `centroid` merge any number of models"
+            if spec.max_models == 2 and n > 2
+            else "`hubmerge methods` says how many models each method takes",
+        )
     if spec.needs_base and recipe.base is None:
         raise RecipeError(
             f"method '{spec.name}' works on task vectors (model - base) and needs a base model",
@@ -49,6 +55,12 @@ def check_parameters(recipe: Recipe) -> None:
     for i, entry in enumerate(recipe.models):
         for name, value in entry.per_model_params().items():
             where = f"models.{i}.{name}" if name in ("weight", "density") else f"models.{i}.parameters.{name}"
+            if name in ENGINE_PARAMS:  # masks are drawn from (seed, tensor name): one seed per recipe
+                raise RecipeError(
+                    f"{name} is set once, for the whole recipe, not per model",
+                    path=where,
+                    hint=f"move it to the recipe's `parameters: {{{name}: ...}}`",
+                )
             param = _param(spec, name, where)
             if not param.per_model:
                 raise RecipeError(
@@ -66,10 +78,16 @@ def check_parameters(recipe: Recipe) -> None:
     for r, rule in enumerate(recipe.rules):
         if isinstance(rule.take, int) and not 0 <= rule.take < n:
             raise RecipeError(
-                f"take: {rule.take} but models are numbered 0 to {n - 1}", path=f"rules.{r}.take"
+                f"take: {rule.take} but models are numbered 0 to {n - 1}",
+                path=f"rules.{r}.take",
+                hint="a model's number is its place in `models:`, counting from 0",
             )
         if rule.take == "base" and recipe.base is None:
-            raise RecipeError("take: base but the recipe has no base", path=f"rules.{r}.take")
+            raise RecipeError(
+                "take: base but the recipe has no base",
+                path=f"rules.{r}.take",
+                hint="add `base:`, or take a model by its number (`take: 0`)",
+            )
         _check_mapping(spec, rule.parameters, n, f"rules.{r}.parameters")
         where = f"rules.{r}.parameters"
         _check_normalizable(
@@ -171,7 +189,11 @@ def _coerce(param: ParamSpec, value: Scalar, where: str) -> Scalar:
         )
     if (param.low is not None and number < param.low) or (param.high is not None and number > param.high):
         raise RecipeError(
-            f"'{param.name}' must lie in [{param.low}, {param.high}], got {value!r}", path=where
+            f"'{param.name}' must lie in [{param.low}, {param.high}], got {value!r}",
+            path=where,
+            hint=f"give a value from {param.low} to {param.high}"
+            if param.high is not None
+            else f"give a value of at least {param.low}",
         )
     return number
 

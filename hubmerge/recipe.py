@@ -397,14 +397,28 @@ _INSTEAD = {
 }
 
 
-def _unknown_key_hint(key: str) -> str:
-    if key in _INSTEAD:
+def _unknown_key_hint(key: str, path: str = "") -> str:
+    """What to write instead of ``key``, among the keys of the section ``path`` points into."""
+    section = path.split(".")[0] if "." in path else ""
+    if section == "rules" and key in ("match", "path", "pattern", "name", "filter"):
+        return "a rule names its tensors with `tensors:` (a glob, or a list of globs)"
+    if key in _INSTEAD and section in ("", "models", "base"):
         return f"use {_INSTEAD[key]}"
-    known = {name for cls in (Recipe, ModelEntry, Rule, Output, Push, Card) for name in cls.model_fields}
-    close = difflib.get_close_matches(key, sorted(known), n=1)
+    sections: dict[str, type[BaseModel]] = {
+        "": Recipe, "models": ModelEntry, "base": ModelEntry, "rules": Rule, "output": Output, "push": Push,
+        "card": Card,
+    }  # fmt: skip
+    cls = sections.get(section, Recipe)
+    close = difflib.get_close_matches(key, sorted(cls.model_fields), n=1)
     if close:
         return f"did you mean `{close[0]}`?"
-    return "check the spelling; per-model and method parameters are listed by `hubmerge methods`"
+    keys = ", ".join(f"`{k}`" for k in cls.model_fields)
+    where = f"`{section}:`" if section else "a recipe"
+    if section in ("models", "base", "rules"):
+        where = f"an entry of `{section}:`" if section != "base" else "`base:`"
+    return f"the keys of {where} are {keys}" + (
+        "; method parameters are listed by `hubmerge methods`" if section in ("", "models") else ""
+    )
 
 
 def _recipe_error(exc: ValidationError) -> RecipeError:
@@ -417,11 +431,16 @@ def _recipe_error(exc: ValidationError) -> RecipeError:
     path = _path(err)
     kind, msg = err["type"], err["msg"].removeprefix("Value error, ")
     if kind == "extra_forbidden":
-        return RecipeError("unknown key", path=path, hint=_unknown_key_hint(str(err["loc"][-1])))
+        return RecipeError("unknown key", path=path, hint=_unknown_key_hint(str(err["loc"][-1]), path))
     if kind == "missing":
         return RecipeError("required field is missing", path=path, hint="add it to the recipe")
     if kind == "literal_error":
-        return RecipeError(f"got {err.get('input')!r}; {msg}", path=path)
+        hint = (
+            "this hubmerge reads recipes of version 1: write `version: 1`, or leave it out"
+            if path == "version"
+            else "give one of those values"
+        )
+        return RecipeError(f"got {err.get('input')!r}; {msg}", path=path, hint=hint)
     if kind == "too_short" and path == "models":
         return RecipeError("no models listed", path=path, hint="list the models to merge under `models:`")
     got = repr(err.get("input"))
@@ -429,8 +448,12 @@ def _recipe_error(exc: ValidationError) -> RecipeError:
     if len(kinds) > 1 and all(kinds):  # a value that fits none of a union's types: say what all of them are
         wanted = list(dict.fromkeys(k for k in kinds if k))
         expected = ", ".join(wanted[:-1]) + f" or {wanted[-1]}" if len(wanted) > 1 else wanted[0]
-        return RecipeError(f"expected {expected}, got {got}", path=path or None)
-    return RecipeError(msg if got in msg else f"{msg} (got {got})", path=path or None)
+        return RecipeError(f"expected {expected}, got {got}", path=path or None, hint=f"give {expected}")
+    return RecipeError(
+        msg if got in msg else f"{msg} (got {got})",
+        path=path or None,
+        hint=f"give {_KINDS[kind]}" if kind in _KINDS else None,
+    )
 
 
 _KINDS = {

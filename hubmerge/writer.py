@@ -368,7 +368,7 @@ class ShardWriter:
                 raise OutputError(
                     f"{self.tmp} holds an interrupted merge of {_what_changed(progress, plan)}",
                     path=str(self.tmp),
-                    hint="pass --force to start over",
+                    hint="pass --force without --resume to start over",
                 )
             journal_path = progress / "journal"
             # Bytes a crash left half-written name no tensor: read them as such, not as an error.

@@ -53,6 +53,23 @@ def test_merge_prints_plan_progress_and_summary(recipe: Path) -> None:
     assert "Traceback" not in again.stderr
 
 
+def test_errors_name_flags_in_the_command_and_arguments_in_python(
+    recipe: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([str(recipe), "-q"]) == 0
+    assert main([str(recipe), "-q"]) == 2
+    said = capsys.readouterr().err
+    assert "pass --force to replace it" in said and "force=True" not in said
+    with pytest.raises(OutputError) as info:
+        hubmerge.merge(recipe)
+    assert info.value.hint == "pass force=True to replace it, or change `out`"
+    assert "--" not in str(info.value) and str(info.value) == info.value.args[0] + f" ({info.value.hint})"
+    with pytest.raises(RecipeError, match='device="cpu" or device="cuda"'):
+        hubmerge.merge(recipe, device="tpu")
+    with pytest.raises(RecipeError, match=r"pass `out`"):
+        hubmerge.merge({"method": "centroid", "models": [str(recipe.parent / "a")]})
+
+
 def test_progress_in_a_log_is_plain_lines(recipe: Path) -> None:
     """Not a terminal (CI, `2> file`): whole lines, no carriage returns or cursor moves, and log lines stay
     lines of their own."""
@@ -161,7 +178,17 @@ def test_plan_json_and_dry_run(recipe: Path) -> None:
     assert "layer.0.weight" in table.stdout and "estimate" in table.stdout
     dry = _run(str(recipe), "--dry-run")
     assert dry.returncode == 0 and "nothing read, nothing written" in dry.stdout
+    assert "method   linear" in dry.stdout
     assert not (recipe.parent / "out").exists()
+    hushed = _run(str(recipe), "--dry-run", "-q")  # -q: no plan; the exit status answers
+    assert (hushed.returncode, hushed.stdout, hushed.stderr) == (0, "", "")
+
+
+def test_a_bare_hubmerge_prints_its_help_not_an_error() -> None:
+    bare = _run()
+    assert bare.returncode == 2
+    assert bare.stderr.startswith("Usage: hubmerge") and "error" not in bare.stderr
+    assert "plan" in bare.stderr and "methods" in bare.stderr
 
 
 def test_a_dry_run_refuses_what_the_merge_would_refuse(recipe: Path) -> None:

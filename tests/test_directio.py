@@ -311,7 +311,7 @@ def test_a_full_disk_names_the_shard_and_what_to_do(
         hubmerge.merge({"method": "centroid", "models": [str(m) for m in models]}, tmp_path / "out")
     message = str(failed.value)
     assert "model.safetensors failed: No space left on device" in message
-    assert "free space" in message and "--resume" in message
+    assert "free space" in message and "resume=True" in message
     assert not (tmp_path / "out").exists()
 
 
