@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from . import __version__
-from .companions import check_module_weights, check_not_adapter
+from .companions import check_module_weights, check_not_adapter, check_not_quantized
 from .errors import HubmergeError, OutputError, RecipeError, raise_if_stopped, spoken_to_python
 from .plan import DEFAULT_MEMORY_BUDGET, MergePlan, build_plan
 from .publish import UPLOADED, PushTarget, uploads_read_direct
@@ -131,8 +132,16 @@ def plan(
 ) -> MergePlan:
     """Load the recipe, read the models' headers, and plan the merge without reading any weight.
 
-    ``check_card`` also reads the sources' model cards to check that their licenses agree. ``token`` is the
-    Hub token to read with (default: huggingface_hub's, from ``HF_TOKEN`` or ``hf auth login``).
+    Args:
+        recipe: a Recipe, a path to a YAML recipe, YAML text, or a dict.
+        dtype: output dtype, overriding the recipe's.
+        memory_budget: compute-buffer bytes per tensor before merging in row chunks.
+        check_card: also read the sources' model cards, to check that their licenses agree.
+        token: the Hub token to read with (default: huggingface_hub's, from ``HF_TOKEN`` or ``hf auth
+            login``).
+
+    Returns:
+        The :class:`MergePlan`: every output tensor, its shard and offset, and estimates.
 
     Raises:
         RecipeError, SourceError, PlanError: the recipe, a model, or their combination is wrong.
@@ -141,6 +150,22 @@ def plan(
     loaded = _with_dtype(load_recipe(recipe), dtype)
     with open_sources(loaded, token=token) as sources:
         return _checked_plan(loaded, sources, memory_budget, check_card=check_card)[0]
+
+
+def _check_arguments(*, out: object, push: object, progress: object, on_plan: object) -> None:
+    """merge()'s arguments of the wrong kind, refused before anything is opened or written."""
+    if out is not None and not isinstance(out, (str, os.PathLike)):
+        raise RecipeError(f"out is a directory path, got {out!r}", hint="e.g. out='merged'")
+    if push is not None and push is not False and not isinstance(push, (str, PushTarget)):
+        raise RecipeError(
+            f"push is a repository id, a PushTarget or False, got {push!r}",
+            hint="e.g. push='my-org/merged' (push=None: the recipe's `push:`, if any)",
+        )
+    for name, fn in (("progress", progress), ("on_plan", on_plan)):
+        if fn is not None and not callable(fn):
+            raise RecipeError(
+                f"{name} is a function, got {fn!r}", hint=f"pass a callable, or leave {name} out"
+            )
 
 
 def _check_budget(memory_budget: int) -> None:
@@ -153,7 +178,7 @@ def _check_budget(memory_budget: int) -> None:
 
 def _checked_plan(
     recipe: Recipe, sources: list[TensorSource], memory_budget: int, *, check_card: bool = True
-) -> tuple[MergePlan, str | None]:
+) -> tuple[MergePlan, dict[str, str] | None]:
     """The plan, and the sources' common license; what the models' files refuse, refused before any read.
 
     Raises:
@@ -164,6 +189,7 @@ def _checked_plan(
 
     for source in _unique(sources):  # before the plan, whose refusals (a missing tensor) would mislead
         check_not_adapter(source)
+        check_not_quantized(source)
     merge_plan = build_plan(recipe, sources, memory_budget=memory_budget)
     for source in _unique(sources):  # a module's weights, in any model, would be left out of the merge
         check_module_weights(source)
@@ -285,6 +311,7 @@ def merge(
         HubmergeError: any failure, with what to do about it; a partial output is kept for ``resume``.
     """
     _check_budget(memory_budget)
+    _check_arguments(out=out, push=push, progress=progress, on_plan=on_plan)
     if transfer not in ("ranges", "shards"):
         raise RecipeError(
             f"transfer is 'ranges' or 'shards', got {transfer!r}", hint="leave it out for ranges"
@@ -429,7 +456,7 @@ def finish_output(
     out_name: str,
     repo_id: str | None = None,
     revision: str | None = None,
-    license_: str | None = None,
+    license_: dict[str, str] | None = None,
 ) -> list[str]:
     """Write the index, companion files, model card and manifest next to the shards.
 
@@ -467,6 +494,7 @@ def finish_output(
         license_=license_,
         config=config,
         sentence_transformers=(dest / "modules.json").exists(),
+        repo_id=repo_id,
     )
     (dest / "README.md").write_text(
         render_card(plan, meta, out_name=out_name, repo_id=repo_id, revision=revision, tokenizer=tokenizer),
@@ -476,13 +504,17 @@ def finish_output(
     header = f"# made with hubmerge {__version__}; rerun with `hubmerge recipe.yaml --out DIR`\n"
     (dest / "recipe.yaml").write_text(header + recipe.to_yaml(), encoding="utf-8")
     files.append("recipe.yaml")
-    write_json(dest / MANIFEST, manifest(plan))
     files.append(MANIFEST)
+    write_json(dest / MANIFEST, manifest(plan, files))
     return files
 
 
-def manifest(plan: MergePlan) -> dict[str, Any]:
-    """What was merged, pinned: recipe, sources with commits, output files. No timestamps (deterministic)."""
+def manifest(plan: MergePlan, files: list[str] | None = None) -> dict[str, Any]:
+    """What was merged, pinned: recipe, sources with commits, output files. No timestamps (deterministic).
+
+    ``files``: every file of the output, which ``--force`` may replace (writer.check_output keeps anything
+    else there from being deleted).
+    """
     return {
         "hubmerge_version": __version__,
         "recipe": plan.recipe.model_dump(mode="json", exclude_defaults=True),
@@ -493,4 +525,5 @@ def manifest(plan: MergePlan) -> dict[str, Any]:
         "shards": {s.filename: s.size for s in plan.shards},
         "tensors": len(plan.jobs),
         "skipped": list(plan.skipped),
+        **({"files": sorted(files)} if files is not None else {}),
     }

@@ -48,27 +48,49 @@ def card_metadata(card_text: str) -> dict[str, Any]:
     return meta if isinstance(meta, dict) else {}
 
 
-def common_license(plan: MergePlan, sources: list[TensorSource]) -> str | None:
-    """The license every source's card declares; None if a source declares none (with a warning).
+def _declared(text: str) -> tuple[str, dict[str, str]] | str:
+    """A card's license: the key that compares it (case aside; `other` with its name) and the metadata that
+    states it, or why there is none to take."""
+    match = _FRONT.match(text)
+    meta = card_metadata(text)
+    if match and not meta:
+        return "its card's metadata does not parse"
+    license_ = meta.get("license")
+    if isinstance(license_, list):
+        return f"its card lists {len(license_)} licenses"
+    if not isinstance(license_, str) or not license_.strip():
+        return "none"
+    key = license_.strip().lower()  # the Hub's license ids are lower case
+    entries = {"license": key}
+    if key == "other":  # a license of its own: its name says which
+        entries |= {k: str(meta[k]) for k in ("license_name", "license_link") if meta.get(k)}
+        key += f" ({entries.get('license_name', 'no license_name').lower()})"
+    return key, entries
+
+
+def common_license(plan: MergePlan, sources: list[TensorSource]) -> dict[str, str] | None:
+    """The license every source's card declares, as card metadata (``license``, and for ``other`` its
+    ``license_name`` and ``license_link``); None if a source declares none (with a warning).
 
     Raises:
         RecipeError: the sources declare different licenses and the recipe does not set ``card.license``.
     """
     if plan.recipe.card.license:
-        return plan.recipe.card.license
-    found: dict[str, str] = {}
+        return {"license": plan.recipe.card.license}
+    found: dict[str, tuple[str, dict[str, str]]] = {}
     unknown: list[str] = []
     with ThreadPoolExecutor(min(8, len(sources) or 1), thread_name_prefix="hubmerge-cards") as pool:
         cards = list(pool.map(lambda src: src.fetch("README.md"), sources))  # from the Hub: a request each
     for src, path in zip(sources, cards, strict=True):
         text = path.read_text(encoding="utf-8", errors="replace") if path is not None else ""
-        license_ = card_metadata(text).get("license")
-        if isinstance(license_, str):
-            found[src.label] = license_
+        declared = _declared(text)
+        if isinstance(declared, tuple):
+            found[src.label] = declared
         else:
-            unknown.append(f"{src.label} ({src.ref})")
-    if len(set(found.values())) > 1:
-        listed = ", ".join(f"{label}: {lic}" for label, lic in found.items())
+            unknown.append(f"{src.label} ({src.ref})" + ("" if declared == "none" else f": {declared}"))
+    keys = {key for key, _ in found.values()}
+    if len(keys) > 1:
+        listed = ", ".join(f"{label}: {key}" for label, (key, _) in found.items())
         raise RecipeError(
             f"the sources have different licenses ({listed})",
             path="card.license",
@@ -81,12 +103,12 @@ def common_license(plan: MergePlan, sources: list[TensorSource]) -> str | None:
             "set `card: {license: ...}` in the recipe once you know the merge's license",
             ", ".join(found),
             "s" if len(found) == 1 else "",
-            next(iter(found.values())),
+            next(iter(keys)),
             ", ".join(unknown),
             "s" if len(unknown) == 1 else "",
         )
         return None
-    return next(iter(found.values()), None)
+    return next(iter(found.values()))[1] if found else None
 
 
 def pipeline_tag(config: dict[str, Any] | None) -> str | None:
@@ -99,12 +121,25 @@ def pipeline_tag(config: dict[str, Any] | None) -> str | None:
 
 
 def front_matter(
-    plan: MergePlan, *, license_: str | None, config: dict[str, Any] | None, sentence_transformers: bool
+    plan: MergePlan,
+    *,
+    license_: dict[str, str] | None,
+    config: dict[str, Any] | None,
+    sentence_transformers: bool,
+    repo_id: str | None = None,
 ) -> dict[str, Any]:
-    """The card's metadata: base_model (Hub ids of the sources), relation, tags, library, license."""
+    """The card's metadata: base_model (Hub ids of the sources), relation, tags, library, license.
+
+    ``repo_id``, where the merge is pushed, is no base model of itself (a merge pushed over one of its
+    sources: the card's sources table still names it, at its commit).
+    """
     merged = get_method(plan.method).needs_base  # a base the method does not merge is no base_model
     hub_ids = list(
-        dict.fromkeys(s.ref.repo_id for s in plan.sources if s.ref.repo_id and (merged or s.label != "base"))
+        dict.fromkeys(
+            s.ref.repo_id
+            for s in plan.sources
+            if s.ref.repo_id and s.ref.repo_id != repo_id and (merged or s.label != "base")
+        )
     )
     tags = ["merge", "hubmerge", plan.method, *(["sentence-transformers"] if sentence_transformers else [])]
     meta: dict[str, Any] = {}
@@ -118,7 +153,7 @@ def front_matter(
         meta["library_name"], tag = "sentence-transformers", "sentence-similarity"
     if tag:
         meta["pipeline_tag"] = tag
-    meta["license"] = license_ or "unknown"
+    meta |= license_ or {"license": "unknown"}
     if plan.recipe.card.language:
         meta["language"] = plan.recipe.card.language
     return {k: v for k, v in meta.items() if v is not None}

@@ -58,7 +58,9 @@ class _DefaultToMerge(click.Group):
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         # `hubmerge -q plan R` as `hubmerge plan -q R`: the flags both commands take, before the command.
         lead = 0
-        while lead < len(args) and args[lead] in ("-q", "--quiet", "-v", "--verbose"):
+        while lead < len(args) and (
+            args[lead] in ("--quiet", "--verbose") or re.fullmatch(r"-[qv]+", args[lead])
+        ):
             lead += 1
         if 0 < lead < len(args) and args[lead] in ("plan", "merge"):
             args = [args[lead], *args[:lead], *args[lead + 1 :]]
@@ -346,8 +348,10 @@ def hub_group() -> None:
 @click.option(
     "--root", type=click.Path(file_okay=False, path_type=Path), required=True, help="Storage directory."
 )
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=int, default=8765, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="Port (0: any free one)."
+)
 @click.option(
     "--token", "tokens", multiple=True, metavar="TOKEN=USER", help="Accept TOKEN as USER (repeatable)."
 )
@@ -385,15 +389,25 @@ def hub_serve(
                 users[key] = user
             else:
                 members.setdefault(key, []).append(user)
-    serve_forever(
-        root,
-        host,
-        port,
-        users,
-        members,
-        on_ready=lambda url: click.echo(f"serving {root} at {url}"),
-        cdn_ttl=cdn_ttl,
-    )
+    try:
+        serve_forever(
+            root,
+            host,
+            port,
+            users,
+            members,
+            on_ready=lambda url: click.echo(f"serving {root} at {url}"),
+            cdn_ttl=cdn_ttl,
+        )
+    except OSError as exc:
+        if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+            raise
+        raise HubmergeError(
+            f"cannot listen on {host}:{port}: {exc.strerror}",
+            hint="pass another --port (0 picks a free one)"
+            if exc.errno != errno.EADDRNOTAVAIL
+            else "pass an address of this machine as --host",
+        ) from None
 
 
 def _one_line(text: str) -> str:
@@ -404,7 +418,8 @@ def _one_line(text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turn errors into one line and an exit code."""
     args = sys.argv[1:] if argv is None else argv
-    verbose = "--verbose" in args or "-v" in args
+    # -v alone or among other short flags (-qv): click parses them after an error may already have come
+    verbose = "--verbose" in args or any(re.fullmatch(r"-[a-z]*v[a-z]*", a) for a in args)
     spoken = CLI_WORDS.set(True)  # errors name this command's flags
     try:
         with stop_signals():

@@ -49,12 +49,25 @@ def companion_files(source: TensorSource) -> list[str]:
     """Relative paths of the companion files ``source`` has, in a stable order."""
     files = source.files()
     chosen = [f for f in files if "/" not in f and any(fnmatch.fnmatchcase(f, g) for g in COMPANION_GLOBS)]
+    if any(f.endswith(".py") and "/" not in f for f in files) and _has_custom_code(source, files):
+        chosen += [f for f in files if f.endswith(".py") and "/" not in f]  # auto_map's modules and theirs
     if "modules.json" in files:
         for module_dir in _module_dirs(source):
             for f in files:
                 if f.startswith(module_dir + "/") and not f.endswith(WEIGHT_SUFFIXES):
                     chosen.append(f)  # a module's weights are refused before merging: check_module_weights
     return sorted(f for f in set(chosen) if not f.endswith(WEIGHT_SUFFIXES))
+
+
+def _has_custom_code(source: TensorSource, files: Sequence[str]) -> bool:
+    """Whether the model's config (or its tokenizer's) maps classes to code of its own (``auto_map``), which
+    ``trust_remote_code`` loads from the model's ``.py`` files: the output needs them too."""
+    for name in ("config.json", "tokenizer_config.json"):
+        path = source.fetch(name) if name in files else None
+        config = read_config(path) if path is not None else None
+        if config is not None and config.get("auto_map"):
+            return True
+    return False
 
 
 def check_module_weights(source: TensorSource) -> None:
@@ -107,6 +120,44 @@ def check_not_adapter(source: TensorSource) -> None:
         "tensors one by one (LoRA's A and B factors) would not merge the updates",
         hint="merge the adapter into its base model first (peft: PeftModel.from_pretrained(base, adapter)"
         ".merge_and_unload().save_pretrained(dir)), then merge those folders",
+    )
+
+
+# Tensors that quantized checkpoints store beside their packed weights: FP8 scales (DeepSeek, compressed-
+# tensors), GPTQ/AWQ's packed ints and zero points, bitsandbytes' absmax and quant state.
+_QUANT_SIDE = re.compile(
+    r"(?:^|\.)(?:weight_scale_inv|weight_scale|input_scale|qweight|qzeros|scales|g_idx|absmax|quant_map|SCB"
+    r"|weight_packed|weight_zero_point)$|\.quant_state\."
+)
+_PACKED = ("F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "I8", "U8", "I32", "F4")
+
+
+def check_not_quantized(source: TensorSource) -> None:
+    """Refuse a quantized checkpoint (FP8 with scales, GPTQ, AWQ, bitsandbytes): what it stores are codes and
+    scales, not the weights, so merging them entry by entry (codes with codes, scales with scales) gives
+    neither the merged weights nor a model that loads as one.
+
+    Known by a quantizer's side tensor (``proj.weight_scale_inv``, ``qzeros``, ``absmax``...) beside weights
+    stored in a packed or 8-bit type; a model whose float weights merely have such a name is a model.
+
+    Raises:
+        PlanError: naming the model and one such tensor, before any weight is read.
+    """
+    side = next((name for name in sorted(source.tensors) if _QUANT_SIDE.search(name)), None)
+    packed = next(
+        (
+            i
+            for name, i in sorted(source.tensors.items())
+            if i.dtype in _PACKED and name.endswith(("weight", "weight_packed"))
+        ),
+        None,
+    )
+    if side is None or packed is None:
+        return
+    raise PlanError(
+        f"{source.label} ({source.ref}) is a quantized checkpoint: {side} beside {packed.name} stored as "
+        f"{packed.dtype}; merging codes and scales entry by entry does not merge the weights",
+        hint="merge the unquantized checkpoints (bfloat16 or float16), then quantize the merge",
     )
 
 

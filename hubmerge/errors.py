@@ -151,7 +151,7 @@ _PYTHON_WORDS = (
     (r"--force", "force=True"),
     (r"--out DIR", "`out`"),
     (r"--out", "`out`"),
-    (r"--device (\w+)", r'device="\1"'),
+    (r"--device ([\w:]+)", r'device="\1"'),
     (r"--dtype", "`dtype`"),
     (r"--hub-transfer (\w+)", r'transfer="\1"'),
     (r"--push", "`push`"),

@@ -175,6 +175,22 @@ def build_plan(
                     hint="take it from a model that has it, or skip it",
                 )
             info = src.tensors[name]
+            # The output's config.json and tokenizer come from the base, else the first model (companions):
+            # a tensor of another shape (a resized vocabulary) would not fit them, and transformers would
+            # initialise it at random with a warning.
+            origin = base if base is not None else models[0]
+            fits = origin.tensors.get(name)
+            if fits is not None and fits.shape != info.shape:
+                raise PlanError(
+                    f"tensor '{name}' is taken from {src.label} with shape {list(info.shape)}, but the "
+                    f"output's config and tokenizer come from {origin.label}, whose '{name}' is "
+                    f"{list(fits.shape)}: the merged model would not load as merged",
+                    tensor=name,
+                    hint=f"list {src.label}'s model first in `models:`, so that its config and tokenizer "
+                    "come with it"
+                    if base is None
+                    else f"they come from the base: take '{name}' from a model of the base's shape",
+                )
             dtype = out_code if out_code and info.dtype in FLOAT_DTYPES else info.dtype
             specs.append(
                 dict(name=name, action="copy", inputs=(info,), sources=(index,), dtype=dtype, params={})

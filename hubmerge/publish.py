@@ -22,6 +22,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import re
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -364,19 +365,21 @@ class HubUploader:
         return str(url)
 
     def _stale(self, files: list[str]) -> list[str]:
-        """The target's weight files (and index, adapter config) that this commit does not replace.
+        """The target's model files (weights, config, tokenizer, modules) that this commit does not replace.
 
         Left there, a model pushed over an earlier one would keep the earlier weights beside the new ones,
-        and from_pretrained could load those (``model.safetensors`` next to new shards, say).
+        and from_pretrained could load those (``model.safetensors`` next to new shards, say), or the earlier
+        model's tokenizer files (a BERT ``special_tokens_map.json`` beside a Llama tokenizer gave a pad token
+        past the embeddings), or look like a sentence-transformers model still (``modules.json``).
         """
         target = self.target
         existing = self._call(
             lambda: self.api.list_repo_files(target.repo_id, revision=target.branch), "file list"
         )
-        stale = sorted(name for name in existing if name not in files and _is_weights(name))
+        stale = sorted(name for name in existing if name not in files and _is_model_file(name))
         if stale:
             log.warning(
-                "%s: the commit deletes %d weight file(s) of the model it replaces: %s",
+                "%s: the commit deletes %d file(s) of the model it replaces: %s",
                 target.repo_id,
                 len(stale),
                 ", ".join(stale),
@@ -498,6 +501,19 @@ _WEIGHTS = (
 def _is_weights(name: str) -> bool:
     """Whether a repository file is top-level weights (or their index, or a LoRA adapter's config)."""
     return "/" not in name and any(fnmatch.fnmatchcase(name, pattern) for pattern in _WEIGHTS)
+
+
+def _is_model_file(name: str) -> bool:
+    """Whether a repository file is part of a model as hubmerge writes one: weights, or a file a merge copies
+    (config, tokenizer, chat template, sentence-transformers modules: companions.COMPANION_GLOBS). A file
+    of another kind (a LICENSE, an image the card shows) is the repository owner's."""
+    from .companions import COMPANION_GLOBS
+
+    if re.match(r"\d+_[A-Za-z]\w*/", name):  # a sentence-transformers module's folder: 1_Pooling/config.json
+        return True
+    return _is_weights(name) or (
+        "/" not in name and any(fnmatch.fnmatchcase(name, pattern) for pattern in COMPANION_GLOBS)
+    )
 
 
 def uploads_read_direct() -> bool:

@@ -8,10 +8,12 @@ continues a killed run, and because every byte is fixed by the plan the result i
 from __future__ import annotations
 
 import errno
+import fnmatch
 import json
 import logging
 import math
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -81,8 +83,9 @@ class OverflowCheck:
         if self.found:
             worst = max(self.found, key=lambda name: self.found[name])
             log.warning(
-                "%d values in %d float16 tensors are infinite, as merged or cast values beyond float16's "
-                "range (65504) become (%s: %d); merge into bfloat16 or float32 (--dtype) to keep them",
+                "%d values in %d float16 tensors are infinite (most in %s: %d): merged values beyond "
+                "float16's range (65504) become infinite; merge into bfloat16 or float32 (--dtype) to keep "
+                "them",
                 sum(self.found.values()),
                 len(self.found),
                 worst,
@@ -244,6 +247,36 @@ def _remove_if_empty(folder: Path) -> bool:
     return True
 
 
+def _not_merged(out: Path) -> list[str]:
+    """What in ``out``, an earlier merge, that merge did not write (a `.git` of a cloned push, an evaluation,
+    an export), top-level names, sorted; folders end in ``/``.
+
+    The manifest lists the merge's files; one written before it did is judged by name: its shards and the
+    files a merge writes or copies (companions.COMPANION_GLOBS, sentence-transformers module folders).
+    """
+    from .companions import COMPANION_GLOBS
+
+    try:
+        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = {}
+    listed = manifest.get("files") if isinstance(manifest, dict) else None
+    added = []
+    for entry in out.iterdir():
+        name = entry.name
+        if isinstance(listed, list):
+            ours = name in listed or (entry.is_dir() and any(str(f).startswith(f"{name}/") for f in listed))
+        elif entry.is_dir():
+            ours = re.fullmatch(r"\d+_[A-Za-z]\w*", name) is not None  # 1_Pooling, 2_Normalize
+        else:
+            ours = name in (MANIFEST, "README.md", "recipe.yaml", "model.safetensors.index.json") or any(
+                fnmatch.fnmatchcase(name, g) for g in (*COMPANION_GLOBS, "model*.safetensors")
+            )
+        if not ours:
+            added.append(f"{name}/" if entry.is_dir() else name)
+    return sorted(added)
+
+
 def _empty(path: Path) -> bool:
     return path.is_dir() and next(path.iterdir(), None) is None
 
@@ -271,6 +304,19 @@ def check_place(out: Path, inputs: list[Path]) -> None:
                 path=str(out),
                 hint="choose another --out",
             )
+    try:
+        here = Path.cwd().resolve()
+    except OSError:  # the working directory was deleted: nothing to keep the shell in
+        here = None
+    if here is not None and here.is_relative_to(out):
+        # The merge is written beside the output and renamed into place: the shell would be left in a
+        # folder that no longer exists, showing none of the files.
+        raise OutputError(
+            f"output directory {out} is (or contains) the working directory, which the finished merge "
+            "would replace",
+            path=str(out),
+            hint="give --out the name of a new folder, or run from another directory",
+        )
     if out.exists() and not out.is_dir():
         raise OutputError(
             f"output {out} exists and is not a directory",
@@ -305,11 +351,18 @@ def check_output(out: Path, inputs: list[Path], *, force: bool, resume: bool) ->
                 path=str(out),
                 hint="pass --force to merge again into it, or change --out",
             )
-        if not force:
+        if not force and (out / MANIFEST).is_file():
             raise OutputError(
                 f"output directory {out} already exists",
                 path=str(out),
                 hint="pass --force to replace it, or change --out",
+            )
+        if not force:  # --force would be refused below: no hint at it
+            raise OutputError(
+                f"output directory {out} already exists, and is not the output of a merge (it has no "
+                f"{MANIFEST})",
+                path=str(out),
+                hint="choose another --out, or empty that directory yourself if nothing in it is needed",
             )
         if not (out / MANIFEST).is_file():
             raise OutputError(
@@ -317,6 +370,15 @@ def check_output(out: Path, inputs: list[Path], *, force: bool, resume: bool) ->
                 "--force replaces only an earlier merge or an empty directory",
                 path=str(out),
                 hint="choose another --out, or delete that directory yourself if nothing in it is needed",
+            )
+        added = _not_merged(out)
+        if added:
+            shown = ", ".join(added[:4]) + (f" and {len(added) - 4} more" if len(added) > 4 else "")
+            raise OutputError(
+                f"output directory {out} holds an earlier merge and what it did not write: {shown}; "
+                "--force would delete them with it",
+                path=str(out),
+                hint="move them out of that directory first, or choose another --out",
             )
     existing = next(p for p in out.parents if p.exists())  # where the partial folder is made
     if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):  # what --dry-run checks too

@@ -220,8 +220,12 @@ def test_output_rules(tmp_path: Path, three: list[Path]) -> None:
     with pytest.raises(OutputError, match="already exists"):
         hubmerge.merge(recipe, out)
     assert marker.exists()
+    with pytest.raises(OutputError, match="did not write: keep.txt"):  # not the merge's: kept
+        hubmerge.merge(recipe, out, force=True)
+    assert marker.read_text() == "mine"
+    marker.unlink()
     hubmerge.merge(recipe, out, force=True)
-    assert not marker.exists() and (out / "model.safetensors").exists()
+    assert (out / "model.safetensors").exists()
     with pytest.raises(OutputError, match="inside the input"):
         hubmerge.merge(recipe, three[0] / "merged")
     # A single-file input is that file, not its folder: the output may sit beside it.
@@ -243,9 +247,12 @@ def test_force_replaces_only_an_earlier_merge(tmp_path: Path, three: list[Path])
     (project / "thesis.tex").write_text("years of work")
     with pytest.raises(OutputError, match="is not the output of a merge .*no hubmerge.json") as info:
         hubmerge.merge(recipe, project, force=True)
-    assert info.value.hint is not None and "choose another --out" in info.value.hint
+    assert info.value.hint is not None and "choose another `out`" in info.value.hint
     assert (project / "thesis.tex").read_text() == "years of work" and (project / ".git").is_dir()
     assert not (tmp_path / ".project.hubmerge-partial").exists()
+    with pytest.raises(OutputError, match="already exists, and is not the output of a merge") as info:
+        hubmerge.merge(recipe, project)  # no hint at force=True, which would be refused
+    assert info.value.hint is not None and "force" not in info.value.hint
     empty = tmp_path / "empty"
     empty.mkdir()
     assert (hubmerge.merge(recipe, empty).out / "model.safetensors").exists()  # no --force needed
@@ -262,6 +269,41 @@ def test_force_replaces_only_an_earlier_merge(tmp_path: Path, three: list[Path])
         text=True,
     )
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "hubmerge.json" in refused.stderr
+
+
+def test_force_keeps_what_the_earlier_merge_did_not_write(tmp_path: Path, three: list[Path]) -> None:
+    """A merge cloned back from the Hub (its .git), an evaluation or an export beside it: --force replaces
+    the merge's own files, and refuses while anything else is there, naming it."""
+    recipe = {"method": "centroid", "models": [str(p) for p in three]}
+    out = tmp_path / "out"
+    first = hubmerge.merge(recipe, out)
+    manifest = json.loads((out / "hubmerge.json").read_text())
+    assert manifest["files"] == sorted(first.files)
+    (out / ".git").mkdir()
+    (out / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (out / "eval_results.json").write_text("{}")
+    with pytest.raises(
+        OutputError, match=r"did not write: \.git/, eval_results\.json; force=True would"
+    ) as info:
+        hubmerge.merge(recipe, out, force=True)
+    assert info.value.hint == "move them out of that directory first, or choose another `out`"
+    assert (out / ".git" / "HEAD").is_file() and (out / "eval_results.json").is_file()
+    assert not (tmp_path / ".out.hubmerge-partial").exists()
+    shutil.rmtree(out / ".git")
+    (out / "eval_results.json").unlink()
+    (out / "README.md").write_text("edited card")  # the merge's own file: replaced
+    hubmerge.merge(recipe, out, force=True)
+    assert (out / "README.md").read_text() != "edited card"
+    # A merge written before manifests listed files: judged by name
+    del manifest["files"]
+    (out / "hubmerge.json").write_text(json.dumps(manifest))
+    (out / "tokenizer.json").write_text("{}")
+    (out / "1_Pooling").mkdir()
+    (out / "onnx").mkdir()
+    with pytest.raises(OutputError, match=r"did not write: onnx/;"):
+        hubmerge.merge(recipe, out, force=True)
+    (out / "onnx").rmdir()
+    hubmerge.merge(recipe, out, force=True)
 
 
 def test_resume_refuses_a_local_input_rewritten_since(tmp_path: Path) -> None:
@@ -318,6 +360,32 @@ def test_a_source_without_a_license_leaves_the_card_license_unknown(
     assert "models.0 declares apache-2.0, but models.1" in caplog.text and "card: {license" in caplog.text
     both = hubmerge.merge({"method": "centroid", "models": [str(a), str(a)]}, tmp_path / "both").out
     assert "license: apache-2.0" in (both / "README.md").read_text()
+
+
+def test_licenses_compare_as_the_hub_reads_them(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Case aside; `other` by its license_name, which the card keeps with the link; a list of licenses or
+    metadata that does not parse is no license to claim for the merge, and the warning says which."""
+
+    def model(name: str, card: str) -> str:
+        return str(save_model(tmp_path / name, random_tensors(0), card=card))
+
+    upper, lower = model("upper", "---\nlicense: MIT\n---\n"), model("lower", "---\nlicense: mit\n---\n")
+    out = hubmerge.merge({"method": "centroid", "models": [upper, lower]}, tmp_path / "out").out
+    assert "\nlicense: mit\n" in (out / "README.md").read_text()
+    foo = model("foo", "---\nlicense: other\nlicense_name: foo\nlicense_link: https://x.org/foo\n---\n")
+    bar = model("bar", "---\nlicense: other\nlicense_name: bar\n---\n")
+    with pytest.raises(
+        RecipeError, match=r"different licenses \(models\.0: other \(foo\), models\.1: other \(bar\)\)"
+    ):
+        hubmerge.plan({"method": "centroid", "models": [foo, bar]})
+    out = hubmerge.merge({"method": "centroid", "models": [foo, foo]}, tmp_path / "foo2").out
+    card = (out / "README.md").read_text()
+    assert "license: other\nlicense_name: foo\nlicense_link: https://x.org/foo\n" in card
+    listed = model("listed", "---\nlicense: [mit, apache-2.0]\n---\n")
+    broken = model("broken", "---\nlicense: mit\n  bad: [\n---\n")
+    hubmerge.merge({"method": "centroid", "models": [lower, listed, broken]}, tmp_path / "mixed")
+    assert "models.1 (" in caplog.text and "): its card lists 2 licenses" in caplog.text
+    assert "): its card's metadata does not parse" in caplog.text
 
 
 def test_resume_names_a_model_the_recipe_swapped(tmp_path: Path) -> None:
@@ -695,7 +763,9 @@ def test_float16_output_beyond_its_range_is_reported(
     assert int(merged["emb"].isinf().sum()) == 192 and not merged["ok"].isinf().any()  # 1.5x: 3 per row
     said = [r.getMessage() for r in caplog.records if "float16" in r.getMessage()]
     assert (
-        len(said) == 1 and said[0].startswith("192 values in 1 float16 tensors") and "(emb: 192)" in said[0]
+        len(said) == 1
+        and said[0].startswith("192 values in 1 float16 tensors")
+        and "(most in emb: 192)" in said[0]
     )
     caplog.clear()
     with caplog.at_level("WARNING", logger="hubmerge"):
@@ -808,3 +878,20 @@ def test_the_cards_snippet_loads_a_tokenizer_only_where_the_output_has_one(tmp_p
     (models[0] / "tokenizer_config.json").write_text("{}")
     with_tokenizer = (hubmerge.merge(recipe, tmp_path / "tok").out / "README.md").read_text()
     assert 'tokenizer = AutoTokenizer.from_pretrained("./tok")' in with_tokenizer
+
+
+def test_the_working_directory_is_no_output(
+    tmp_path: Path, three: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--out .` in an empty folder: the finished merge is renamed into place, which would leave the shell in
+    a deleted folder that shows none of the files."""
+    here = tmp_path / "here"
+    (here / "deeper").mkdir(parents=True)
+    recipe = {"method": "centroid", "models": [str(p) for p in three]}
+    for cwd in (here, here / "deeper"):
+        monkeypatch.chdir(cwd)
+        with pytest.raises(OutputError, match="is \\(or contains\\) the working directory") as info:
+            hubmerge.merge(recipe, here)
+        assert info.value.hint == "give `out` the name of a new folder, or run from another directory"
+    assert (here / "deeper").is_dir() and not list(tmp_path.glob(".here*"))
+    assert (hubmerge.merge(recipe, "merged").out / "model.safetensors").is_file()  # relative to it: fine

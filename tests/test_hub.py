@@ -822,6 +822,9 @@ def test_a_push_into_a_sources_own_repository_says_it_replaces_it(
         f"the push goes to models.1's repository and branch ({ids[1]})"
     )
     assert commits[1] in said[0]
+    card = ModelCard((tmp_path / "out" / "README.md").read_text())
+    assert card.data.base_model == [ids[0]]  # not a base model of itself; the sources table names it
+    assert commits[1] in card.text
     # What a source is: its repository and commit, whatever revision named it (a resume may pin the commit).
     by_branch = SourceInfo("models.0", ModelRef(repo_id=ids[0], revision="main"), commits[0])
     by_commit = SourceInfo("models.0", ModelRef(repo_id=ids[0], revision=commits[0][:7]), commits[0])
@@ -866,7 +869,7 @@ def test_shards_for_xet_are_written_through_the_cache(monkeypatch: pytest.Monkey
     assert not uploads_read_direct()
 
 
-def test_a_push_over_an_earlier_model_deletes_its_weight_files(
+def test_a_push_over_an_earlier_model_deletes_its_model_files(
     tmp_path: Path, hub_token: str, repo_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HF_TOKEN", hub_token)
@@ -875,15 +878,22 @@ def test_a_push_over_an_earlier_model_deletes_its_weight_files(
     hubmerge.merge(recipe, tmp_path / "one", push=PushTarget(repo_name))
     api = HfApi(token=hub_token)
     assert "model.safetensors" in api.list_repo_files(repo_name)
-    for name in ("adapter_config.json", "notes.txt", "onnx/model.safetensors"):  # an adapter's; others'
+    earlier = (
+        "adapter_config.json",
+        "special_tokens_map.json",
+        "vocab.txt",
+        "modules.json",
+        "1_Pooling/config.json",
+    )
+    for name in (*earlier, "notes.txt", "onnx/model.safetensors"):  # an earlier model's files; others'
         api.upload_file(path_or_fileobj=b"{}", path_in_repo=name, repo_id=repo_name)
     recipe |= {"parameters": {"t": 0.9}, "output": {"max_shard_size": "40KB"}}
     second = hubmerge.merge(recipe, tmp_path / "two", push=PushTarget(repo_name))
     files = set(api.list_repo_files(repo_name))
     shards = {f.name for f in second.out.glob("model-*.safetensors")}
     assert len(shards) > 1 and shards | {"model.safetensors.index.json"} <= files
-    assert "model.safetensors" not in files and "adapter_config.json" not in files
-    assert {"notes.txt", "onnx/model.safetensors"} <= files  # not top-level weights: left alone
+    assert "model.safetensors" not in files and not set(earlier) & files
+    assert {"notes.txt", "onnx/model.safetensors"} <= files  # not a model's files as a merge writes them
     merged = transformers.AutoModelForCausalLM.from_pretrained(repo_name, token=hub_token).state_dict()
     expected: dict[str, torch.Tensor] = {}
     for shard in shards:
@@ -1144,16 +1154,16 @@ def test_huggingface_hub_log_lines_lose_url_signatures() -> None:
     import io
     import logging
 
-    from hubmerge.sources.hub import redact_hub_logs
+    from hubmerge.sources.hub import _Unsigned, redact_hub_logs
 
     redact_hub_logs()
     redact_hub_logs()  # once is enough: no second filter
-    (handler,) = [
+    handlers = [
         h for h in logging.getLogger("huggingface_hub").handlers if isinstance(h, logging.StreamHandler)
     ]
-    assert len(handler.filters) == 1
-    stream = io.StringIO()
-    old = handler.setStream(stream)
+    assert handlers and all(sum(isinstance(f, _Unsigned) for f in h.filters) == 1 for h in handlers)
+    streams = [io.StringIO() for _ in handlers]
+    old = [h.setStream(stream) for h, stream in zip(handlers, streams, strict=True)]
     try:
         logging.getLogger("huggingface_hub.utils._http").warning(
             "'%s' thrown while requesting %s %s",
@@ -1162,7 +1172,9 @@ def test_huggingface_hub_log_lines_lose_url_signatures() -> None:
             "http://127.0.0.1:9/api/lfs-upload/ab12?size=3&repo=a%2Fb&expires=9&signature=5ec2e7",
         )
     finally:
-        handler.setStream(old)
-    assert stream.getvalue() == (
+        for h, stream in zip(handlers, old, strict=True):
+            h.setStream(stream)
+    assert streams[0].getvalue() == (
         "'[Errno 111] Connection refused' thrown while requesting PUT http://127.0.0.1:9/api/lfs-upload/ab12?...\n"
     )
+    assert all("signature" not in stream.getvalue() for stream in streams)

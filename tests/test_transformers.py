@@ -114,3 +114,88 @@ def test_lora_adapters_are_refused_with_how_to_merge_them(
         merged.merge_and_unload().save_pretrained(tmp_path / f"full{seed}")
     recipe.write_text("method: centroid\nmodels: [full1, full2]\n")
     assert main([str(recipe), "--out", str(tmp_path / "out"), "-q"]) == 0
+
+
+def test_a_taken_tensor_must_fit_the_config_the_output_keeps(tmp_path: Path) -> None:
+    """A fine-tune with a resized vocabulary: taking its embeddings while the config (vocab_size 128) comes
+    from the first model loaded with the embeddings initialised at random. Refused, saying which model to
+    list first; listed first, the merge loads with its 130 rows."""
+    import hubmerge
+    from hubmerge.errors import PlanError
+
+    plain = tiny_llama(0, tmp_path / "plain")
+    resized = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama(1, tmp_path / "r"))
+    resized.resize_token_embeddings(130)
+    resized.save_pretrained(tmp_path / "resized")
+    embed = "model.embed_tokens.weight"
+    recipe = {
+        "method": "centroid",
+        "models": [str(plain), str(tmp_path / "resized")],
+        "rules": [{"tensors": embed, "take": 1}],
+    }
+    with pytest.raises(
+        PlanError, match=r"taken from models\.1 with shape \[130, 32\].* from models\.0"
+    ) as info:
+        hubmerge.plan(recipe)
+    assert (
+        info.value.hint
+        == "list models.1's model first in `models:`, so that its config and tokenizer come with it"
+    )
+    recipe["models"] = recipe["models"][::-1]  # type: ignore[index]
+    recipe["rules"] = [{"tensors": embed, "take": 0}]
+    out = hubmerge.merge(recipe, tmp_path / "out").out
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert merged.config.vocab_size == 130
+    torch.testing.assert_close(merged.get_input_embeddings().weight, resized.get_input_embeddings().weight)
+    assert _logits(merged, torch.tensor([[1, 129]])).shape[-1] == 130
+
+
+CONFIGURATION = """
+from transformers import LlamaConfig
+
+
+class TinyCustomConfig(LlamaConfig):
+    model_type = "tiny_custom"
+"""
+MODELING = """
+from transformers import LlamaForCausalLM
+
+from .configuration_custom import TinyCustomConfig
+
+
+class TinyCustomForCausalLM(LlamaForCausalLM):
+    config_class = TinyCustomConfig
+"""
+
+
+def test_a_model_with_code_of_its_own_keeps_it(tmp_path: Path) -> None:
+    """`auto_map` names classes in the model's .py files, which trust_remote_code loads from the output."""
+    import hubmerge
+
+    models = []
+    for i in range(2):
+        folder = tiny_llama(i, tmp_path / f"m{i}")
+        config = json.loads((folder / "config.json").read_text())
+        config["model_type"] = "tiny_custom"
+        config["auto_map"] = {
+            "AutoConfig": "configuration_custom.TinyCustomConfig",
+            "AutoModelForCausalLM": "modeling_custom.TinyCustomForCausalLM",
+        }
+        (folder / "config.json").write_text(json.dumps(config))
+        (folder / "configuration_custom.py").write_text(CONFIGURATION)
+        (folder / "modeling_custom.py").write_text(MODELING)
+        models.append(folder)
+    (models[0] / "train.py").write_text("print('a script of its own')\n")  # copied too: any may be imported
+    out = hubmerge.merge({"method": "centroid", "models": [str(m) for m in models]}, tmp_path / "out").out
+    assert {p.name for p in out.glob("*.py")} == {"configuration_custom.py", "modeling_custom.py", "train.py"}
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert type(merged).__name__ == "TinyCustomForCausalLM"
+    first = transformers.AutoModelForCausalLM.from_pretrained(models[0], trust_remote_code=True)
+    second = transformers.AutoModelForCausalLM.from_pretrained(models[1], trust_remote_code=True)
+    name = "model.layers.0.mlp.up_proj.weight"
+    expected = (first.state_dict()[name] + second.state_dict()[name]) / 2
+    torch.testing.assert_close(merged.state_dict()[name], expected)
+    plain = tiny_llama(3, tmp_path / "plain")
+    (plain / "train.py").write_text("print('not the model's')\n")
+    out = hubmerge.merge({"method": "centroid", "models": [str(plain)]}, tmp_path / "out2").out
+    assert not list(out.glob("*.py"))  # no auto_map: a script beside the model is not the model's
