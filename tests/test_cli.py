@@ -524,3 +524,39 @@ def test_a_full_disk_anywhere_is_one_line_with_what_to_do(
         "error: the disk is full writing /data/out/README.md (No space left on device) "
         "(hint: free some space, then rerun with --resume to continue)"
     ]
+
+
+def test_merge_refuses_arguments_of_the_wrong_kind_before_writing(recipe: Path) -> None:
+    for kwargs, said in (
+        ({"push": True}, "push is a repository id, a PushTarget or False, got True"),
+        ({"out": 123}, "out is a directory path, got 123"),
+        ({"progress": 5}, "progress is a function, got 5"),
+        ({"on_plan": "print"}, "on_plan is a function, got 'print'"),
+    ):
+        with pytest.raises(RecipeError, match=said):
+            hubmerge.merge(recipe, **kwargs)  # type: ignore[arg-type]
+    assert not list(recipe.parent.glob("*out*"))
+
+
+def test_verbose_among_short_flags_shows_the_traceback(tmp_path: Path) -> None:
+    bad = write_recipe(tmp_path / "bad.yaml", "method: centroid\nmodels: [./nothing]\n")
+    for args in (["-qv", "plan", str(bad)], ["plan", str(bad), "-vq"]):
+        done = _run(*args)
+        assert done.returncode == 2 and "Traceback" in done.stderr, args
+
+
+def test_hub_serve_on_a_busy_port_is_one_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = _run("hub", "serve", "--root", str(tmp_path / "hub"), "--port", str(port))
+    assert done.returncode == 2
+    assert done.stderr == (
+        f"error: cannot listen on 127.0.0.1:{port}: Address already in use (hint: pass another --port (0 picks "
+        "a free one))\n"
+    )
+    wrong = _run("hub", "serve", "--root", str(tmp_path / "hub"), "--port", "99999")
+    assert wrong.returncode == 2 and "99999 is not in the range 0<=x<=65535" in wrong.stderr
