@@ -555,8 +555,8 @@ def test_hub_serve_on_a_busy_port_is_one_line(tmp_path: Path) -> None:
         done = _run("hub", "serve", "--root", str(tmp_path / "hub"), "--port", str(port))
     assert done.returncode == 2
     assert done.stderr == (
-        f"error: cannot listen on 127.0.0.1:{port}: Address already in use (hint: pass another --port (0 picks "
-        "a free one))\n"
+        f"error: cannot listen on 127.0.0.1:{port}: Address already in use "
+        "(hint: pass another --port (0 picks a free one))\n"
     )
     wrong = _run("hub", "serve", "--root", str(tmp_path / "hub"), "--port", "99999")
     assert wrong.returncode == 2 and "99999 is not in the range 0<=x<=65535" in wrong.stderr
