@@ -9,6 +9,7 @@ with the same cleanup: Hub scratch files deleted, the partial output closed for 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import errno
 import gc
 import json
@@ -64,7 +65,15 @@ class _DefaultToMerge(click.Group):
             lead += 1
         if 0 < lead < len(args) and args[lead] in ("plan", "merge"):
             args = [args[lead], *args[:lead], *args[lead + 1 :]]
+        if args and args[0] == "help":
+            args = ["--help"]
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            close = difflib.get_close_matches(args[0], list(self.commands), n=1, cutoff=0.7)
+            if close and not Path(args[0]).exists():  # `hubmerge methdos`: a command mistyped, not a recipe
+                raise click.UsageError(
+                    f"no command {args[0]!r}, and no recipe file of that name (did you mean `hubmerge "
+                    f"{close[0]}`?)"
+                )
             args = ["merge", *args]
         return super().parse_args(ctx, args)
 
@@ -72,7 +81,11 @@ class _DefaultToMerge(click.Group):
 @click.group(cls=_DefaultToMerge, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="hubmerge")
 def cli() -> None:
-    """Merge fine-tuned models tensor by tensor: `hubmerge RECIPE.yaml`."""
+    """Merge fine-tuned models tensor by tensor: `hubmerge RECIPE.yaml` (or .json, or a mergekit config).
+
+    `hubmerge RECIPE` is `hubmerge merge RECIPE` and takes its options (`hubmerge merge --help`): --out,
+    --push, --resume, --force, --dry-run, -q (quiet), -v (verbose), and more.
+    """
 
 
 def _setup_logging(verbose: bool, quiet: bool, *, info: bool = True) -> None:
@@ -156,10 +169,18 @@ def _progress_bar(total: int) -> Any:
 @cli.command("merge")
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
-    "--out", type=click.Path(file_okay=False, path_type=Path), help="Output directory (overrides output.dir)."
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output directory, from the working directory (overrides the recipe's output.dir).",
 )
 @click.option("--dtype", type=DTYPES, help="Output dtype (overrides the recipe; default: the first model's).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="Where to merge (cuda: the first GPU torch sees).",
+)
 @click.option("--resume", is_flag=True, help="Continue an interrupted merge into the same output.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory (never an input).")
 @click.option("--dry-run", is_flag=True, help="Plan and check, read no weights, write nothing.")

@@ -560,3 +560,16 @@ def test_hub_serve_on_a_busy_port_is_one_line(tmp_path: Path) -> None:
     )
     wrong = _run("hub", "serve", "--root", str(tmp_path / "hub"), "--port", "99999")
     assert wrong.returncode == 2 and "99999 is not in the range 0<=x<=65535" in wrong.stderr
+
+
+def test_a_mistyped_command_is_named_not_read_as_a_recipe(tmp_path: Path) -> None:
+    typo = _run("methdos")
+    assert typo.returncode == 2
+    assert typo.stderr == (
+        "error: no command 'methdos', and no recipe file of that name (did you mean `hubmerge methods`?)\n"
+    )
+    helped = _run("help")
+    assert helped.returncode == 0 and "`hubmerge RECIPE` is `hubmerge merge RECIPE`" in helped.stdout
+    (tmp_path / "plans").write_text("method: centroid\nmodels: [./nothing]\n")  # a recipe of that name: read
+    recipe = _run("plans", cwd=tmp_path)
+    assert recipe.returncode == 2 and "no output directory" in recipe.stderr  # read as a recipe
