@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, get_args
 
 from .errors import RecipeError
-from .recipe import Dtype
+from .recipe import Dtype, dtype_hint
 
 METHOD_NAMES = {
     "linear": "weighted",
@@ -36,7 +36,8 @@ UNSUPPORTED_KEYS = {
         "remove it: hubmerge copies the base model's tokenizer files, chat template included",
     ),
 }
-IGNORED_PARAMS = {"int8_mask"}  # a mergekit memory option with no effect on the result
+# mergekit's memory options with no effect on the result: accepted (as a parameter too) and ignored.
+IGNORED_FLAGS = {"int8_mask"}
 # Methods that merge the models' differences from base_model: mergekit leaves the base out of `models:`,
 # where its examples list it (with no parameters) so that every model is named in one list.
 TASK_VECTOR_METHODS = {"task_arithmetic", "ties", "dare_ties", "dare_linear", "model_stock"}
@@ -57,6 +58,7 @@ KNOWN_KEYS = {
     "out_dtype",
     "tokenizer_source",
     "name",
+    *IGNORED_FLAGS,
 }
 
 
@@ -79,6 +81,8 @@ def translate_mergekit(doc: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(doc) - KNOWN_KEYS)
     if unknown:
         raise RecipeError(f"unknown mergekit key '{unknown[0]}'", path=unknown[0], hint="remove it")
+    for flag in IGNORED_FLAGS & set(doc):
+        _ignored_flag(doc[flag], flag)
     mk_method = doc["merge_method"]
     if mk_method not in METHOD_NAMES:
         raise RecipeError(
@@ -125,10 +129,20 @@ def translate_mergekit(doc: dict[str, Any]) -> dict[str, Any]:
             raise RecipeError(
                 f"got {out_dtype!r}; expected one of {', '.join(get_args(Dtype))}",
                 path=key,
-                hint="use one of these names",
+                hint=dtype_hint(out_dtype),
             )
         recipe["dtype"] = out_dtype
     return recipe
+
+
+def _ignored_flag(value: Any, where: str) -> None:
+    """A memory option such as ``int8_mask``: true or false, and either merges the same."""
+    if not isinstance(value, bool):
+        raise RecipeError(
+            f"'{where.rsplit('.', 1)[-1]}' is true or false, got {value!r}",
+            path=where,
+            hint="hubmerge ignores it (it saves memory only): remove it, or write true or false",
+        )
 
 
 def _same(a: str, b: str) -> bool:
@@ -154,7 +168,8 @@ def _params(params: Any, where: str) -> dict[str, Any]:
         raise RecipeError("parameters must be a mapping", path=where)
     out: dict[str, Any] = {}
     for name, value in params.items():
-        if name in IGNORED_PARAMS:
+        if name in IGNORED_FLAGS:
+            _ignored_flag(value, f"{where}.{name}")
             continue
         if name == "rescale" and value is not True:
             raise RecipeError("rescale: false is not supported; DARE always rescales", path=f"{where}.{name}")

@@ -14,7 +14,7 @@ from .errors import RecipeError
 
 if TYPE_CHECKING:
     from .methods import MethodSpec, ParamSpec
-    from .recipe import ParamValue, Recipe, Scalar
+    from .recipe import ModelEntry, ParamValue, Recipe, Scalar
 
 ENGINE_PARAMS = ("seed",)  # handled by the engine for every method, never passed to a method
 SEED_DOC = "random seed (masks drawn per tensor name)"
@@ -52,15 +52,11 @@ def check_parameters(recipe: Recipe) -> None:
             hint="add `base: <the model the fine-tunes started from>`",
         )
     _check_mapping(spec, recipe.parameters, n, "parameters")
+    _check_base(spec, recipe)
     for i, entry in enumerate(recipe.models):
-        for name, value in entry.per_model_params().items():
-            where = f"models.{i}.{name}" if name in ("weight", "density") else f"models.{i}.parameters.{name}"
+        for name, value, where in _own_params(entry, f"models.{i}"):
             if name in ENGINE_PARAMS:  # masks are drawn from (seed, tensor name): one seed per recipe
-                raise RecipeError(
-                    f"{name} is set once, for the whole recipe, not per model",
-                    path=where,
-                    hint=f"move it to the recipe's `parameters: {{{name}: ...}}`",
-                )
+                raise _seed_not_here(spec, where, "not per model")
             param = _param(spec, name, where)
             if not param.per_model:
                 raise RecipeError(
@@ -89,11 +85,98 @@ def check_parameters(recipe: Recipe) -> None:
                 hint="add `base:`, or take a model by its number (`take: 0`)",
             )
         _check_mapping(spec, rule.parameters, n, f"rules.{r}.parameters")
+    _check_normalizable(spec, resolve_params(recipe, spec, {}), _weights_field(recipe, {}, "parameters"))
+    for r, rule in enumerate(recipe.rules):
         where = f"rules.{r}.parameters"
         _check_normalizable(
-            spec, resolve_params(recipe, spec, rule.parameters, where=where), f"{where}.weight"
+            spec,
+            resolve_params(recipe, spec, rule.parameters, where=where),
+            _weights_field(recipe, rule.parameters, where),
         )
-    _check_normalizable(spec, resolve_params(recipe, spec, {}), "models")
+
+
+def _own_params(entry: ModelEntry, where: str) -> list[tuple[str, Scalar, str]]:
+    """A model entry's parameters as (name, value, YAML path): ``weight:``, ``parameters: {weight:}`` apart.
+
+    Raises:
+        RecipeError: a parameter given both ways (which would win is no way to say it).
+    """
+    own = [(name, value, f"{where}.parameters.{name}") for name, value in entry.parameters.items()]
+    for name in ("weight", "density"):
+        value = getattr(entry, name)
+        if value is None:
+            continue
+        if name in entry.parameters:
+            raise RecipeError(
+                f"'{name}' is given twice: as `{name}:` and in `parameters:`",
+                path=f"{where}.{name}",
+                hint=f"give it one way: `{name}: {value}`, or in `parameters: {{{name}: ...}}`",
+            )
+        own.append((name, value, f"{where}.{name}"))
+    return own
+
+
+def _check_base(spec: MethodSpec, recipe: Recipe) -> None:
+    """Refuse the base entry's weight, density and parameters: the base is no model of the weighted sum (a
+    task-vector method subtracts it, the others take its config), so they would be ignored."""
+    if recipe.base is None:
+        return
+    for name, _, where in _own_params(recipe.base, "base"):
+        if name in ENGINE_PARAMS:
+            raise _seed_not_here(spec, where, "not for the base")
+        if name == "weight":
+            raise RecipeError(
+                "the base is not weighted: "
+                + (
+                    f"method '{spec.name}' weights the models' differences from it"
+                    if spec.needs_base
+                    else f"method '{spec.name}' merges only `models:` (the base gives the config)"
+                ),
+                path=where,
+                hint="give the weights to the entries of `models:`, or remove it",
+            )
+        param = _param(spec, name, where)
+        if param.per_model:
+            raise RecipeError(
+                f"'{name}' is set per model, and the base is no model of the merge",
+                path=where,
+                hint=f"give `{name}:` to the entries of `models:`, or remove it",
+            )
+        raise RecipeError(
+            f"'{name}' applies to the whole merge, not to the base",
+            path=where,
+            hint=f"move it to the recipe's `parameters: {{{name}: ...}}`",
+        )
+
+
+def _seed_not_here(spec: MethodSpec, where: str, how: str) -> RecipeError:
+    """A seed given per model, per rule or for the base: a random method's recipe has one (its masks differ
+    per tensor name already); the other methods' recipes may set it, and it changes nothing."""
+    if not spec.random:
+        return RecipeError(
+            f"method '{spec.name}' draws no random numbers: a seed changes nothing",
+            path=where,
+            hint="remove it",
+        )
+    return RecipeError(
+        f"seed is set once, for the whole recipe, {how}",
+        path=where,
+        hint="move it to the recipe's `parameters: {seed: ...}`; each tensor's randomness already depends on "
+        "its name",
+    )
+
+
+def _weights_field(recipe: Recipe, overrides: Mapping[str, ParamValue], where: str) -> str:
+    """Where the weights resolved with ``overrides`` (a rule's parameters, at ``where``) were given."""
+    if "weight" in overrides:
+        return f"{where}.weight"
+    if "normalize" in overrides:
+        return f"{where}.normalize"
+    if "weight" in recipe.parameters and not any(
+        "weight" in entry.per_model_params() for entry in recipe.models
+    ):
+        return "parameters.weight"
+    return "models"
 
 
 # Methods that divide by the sum of the weights when `normalize` is on (TIES divides per entry instead).
@@ -116,11 +199,13 @@ def _param(spec: MethodSpec, name: str, where: str) -> ParamSpec:
     for param in spec.params:
         if param.name == name:
             return param
-    valid = ", ".join(p.name for p in spec.params) or "none"
+    valid = [p.name for p in spec.params] + (["seed"] if spec.random else [])  # seed: where masks are drawn
     raise RecipeError(
         f"method '{spec.name}' takes no parameter '{name}'",
         path=where,
-        hint=f"its parameters: {valid} (and seed); `hubmerge methods` describes them",
+        hint=f"its parameters: {', '.join(valid)}; `hubmerge methods` describes them"
+        if valid
+        else f"'{spec.name}' takes no parameters: remove it",
     )
 
 
@@ -128,14 +213,13 @@ def _check_mapping(spec: MethodSpec, params: Mapping[str, ParamValue], n: int, w
     for name, value in params.items():
         if name in ENGINE_PARAMS:
             if where != "parameters":  # masks are drawn from (seed, tensor name): one seed per recipe
-                raise RecipeError(
-                    "seed is set once, for the whole recipe",
-                    path=f"{where}.{name}",
-                    hint="move it to the recipe's `parameters:`; each tensor's randomness already depends on "
-                    "its name",
-                )
+                raise _seed_not_here(spec, f"{where}.{name}", "not per rule")
             if not isinstance(value, int) or isinstance(value, bool):
-                raise RecipeError(f"seed must be an integer, got {value!r}", path=f"{where}.{name}")
+                raise RecipeError(
+                    f"seed must be an integer, got {value!r}",
+                    path=f"{where}.{name}",
+                    hint="write e.g. `seed: 0`",
+                )
             continue
         param = _param(spec, name, f"{where}.{name}")
         if isinstance(value, list):
@@ -161,15 +245,23 @@ _FLOAT32_MAX = 3.4028234663852886e38
 def _coerce(param: ParamSpec, value: Scalar, where: str) -> Scalar:
     if param.type is bool:
         if not isinstance(value, bool):
-            raise RecipeError(f"'{param.name}' is true or false, got {value!r}", path=where)
+            raise RecipeError(
+                f"'{param.name}' is true or false, got {value!r}",
+                path=where,
+                hint=f"write `{param.name}: true`",
+            )
         return value
     if isinstance(value, str):  # YAML 1.1 reads 1e-3 as text (it wants 1.0e-3): a number is meant
         try:
             value = float(value.strip()) if param.type is float else int(value.strip())
         except ValueError:
             pass
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise RecipeError(f"'{param.name}' is a number, got {value!r}", path=where)
+    if isinstance(value, bool) or not isinstance(value, int | float):  # true is no 1.0: refused everywhere
+        raise RecipeError(
+            f"'{param.name}' is a number, got {value!r}",
+            path=where,
+            hint=f"give a number, such as {param.default if param.default is not None else 0.5}",
+        )
     if isinstance(value, float) and not math.isfinite(value):
         raise RecipeError(
             f"{value} is not a finite number",
@@ -179,7 +271,9 @@ def _coerce(param: ParamSpec, value: Scalar, where: str) -> Scalar:
     try:
         number = int(value) if param.type is int else float(value)
     except OverflowError:
-        raise RecipeError(f"'{param.name}' is too large, got {value!r}", path=where) from None
+        raise RecipeError(
+            f"'{param.name}' is too large, got {value!r}", path=where, hint="give a smaller value"
+        ) from None
     if param.type is float and abs(number) > _FLOAT32_MAX:  # the merge computes in float32: inf there
         raise RecipeError(
             f"'{param.name}' is {value!r}, beyond the range of float32 (about 3.4e38), the merge's "

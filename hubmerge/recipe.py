@@ -13,7 +13,7 @@ import math
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -22,8 +22,10 @@ from pydantic import (
     Field,
     PrivateAttr,
     SerializerFunctionWrapHandler,
+    StrictFloat,
     StrictInt,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
@@ -36,15 +38,24 @@ Dtype = Literal["float32", "float16", "bfloat16", "float64"]
 Scalar = bool | int | float | str  # checked against the method's parameter types in params.py
 ParamValue = Scalar | list[Scalar]
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+# A number (YAML 1.1 reads 1e9 as text: it is meant as a number of bytes), then an optional unit.
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?(?:e[+-]?\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-def parse_size(value: int | str) -> int:
-    """``"5GB"`` -> 5_000_000_000, ``"2GiB"`` -> 2**31, ints pass through. Raises ValueError."""
-    if isinstance(value, int):
-        size = value
+def parse_size(value: int | float | str) -> int:
+    """``"5GB"`` -> 5_000_000_000, ``"2GiB"`` -> 2**31, ``"1e9"`` -> 10**9, numbers of bytes pass through.
+
+    Raises:
+        ValueError: not a size, or not a positive one.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a size; write e.g. 5GB, 500MB or 2GiB")
+    if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ValueError(f"{value!r} is not a size; write e.g. 5GB, 500MB or 2GiB")
+        size = int(value)
     else:
         match = _SIZE.match(value)
         if not match:
@@ -73,7 +84,23 @@ class ModelEntry(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, data: Any) -> Any:
-        return {"ref": data} if isinstance(data, str) else data
+        if isinstance(data, str):
+            return {"ref": data}
+        if not isinstance(data, dict | ModelEntry):
+            raise RecipeError(
+                f"a model is a path, a Hub id, or a mapping with `path:` or `repo:`, got {data!r}",
+                hint="write e.g. `./my-model`, `org/name@v1` or `{path: ./my-model, weight: 2}`",
+            )
+        return data
+
+    @field_validator("weight", "density", mode="before")
+    @classmethod
+    def _number(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool):  # pydantic reads true as 1.0: `parameters:` refuses it, so here too
+            example = 1.0 if info.field_name == "weight" else 0.5
+            hint = f"give a number, such as {example}"
+            raise RecipeError(f"'{info.field_name}' is a number, got {value!r}", hint=hint)
+        return value
 
     @model_validator(mode="after")
     def _one_location(self) -> ModelEntry:
@@ -106,6 +133,19 @@ class Rule(_Strict):
     skip: bool = False
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
 
+    @field_validator("tensors", mode="before")
+    @classmethod
+    def _globs(cls, value: Any) -> Any:
+        example = "write e.g. `tensors: 'model.layers.*.mlp.*'` or `tensors: ['lm_head.*', 'model.norm.*']`"
+        globs = value if isinstance(value, list | tuple) else [value]
+        if not all(isinstance(g, str) for g in globs):
+            raise RecipeError(f"expected a glob or a list of globs, got {value!r}", hint=example)
+        if not globs:
+            raise RecipeError("an empty list of globs names no tensor", hint=example + ", or remove the rule")
+        if not all(g.strip() for g in globs):
+            raise RecipeError(f"an empty glob names no tensor, got {value!r}", hint=example)
+        return value
+
     @model_validator(mode="after")
     def _one_action(self) -> Rule:
         actions = (self.take is not None) + self.skip + bool(self.parameters)
@@ -120,12 +160,16 @@ class Rule(_Strict):
 
 class Output(_Strict):
     dir: str | None = None
-    max_shard_size: StrictInt | str = "5GB"
+    max_shard_size: StrictInt | StrictFloat | str = "5GB"
 
     @field_validator("max_shard_size")
     @classmethod
-    def _size(cls, value: int | str) -> int | str:
-        parse_size(value)
+    def _size(cls, value: int | float | str) -> int | float | str:
+        try:
+            parse_size(value)
+        except ValueError as exc:
+            hint = "give a number of bytes, or a size such as 5GB, 500MB or 2GiB"
+            raise RecipeError(str(exc), hint=hint) from None
         return value
 
 
@@ -318,6 +362,8 @@ def load_recipe(
             raise RecipeError(
                 f"unknown key {key!r} (not text)", path=str(key), hint="recipe keys are names like `models`"
             )
+    # `x-common: &m {...}` holds a YAML anchor for the keys below it (as in docker compose): not the recipe's.
+    doc = {k: v for k, v in doc.items() if not k.startswith("x-")}
     if "merge_method" in doc:
         from .mergekit import translate_mergekit
 
@@ -344,8 +390,8 @@ def _check(recipe: Recipe) -> None:
 def _check_finite(recipe: Recipe) -> None:
     """Refuse NaN and infinite numbers: they would pass every range check and write a model of NaNs."""
     found: list[tuple[str, object]] = []
-    for i, entry in enumerate([*recipe.models, *([recipe.base] if recipe.base is not None else [])]):
-        where = f"models.{i}" if i < len(recipe.models) else "base"
+    for i, entry in enumerate(recipe.models):  # the base's are refused in check_parameters: it takes none
+        where = f"models.{i}"
         found += [(f"{where}.{k}", v) for k, v in (("weight", entry.weight), ("density", entry.density))]
         found += [(f"{where}.parameters.{k}", v) for k, v in entry.parameters.items()]
     found += [(f"parameters.{k}", v) for k, v in recipe.parameters.items()]
@@ -379,12 +425,65 @@ def _read_yaml(source: str | Path, base_dir: Path | None) -> tuple[Any, Path | N
     else:
         text = source
     try:
-        return yaml.safe_load(text), base_dir
+        return _load_yaml(text), base_dir
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or exc
         raise RecipeError(f"recipe is not valid YAML{where}: {problem}", hint="fix the YAML syntax") from None
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.safe_load(text)``, but a key given twice in one mapping is refused: safe_load keeps the last.
+
+    Raises:
+        RecipeError: naming the key's path and both lines.
+        yaml.YAMLError: the text is not YAML.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicate_keys(loader, node, "", set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _refuse_duplicate_keys(loader: yaml.SafeLoader, node: yaml.Node, path: str, seen: set[int]) -> None:
+    if id(node) in seen:  # an alias: its anchor was checked where it was defined (and may hold itself)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(loader, item, f"{path}.{i}" if path else str(i), seen)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    lines: dict[object, int] = {}
+    for key_node, value_node in node.value:
+        if key_node.tag == _MERGE_TAG:  # `<<: *anchor` gives defaults, which the mapping's own keys override
+            merged = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+            for item in merged:
+                _refuse_duplicate_keys(loader, item, path, seen)
+            continue
+        if not isinstance(key_node, yaml.ScalarNode):
+            continue
+        key = loader.construct_object(key_node)  # `1` and `01` alike, as the mapping will hold them
+        where = f"{path}.{key}" if path else str(key)
+        line = key_node.start_mark.line + 1
+        if key in lines:
+            lines_said = f"lines {lines[key]} and {line}" if lines[key] != line else f"line {line}"
+            raise RecipeError(
+                f"given twice ({lines_said})",
+                path=where,
+                hint=f"keep one `{key}:`; YAML would silently use the last one",
+            )
+        lines[key] = line
+        _refuse_duplicate_keys(loader, value_node, where, seen)
 
 
 # Keys people bring from mergekit configs and model cards, and what hubmerge calls them.
@@ -425,11 +524,16 @@ def _recipe_error(exc: ValidationError) -> RecipeError:
     errors = exc.errors()
     # An unknown key first: a misspelt `modles:` is also a missing `models:`, and the spelling is the cause.
     err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    cause = (err.get("ctx") or {}).get("error")
-    if isinstance(cause, RecipeError):  # Recipe.__init__'s own, which model_validate goes through
-        return cause
     path = _path(err)
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, RecipeError):  # a validator's own (which knows the words), or Recipe.__init__'s
+        return (
+            cause
+            if cause.path is not None
+            else RecipeError(cause.message, path=path or None, hint=cause.hint)
+        )
     kind, msg = err["type"], err["msg"].removeprefix("Value error, ")
+    got = repr(err.get("input"))
     if kind == "extra_forbidden":
         return RecipeError("unknown key", path=path, hint=_unknown_key_hint(str(err["loc"][-1]), path))
     if kind == "missing":
@@ -438,22 +542,72 @@ def _recipe_error(exc: ValidationError) -> RecipeError:
         hint = (
             "this hubmerge reads recipes of version 1: write `version: 1`, or leave it out"
             if path == "version"
+            else dtype_hint(err.get("input"), ("float32", "float64") if path == "compute_dtype" else None)
+            if path in ("dtype", "compute_dtype")
             else "give one of those values"
         )
-        return RecipeError(f"got {err.get('input')!r}; {msg}", path=path, hint=hint)
+        expected = msg.replace("Input should be ", "expected ")
+        return RecipeError(f"got {err.get('input')!r}; {expected}", path=path, hint=hint)
+    if re.fullmatch(r"rules\.\d+\.take", path):
+        return RecipeError(
+            f"expected a model's number or `base`, got {got}",
+            path=path,
+            hint="write `take: 0` (the first model of `models:`) or `take: base`",
+        )
     if kind == "too_short" and path == "models":
         return RecipeError("no models listed", path=path, hint="list the models to merge under `models:`")
-    got = repr(err.get("input"))
-    kinds = [_KINDS.get(e["type"]) for e in errors if _path(e) == _path(err)]
+    if kind in ("model_type", "dict_type") and path in _SECTION_EXAMPLES:
+        return RecipeError(
+            f"`{path}:` is a mapping, got {got}", path=path, hint=f"write {_section_example(path, err)}"
+        )
+    if kind == "list_type" and path in ("models", "rules"):
+        example = (
+            "`models: [./a, org/b]`" if path == "models" else "`rules: [{tensors: 'lm_head.*', take: 0}]`"
+        )
+        return RecipeError(f"`{path}:` is a list, got {got}", path=path, hint=f"write e.g. {example}")
+    kinds = [_kind(e["type"], path) for e in errors if _path(e) == path]
     if len(kinds) > 1 and all(kinds):  # a value that fits none of a union's types: say what all of them are
         wanted = list(dict.fromkeys(k for k in kinds if k))
         expected = ", ".join(wanted[:-1]) + f" or {wanted[-1]}" if len(wanted) > 1 else wanted[0]
         return RecipeError(f"expected {expected}, got {got}", path=path or None, hint=f"give {expected}")
-    return RecipeError(
-        msg if got in msg else f"{msg} (got {got})",
-        path=path or None,
-        hint=f"give {_KINDS[kind]}" if kind in _KINDS else None,
-    )
+    one = _kind(kind, path)
+    if one:  # pydantic's "Input should be a valid ...", in the recipe's words
+        return RecipeError(f"expected {one}, got {got}", path=path or None, hint=f"give {one}")
+    return RecipeError(msg if got in msg else f"{msg} (got {got})", path=path or None)
+
+
+# Sections written as one value where a mapping is wanted, and the mapping meant.
+_SECTION_EXAMPLES = {"output": "dir", "push": "repo", "card": "license"}
+
+
+def _section_example(section: str, err: Any) -> str:
+    value = err.get("input")
+    shown = value if isinstance(value, str) and value.strip() else "..."
+    return f"`{section}: {{{_SECTION_EXAMPLES[section]}: {shown}}}`"
+
+
+# What people write for a dtype, and hubmerge's (torch's) name for it.
+_DTYPE_ALIASES = {
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "f16": "float16",
+    "half": "float16",
+    "fp32": "float32",
+    "f32": "float32",
+    "float": "float32",
+    "fp64": "float64",
+    "f64": "float64",
+    "double": "float64",
+}
+
+
+def dtype_hint(value: object, names: tuple[str, ...] | None = None) -> str:
+    """What to write instead of ``value``, not one of the dtype ``names`` (default: every output dtype):
+    ``"bf16"`` -> ``write `bfloat16```."""
+    names = names or get_args(Dtype)
+    name = str(value).strip().lower().removeprefix("torch.")
+    meant = _DTYPE_ALIASES.get(name, name)  # `Float16`, `torch.float16` too
+    return f"write `{meant}`" if meant in names else f"give one of {', '.join(names)}"
 
 
 _KINDS = {
@@ -465,8 +619,15 @@ _KINDS = {
     "float_type": "a number",
     "float_parsing": "a number",
     "string_type": "text",
-    "list_type": "a list (one value per model)",
+    "list_type": "a list",
 }
+
+
+def _kind(kind: str, path: str) -> str | None:
+    """What an error of pydantic's ``kind`` at ``path`` wanted, in the recipe's words."""
+    if kind == "list_type" and re.fullmatch(r"(rules\.\d+\.)?parameters\.[^.]+", path):
+        return "a list (one value per model)"
+    return _KINDS.get(kind)
 
 
 def _path(err: Any) -> str:

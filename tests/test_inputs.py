@@ -50,7 +50,7 @@ def test_recipe_errors_name_the_field(pair: list[str]) -> None:
     )
     _recipe_error(
         {"method": "weighted", "models": [{"path": pair[0], "weight": "heavy"}, pair[1]]},
-        "valid number",
+        "expected a number, got 'heavy'",
         "models.0.weight",
     )
     _recipe_error(
@@ -177,7 +177,7 @@ def test_recipe_text_files_and_numbers_read_as_meant(pair: list[str], tmp_path: 
     # Booleans are no model index and no size.
     _recipe_error(
         {"method": "centroid", "models": pair, "rules": [{"tensors": "x", "take": True}]},
-        "integer",
+        "expected a model's number or `base`, got True",
         "rules.0.take",
     )
     _recipe_error(
