@@ -307,7 +307,7 @@ def _ref(entry: ModelEntry, base_dir: Path, field: str) -> ModelRef:
     if entry.repo is not None:
         from .refs import hub_ref
 
-        return hub_ref(entry.repo, field=f"{field}.repo", revision=entry.revision)
+        return hub_ref(entry.repo, field=f"{field}.repo", revision=entry.revision, base_dir=base_dir)
     if entry.path is not None:
         if not entry.path.strip():
             raise RecipeError("empty path", path=f"{field}.path", hint="give the model's folder or file")

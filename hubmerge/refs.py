@@ -23,8 +23,9 @@ class ModelRef:
     path: Path | None = None
     repo_id: str | None = None
     revision: str | None = None
-    # A Hub id that could have been a local path (``ckpt/tweets``): that path, which does not exist, for
-    # errors to name when the Hub does not have the repository either. Not part of what the model is.
+    # A Hub id that could have been a local path, for errors to name when the Hub does not have the
+    # repository: a shorthand's (``ckpt/tweets``), which does not exist, or the folder a ``repo:`` key's id
+    # also names, which does (``path:`` reads it). Not part of what the model is.
     local: Path | None = field(default=None, compare=False)
 
     @property
@@ -89,10 +90,10 @@ def parse_ref(text: str, *, base_dir: Path, field: str, revision: str | None = N
             "empty model reference", path=field, hint="give a local path or a Hub repository id"
         )
     if text.startswith("hf://"):
-        return hub_ref(text[len("hf://") :], field=field, revision=revision)
+        return _hub(text[len("hf://") :], field=field, revision=revision)
     local = Path(text).expanduser()
     local = local if local.is_absolute() else base_dir / local
-    if text.startswith(("./", "../", "/", "~", ".\\")) or local.exists():
+    if _looks_local(text) or local.exists():
         if revision is not None:
             raise RecipeError(
                 f"a revision ({revision!r}) was given for the local path {text!r}",
@@ -100,11 +101,56 @@ def parse_ref(text: str, *, base_dir: Path, field: str, revision: str | None = N
                 hint="revisions apply to Hub repositories only; remove `revision`",
             )
         return ModelRef(path=local.resolve())
-    return replace(hub_ref(text, field=field, revision=revision), local=local)
+    return replace(_hub(text, field=field, revision=revision), local=local)
 
 
-def hub_ref(text: str, *, field: str, revision: str | None = None) -> ModelRef:
-    """Parse ``org/name`` or ``org/name@rev`` into a Hub :class:`ModelRef`.
+def _looks_local(text: str) -> bool:
+    """Whether ``text`` is written as a path, never a repository id: ``./x``, ``../x``, ``/x``, ``~/x``."""
+    return text.startswith(("./", "../", "/", "~", ".\\")) or text in (".", "..")
+
+
+def hub_ref(text: str, *, field: str, revision: str | None = None, base_dir: Path | None = None) -> ModelRef:
+    """Parse the value of a recipe's ``repo:`` key, ``org/name`` or ``org/name@rev``, into a Hub
+    :class:`ModelRef`.
+
+    ``repo:`` names a Hub repository even where a local folder has that name (telling the two apart is what
+    it is for); that folder, given ``base_dir``, is kept for the error to name if the Hub lacks the
+    repository.
+
+    Args:
+        text: the value as written in the recipe.
+        field: YAML path of the key, for error messages.
+        revision: a revision given separately (the ``revision:`` key).
+        base_dir: the recipe's directory, where relative local paths start.
+
+    Raises:
+        RecipeError: a local path (``repo:`` takes repository ids only), not a valid repository id, or two
+            revisions given.
+    """
+    text = text.strip()
+    repo_id = text.partition("@")[0]
+    local = Path(repo_id).expanduser()
+    if base_dir is not None and not local.is_absolute():
+        local = base_dir / local
+    exists = base_dir is not None and bool(repo_id) and local.exists()
+    if _looks_local(text) or (exists and not is_repo_id(repo_id)):
+        raise RecipeError(
+            f"`repo:` takes a Hub repository id, and {text!r} is a local path",
+            path=field,
+            hint=f"for a local folder or file write `path: {text}` instead of `repo:`",
+        )
+    if not is_repo_id(repo_id):
+        raise RecipeError(
+            f"`repo:` takes a Hub repository id (name or namespace/name[@revision]), and {text!r} is not one",
+            path=field,
+            hint="check the id; for a local folder or file write `path:` instead of `repo:`",
+        )
+    ref = _hub(text, field=field, revision=revision)
+    return replace(ref, local=local) if exists else ref
+
+
+def _hub(text: str, *, field: str, revision: str | None = None) -> ModelRef:
+    """Parse ``org/name`` or ``org/name@rev`` (a shorthand reference, or what follows ``hf://``).
 
     Raises:
         RecipeError: not a valid repository id, or two revisions given.

@@ -292,6 +292,53 @@ def test_a_mistyped_local_path_is_named_when_the_hub_lacks_it_too(tmp_path: Path
     assert "--resume" not in line and "HF_HUB_OFFLINE=1" in line
 
 
+def test_a_hub_host_that_does_not_resolve_fails_at_once(tmp_path: Path) -> None:
+    """No network, or a mistyped HF_ENDPOINT: a host name that does not resolve is not retried (retries
+    printed four warnings over 8 s before the same end): a mistyped local path fails at once, in a line."""
+    save_model(tmp_path / "a", random_tensors(0))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: centroid\nmodels: [a, llama_zz/foo]\n")
+    done = _cli("plan", str(recipe), endpoint="http://hubmerge-no-such-host.invalid", token=None)
+    assert done.returncode == 2 and "retrying" not in done.stderr, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert "the host name 'hubmerge-no-such-host.invalid' does not resolve" in line
+    assert f"no local folder {tmp_path / 'llama_zz' / 'foo'} either" in line and "HF_ENDPOINT" in line
+
+
+def test_a_name_resolution_failure_is_not_retried() -> None:
+    """As the resolver words it where it has no server to ask (EAI_AGAIN), inside httpx's error."""
+    import httpx2
+
+    from hubmerge.errors import HubConnectionError
+    from hubmerge.sources.hub import hub_call
+
+    calls = []
+
+    def lookup() -> None:
+        calls.append(1)
+        raise httpx2.ConnectError("[Errno -3] Temporary failure in name resolution")
+
+    with pytest.raises(HubConnectionError, match="does not resolve"):
+        hub_call(lookup, repo_id="org/x", revision=None, what="repository info", attempts=5)
+    assert len(calls) == 1
+
+
+def test_a_repo_the_hub_lacks_names_the_local_folder_of_that_name(
+    tmp_path: Path, hub: HubServer, repo_name: str
+) -> None:
+    """`repo: org/llama_b` reads the Hub even where a folder org/llama_b exists; when the Hub lacks it, the
+    error says that the folder is there and that `path:` reads it."""
+    from hubmerge.refs import hub_ref
+    from hubmerge.sources import open_source
+
+    save_model(tmp_path / repo_name, random_tensors(0))
+    ref = hub_ref(repo_name, field="models.1.repo", base_dir=tmp_path)
+    with pytest.raises(RepoNotFoundError, match=f"repository {repo_name} not found") as info:
+        open_source(ref, label="models.1")
+    assert f"a local folder {tmp_path / repo_name} exists, which `repo:` does not read" in info.value.message
+    assert (info.value.hint or "").startswith(f"to merge it write `path: {repo_name}` instead of `repo:`")
+
+
 def test_differing_licenses_fail_at_plan_time(tmp_path: Path, hub_token: str, repo_name: str) -> None:
     api = HfApi(token=hub_token)
     mit = tiny_llama(4, tmp_path / "mit", card=LICENSED)

@@ -415,7 +415,7 @@ def test_missing_inputs_and_pickles(tmp_path: Path) -> None:
     torch.save({"w": torch.zeros(2)}, pickled / "pytorch_model.bin")
     with pytest.raises(SourceError, match="pickle checkpoint") as info:
         hubmerge.plan({"method": "centroid", "models": [str(pickled)]})
-    assert info.value.hint is not None and "save_pretrained" in info.value.hint
+    assert info.value.hint is not None and "convert it once" in info.value.hint
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(SourceError, match="no model.safetensors"):
@@ -625,3 +625,111 @@ def test_float_weights_named_like_scales_are_a_model(tmp_path: Path) -> None:
         merged["layer.weight_scale"],
         (tensors[0]["layer.weight_scale"] + tensors[1]["layer.weight_scale"]) / 2,
     )
+
+
+def test_a_pickle_checkpoint_is_converted_by_its_own_class_or_tensor_by_tensor(tmp_path: Path) -> None:
+    """AutoModel would load a causal LM's bare backbone and save it without lm_head and the `model.` prefix:
+    the conversion the hint gives loads the class config.json names (test_transformers runs it)."""
+    folder = tmp_path / "llama"
+    folder.mkdir()
+    torch.save({"lm_head.weight": torch.zeros(2, 2)}, folder / "pytorch_model.bin")
+    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(SourceError, match="pytorch_model.bin is a pickle checkpoint") as info:
+        hubmerge.plan({"method": "centroid", "models": [str(folder)]})
+    hint = info.value.hint or ""
+    assert "AutoModel" not in hint and "\n" not in hint
+    assert (
+        f"LlamaForCausalLM.from_pretrained('{folder}', torch_dtype='auto')"
+        f".save_pretrained('{tmp_path / 'llama-safetensors'}')" in hint
+    )
+    # Without a class to load it by (no config.json), the state dict is saved as it is, names and all.
+    (folder / "config.json").unlink()
+    with pytest.raises(SourceError, match="pickle checkpoint") as info:
+        hubmerge.plan({"method": "centroid", "models": [str(folder / "pytorch_model.bin")]})
+    command = (info.value.hint or "").split('python -c "')[1].split('"')[0]
+    exec(command, {})  # what the user would run: the folder is this test's own
+    converted = load_file(str(folder / "pytorch_model.safetensors"))
+    assert list(converted) == ["lm_head.weight"]
+    assert hubmerge.plan({"method": "centroid", "models": [str(folder / "pytorch_model.safetensors")]}).jobs
+
+
+@pytest.mark.parametrize("dtype", ["float8_e8m0fnu", "float4_e2m1fn_x2", "complex64"])
+def test_a_valid_safetensors_dtype_hubmerge_does_not_support_is_named_as_such(
+    tmp_path: Path, dtype: str
+) -> None:
+    """The installed safetensors writes these dtypes (MXFP4's scales and values, complex numbers): such a file
+    is valid, and the error must not call it corrupt."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    odd = torch.zeros(2, 8, dtype=torch.uint8).view(getattr(torch, dtype))
+    save_file({"scales": odd, "weight": torch.ones(2, 4)}, str(folder / "model.safetensors"))
+    with pytest.raises(
+        HeaderError, match=r"model.safetensors: tensor 'scales': hubmerge does not support"
+    ) as info:
+        _open(folder)
+    assert "corrupt" not in str(info.value) and "convert the checkpoint" in (info.value.hint or "")
+
+
+@pytest.mark.parametrize("dtype", ["F12", ["F32"], None])
+def test_a_dtype_safetensors_does_not_know_is_still_a_corrupt_file(tmp_path: Path, dtype: object) -> None:
+    def edit(header: dict[str, dict[str, object]]) -> None:
+        header["norm.weight"]["dtype"] = dtype
+
+    with pytest.raises(HeaderError, match=r"'norm.weight': unknown dtype") as info:
+        _open(_corrupt(tmp_path, lambda f: _rewrite_header(f, edit)))
+    assert "corrupt or not written by safetensors" in (info.value.hint or "")
+
+
+def test_shards_without_their_index_say_the_index_is_missing(tmp_path: Path) -> None:
+    """One shard of a `-of-N` set is a part of the model: the hint must not be to point the recipe at it."""
+    sharded = save_model(tmp_path / "sharded", random_tensors(0), shards=3)
+    (sharded / "model.safetensors.index.json").unlink()
+    with pytest.raises(SourceError, match="holds the 3 shards of a checkpoint") as info:
+        _open(sharded)
+    hint = info.value.hint or ""
+    assert "the index is missing: download model.safetensors.index.json again" in hint
+    assert "point the recipe" not in hint and "one file" not in hint
+    (sharded / "model-00003-of-00003.safetensors").unlink()
+    (sharded / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(
+        SourceError, match=r"holds 1 of the 3 shards .* and no model.safetensors.index.json"
+    ) as info:
+        _open(sharded)  # a lone shard is not the model either
+    assert "the index and 2 shards are missing" in (info.value.hint or "")
+    # Files that are not shards of one set: one of them may well be the model.
+    (sharded / "model-00001-of-00003.safetensors").rename(sharded / "a.safetensors")
+    save_model(tmp_path / "b", random_tensors(1))
+    (tmp_path / "b" / "model.safetensors").rename(sharded / "b.safetensors")
+    with pytest.raises(SourceError, match="holds 2 .safetensors files") as info:
+        _open(sharded)
+    assert "point the recipe at the one file" in (info.value.hint or "")
+    whole = save_model(tmp_path / "whole", random_tensors(0))
+    (whole / "model.safetensors").rename(whole / "model-00001-of-00001.safetensors")
+    _open(whole)
+
+
+def test_repo_takes_hub_ids_and_says_path_takes_local_folders(tmp_path: Path, pair: list[str]) -> None:
+    """`repo: ./llama_b` was "neither an existing local path nor a Hub repository id" where it exists: it is a
+    path, which `path:` takes. `repo: llama_b` names the Hub even where a folder llama_b exists (test_hub:
+    the error names that folder if the Hub lacks the repository)."""
+    for given in ("./a", "../a", str(tmp_path / "a"), "~/a"):
+        error = _recipe_error(
+            {"method": "centroid", "models": [pair[0], {"repo": given}]}, "`repo:` takes a Hub repository id"
+        )
+        assert error.path == "models.1.repo" and "is a local path" in error.message
+        assert error.hint == f"for a local folder or file write `path: {given}` instead of `repo:`"
+    error = _recipe_error(
+        {"method": "centroid", "models": [pair[0], {"repo": "my model"}]},
+        r"`repo:` takes a Hub repository id \(name or namespace/name\[@revision\]\), and 'my model' is not",
+        "models.1.repo",
+    )
+    assert "`path:`" in (error.hint or "")
+    from hubmerge.refs import hub_ref
+
+    assert hub_ref("a", field="models.1.repo", base_dir=tmp_path).local == tmp_path / "a"  # pair's folder
+    assert hub_ref("org/x@v1", field="models.1.repo", base_dir=tmp_path) == ModelRef(
+        repo_id="org/x", revision="v1"
+    )
+    assert hub_ref("org/x", field="models.1.repo", base_dir=tmp_path).local is None  # no such folder

@@ -199,3 +199,33 @@ def test_a_model_with_code_of_its_own_keeps_it(tmp_path: Path) -> None:
     (plain / "train.py").write_text("print('not the model's')\n")
     out = hubmerge.merge({"method": "centroid", "models": [str(plain)]}, tmp_path / "out2").out
     assert not list(out.glob("*.py"))  # no auto_map: a script beside the model is not the model's
+
+
+def test_the_pickle_hint_converts_a_causal_lm_into_one_that_merges(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The command the error gives, run as given: AutoModel would save the bare backbone (no lm_head, no
+    `model.` prefix), which a safetensors copy of the same model would not merge with."""
+    import subprocess
+    import sys
+
+    safe = tiny_llama(0, tmp_path / "safe")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    # What save_pretrained(safe_serialization=False) wrote (transformers 5 writes safetensors regardless).
+    torch.save(
+        transformers.LlamaForCausalLM.from_pretrained(safe).state_dict(), pickled / "pytorch_model.bin"
+    )
+    (pickled / "config.json").write_text((safe / "config.json").read_text())
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: linear\nmodels: [safe, pickled]\nparameters: {t: 0.5}\n")
+    assert main(["plan", str(recipe)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    command = line.split('python -c "')[1].split('"')[0]
+    subprocess.run([sys.executable, "-c", command], check=True, capture_output=True, cwd=tmp_path)
+    recipe.write_text("method: linear\nmodels: [safe, pickled-safetensors]\nparameters: {t: 0.5}\n")
+    assert main([str(recipe), "--out", str(tmp_path / "out"), "-q"]) == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+    original = transformers.LlamaForCausalLM.from_pretrained(safe)
+    torch.testing.assert_close(_logits(merged, ids), _logits(original, ids))

@@ -35,6 +35,9 @@ DTYPE_SIZES: dict[str, int] = {
     "BOOL": 1,
 }
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+# Valid safetensors dtypes that hubmerge does not read: micro-scaling floats (MXFP4's F4 values and F8_E8M0
+# scales), the FNUZ float8 variants, complex numbers. A file holding them is a valid file, not a corrupt one.
+UNSUPPORTED_DTYPES = frozenset({"F4", "F6_E2M3", "F6_E3M2", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "C64"})
 
 # Recipe dtype names <-> safetensors codes.
 DTYPE_CODES: dict[str, str] = {
@@ -190,7 +193,15 @@ def _tensor(name: str, entry: Any, *, file: str, data_start: int) -> TensorInfo:
             f"{where}: expected an object with dtype, shape, data_offsets", location=file, hint=_CORRUPT
         )
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
+    if isinstance(dtype, str) and dtype in UNSUPPORTED_DTYPES:
+        raise HeaderError(
+            f"{where}: hubmerge does not support dtype {dtype}, a valid safetensors dtype (it reads "
+            f"{', '.join(code for code in DTYPE_SIZES if code in FLOAT_DTYPES)}, integers and BOOL)",
+            location=file,
+            hint="convert the checkpoint to one of those dtypes first (dequantize a quantized model); the "
+            "file is refused as it opens, so a `skip:` rule cannot leave this tensor out",
+        )
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:  # a list or an object would not even hash
         raise HeaderError(
             f"{where}: unknown dtype {dtype!r}; expected one of {', '.join(DTYPE_SIZES)}",
             location=file,

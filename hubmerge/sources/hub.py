@@ -14,6 +14,7 @@ import mmap
 import os
 import re
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -39,7 +40,7 @@ from ..refs import ModelRef
 from . import ranged
 from .buffers import buffer, writable
 from .header import TensorInfo, header_length, parse_header, parse_index
-from .local import INDEX, PICKLE_SUFFIXES, SINGLE, LocalSource
+from .local import INDEX, PICKLE_SUFFIXES, SINGLE, LocalSource, is_whole
 from .ranged import Fallback
 
 if TYPE_CHECKING:
@@ -223,6 +224,19 @@ def hub_call(
                     revision=revision,
                 ) from None
             said = _said(exc)
+            if status is None and _unresolved(exc):
+                # The Hub's host name does not resolve (no network, a mistyped HF_ENDPOINT): retries would
+                # only print warnings for seconds before this same end.
+                host = _host(exc)
+                raise HubConnectionError(
+                    f"cannot reach the Hub for {what} on {where} ({said}): the host name "
+                    + (f"{host!r} " if host else "")
+                    + "does not resolve",
+                    repo_id=repo_id,
+                    revision=revision,
+                    hint="check the network and HF_ENDPOINT, then rerun with --resume to continue where it "
+                    "stopped",
+                ) from None
             tries = f"{attempts} attempt{'s' * (attempts != 1)}"
             if attempt + 1 == attempts:
                 if status is not None:  # it answered: the Hub (or a proxy) is failing, not the network
@@ -248,16 +262,44 @@ def hub_call(
     raise AssertionError("unreachable")
 
 
+_UNRESOLVED = ("Name or service not known", "Temporary failure in name resolution", "nodename nor servname")
+
+
+def _unresolved(exc: BaseException) -> bool:
+    """Whether ``exc`` (an httpx or huggingface_hub error) comes from a host name that did not resolve."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, socket.gaierror) or any(text in str(cause) for text in _UNRESOLVED):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def _host(exc: BaseException) -> str | None:
+    """The host an httpx error's request went to, if it says."""
+    try:
+        return str(exc.request.url.host)  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):  # httpx raises RuntimeError where no request was set
+        return None
+
+
 def _not_local_either(exc: RepoNotFoundError | HubConnectionError, ref: ModelRef) -> HubError:
     """``exc`` for a model's first request, which nothing has been merged before: no ``--resume`` in the
-    hint, and, for an id that could have been a local path (``ckpt/tweets``), that no such path exists."""
+    hint, and, for an id that could have been a local path, that no such path exists (``ckpt/tweets``), or
+    that one does, which ``repo:`` does not read."""
     message, hint = exc.message, exc.hint
     if isinstance(exc, HubConnectionError):
         hint = (
             "check the network (and HF_ENDPOINT); HF_HUB_OFFLINE=1 reads models already in the local Hugging "
             "Face cache"
         )
-    if ref.local is not None:
+    if ref.local is not None and ref.local.exists():
+        kind = "folder" if ref.local.is_dir() else "file"
+        message += f"; a local {kind} {ref.local} exists, which `repo:` does not read"
+        hint = f"to merge it write `path: {ref.repo_id}` instead of `repo:`; {hint}"
+    elif ref.local is not None:
         message += f"; there is no local folder {ref.local} either"
         hint = f"for a local model, check the path (relative paths start at the recipe's folder); {hint}"
     return type(exc)(message, repo_id=exc.repo_id, revision=exc.revision, hint=hint)
@@ -521,11 +563,12 @@ class HubSource:
         if SINGLE in self._sizes:
             return [SINGLE]
         candidates = sorted(f for f in self._sizes if f.endswith(".safetensors") and "/" not in f)
-        if len(candidates) == 1:
+        if len(candidates) == 1 and is_whole(candidates[0]):
             return candidates
-        if candidates:
+        if candidates:  # shards without their index (a lone shard too: it is only a part of the model)
             raise SourceError(
-                f"{self.label}: {self.repo_id}@{self._sha} holds {len(candidates)} .safetensors files "
+                f"{self.label}: {self.repo_id}@{self._sha} holds {len(candidates)} .safetensors "
+                f"file{'s' * (len(candidates) != 1)} "
                 f"({', '.join(candidates[:4])}) but no {INDEX}",
                 location=self.repo_id,
                 hint=f"the repository lacks {INDEX}: ask its owner to add it, or merge a local copy with one",

@@ -7,9 +7,11 @@ until the merge converts it.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import mmap
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+SHARD_NAME = re.compile(r"-\d+-of-(\d+)\.safetensors$")  # one shard of several: model-00001-of-00007
 PAGE = mmap.PAGESIZE
 log = logging.getLogger(__name__)
 
@@ -63,15 +66,10 @@ def checkpoint_files(root: Path, *, label: str) -> tuple[list[str], dict[str, st
     if (root / SINGLE).is_file():
         return [SINGLE], None
     candidates = sorted(p.name for p in root.glob("*.safetensors") if p.is_file())
-    if len(candidates) == 1:
+    if len(candidates) == 1 and is_whole(candidates[0]):
         return candidates, None
-    if len(candidates) > 1:
-        raise SourceError(
-            f"{label}: {root} holds {len(candidates)} .safetensors files ({', '.join(candidates[:4])}) "
-            f"but no {INDEX}",
-            location=str(root),
-            hint=f"add {INDEX}, or point the recipe at one file",
-        )
+    if candidates:
+        raise _no_index(root, candidates, label=label)
     pickles = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise pickle_refused(root / pickles[0], label=label)
@@ -82,15 +80,82 @@ def checkpoint_files(root: Path, *, label: str) -> tuple[list[str], dict[str, st
     )
 
 
+def is_whole(name: str) -> bool:
+    """Whether a lone ``.safetensors`` file can be the whole model: not one shard of several."""
+    shard = SHARD_NAME.search(name)
+    return shard is None or int(shard[1]) == 1
+
+
+def _no_index(root: Path, candidates: list[str], *, label: str) -> SourceError:
+    """The error for a folder of several ``.safetensors`` files, or of shards, without an index."""
+    shards = [name for name in candidates if SHARD_NAME.search(name)]
+    counts = {int(m[1]) for m in map(SHARD_NAME.search, shards) if m}
+    if not shards:  # unrelated files: one of them may be the model
+        return SourceError(
+            f"{label}: {root} holds {len(candidates)} .safetensors files ({', '.join(candidates[:4])}) "
+            f"but no {INDEX}",
+            location=str(root),
+            hint=f"add {INDEX}, or point the recipe at the one file that is the model",
+        )
+    # Shards of one checkpoint (``model-00001-of-00007.safetensors``): each holds a part of the model, and
+    # only the index says which tensor is in which. Pointing the recipe at one would merge that part.
+    named = ", ".join(shards[:2]) + (", ..." if len(shards) > 2 else "")
+    total = max(counts)
+    if len(counts) == 1 and len(shards) < total:
+        lost = total - len(shards)
+        return SourceError(
+            f"{label}: {root} holds {len(shards)} of the {total} shards of a checkpoint ({named}) and no "
+            f"{INDEX}",
+            location=str(root),
+            hint=f"the index and {lost} shard{'s' * (lost != 1)} are missing: download the model again "
+            "(one shard is only a part of the model)",
+        )
+    return SourceError(
+        f"{label}: {root} holds the {len(shards)} shards of a checkpoint ({named}) but not their {INDEX}",
+        location=str(root),
+        hint=f"the index is missing: download {INDEX} again, or copy it from where the shards came from, "
+        f"into {root} (one shard is only a part of the model)",
+    )
+
+
 def pickle_refused(path: Path, *, label: str) -> SourceError:
-    """The error for a pickle checkpoint (``*.bin``, ``*.pt``)."""
+    """The error for a pickle checkpoint (``*.bin``, ``*.pt``), with a conversion that keeps its tensor names.
+
+    A transformers checkpoint is loaded by the class its ``config.json`` names (``LlamaForCausalLM``):
+    ``AutoModel`` would load the bare backbone and save it without the head and the ``model.`` prefix.
+    """
+    folder = path.parent
+    arch = _architecture(folder / "config.json")
+    if arch is not None:
+        out = folder.with_name(f"{folder.name}-safetensors")
+        hint = (
+            f'convert it once with its own class, {arch}: python -c "from transformers import {arch}; '
+            f"{arch}.from_pretrained({str(folder)!r}, torch_dtype='auto').save_pretrained({str(out)!r})\" "
+            "and merge that folder"
+        )
+    else:
+        out = path.with_suffix(".safetensors")
+        hint = (
+            'convert it once: python -c "import torch; from safetensors.torch import save_file; '
+            f"save_file({{k: v.contiguous().clone() for k, v in torch.load({str(path)!r}).items()}}, "
+            f'{str(out)!r})" and merge that file'
+        )
     return SourceError(
         f"{label}: {path} is a pickle checkpoint; hubmerge reads only safetensors, because unpickling "
         "can run arbitrary code and pickles cannot be memory-mapped tensor by tensor",
         location=str(path),
-        hint='convert it once: python -c "from transformers import AutoModel; '
-        f"AutoModel.from_pretrained('{path.parent}').save_pretrained('OUT', safe_serialization=True)\"",
+        hint=hint,
     )
+
+
+def _architecture(config: Path) -> str | None:
+    """The model class a transformers ``config.json`` names (``architectures``), if it is one."""
+    try:
+        names = json.loads(config.read_text()).get("architectures")
+    except (OSError, ValueError, AttributeError):
+        return None
+    name = names[0] if isinstance(names, list) and names else None
+    return name if isinstance(name, str) and name.isidentifier() else None
 
 
 class LocalSource:
