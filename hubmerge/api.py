@@ -115,8 +115,11 @@ def _with_dtype(recipe: Recipe, dtype: Dtype | None) -> Recipe:
     if dtype is None:
         return recipe
     if dtype not in get_args(Dtype):
+        from .recipe import dtype_hint
+
         raise RecipeError(
-            f"dtype {dtype!r} is not one of {', '.join(get_args(Dtype))}", hint="e.g. dtype='bfloat16'"
+            f"dtype {dtype!r} is not one of {', '.join(get_args(Dtype))}",
+            hint=dtype_hint(dtype).replace("write `", "dtype='").replace("`", "'"),
         )
     return recipe.model_copy(update={"dtype": dtype})
 

@@ -573,3 +573,9 @@ def test_a_mistyped_command_is_named_not_read_as_a_recipe(tmp_path: Path) -> Non
     (tmp_path / "plans").write_text("method: centroid\nmodels: [./nothing]\n")  # a recipe of that name: read
     recipe = _run("plans", cwd=tmp_path)
     assert recipe.returncode == 2 and "no output directory" in recipe.stderr  # read as a recipe
+
+
+def test_a_short_dtype_name_passed_to_the_api_suggests_the_long_one(recipe: Path) -> None:
+    with pytest.raises(RecipeError, match="dtype 'fp16' is not one of") as info:
+        hubmerge.plan(recipe, dtype="fp16")  # type: ignore[arg-type]
+    assert info.value.hint == "dtype='float16'"
