@@ -10,6 +10,7 @@ import difflib
 import hashlib
 import json
 import math
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -86,6 +87,10 @@ class ModelEntry(_Strict):
     def _shorthand(cls, data: Any) -> Any:
         if isinstance(data, str):
             return {"ref": data}
+        if isinstance(data, os.PathLike):  # a Path in a program: a local model, never a Hub id
+            return {"path": os.fspath(data)}
+        if isinstance(data, dict) and isinstance(data.get("path"), os.PathLike):
+            return data | {"path": os.fspath(data["path"])}
         if not isinstance(data, dict | ModelEntry):
             raise RecipeError(
                 f"a model is a path, a Hub id, or a mapping with `path:` or `repo:`, got {data!r}",
@@ -161,6 +166,11 @@ class Rule(_Strict):
 class Output(_Strict):
     dir: str | None = None
     max_shard_size: StrictInt | StrictFloat | str = "5GB"
+
+    @field_validator("dir", mode="before")
+    @classmethod
+    def _dir(cls, value: Any) -> Any:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
 
     @field_validator("max_shard_size")
     @classmethod

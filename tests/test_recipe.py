@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import hubmerge
 from hubmerge.errors import PlanError, RecipeError
@@ -416,3 +417,21 @@ def test_brackets_in_a_tensor_name_are_escaped_in_its_glob(named: str) -> None:
     for escaped in ("layer[[]0].weight", "layer?0?.weight"):
         rule = {"tensors": escaped, "take": 0}
         assert hubmerge.plan({"method": "centroid", "models": [named, named], "rules": [rule]}).jobs
+
+
+def test_paths_from_a_program_are_local_models(tmp_path: Path) -> None:
+    """`Path` objects, as a program holds them: the shorthand, `path:` and `output.dir`."""
+    for i in range(2):
+        save_model(tmp_path / f"m{i}", random_tensors(i))
+    recipe = hubmerge.Recipe(
+        method="weighted",
+        models=[tmp_path / "m0", {"path": tmp_path / "m1", "weight": 3.0}],
+        output={"dir": tmp_path / "out"},
+    )
+    result = hubmerge.merge(recipe)
+    assert result.out == tmp_path / "out"
+    merged = load_file(result.out / "model.safetensors")
+    first, second = random_tensors(0), random_tensors(1)
+    for name, value in merged.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, (first[name] + 3 * second[name]) / 4)
