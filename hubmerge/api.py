@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import time
@@ -11,7 +12,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, get_args
 
 from . import __version__
 from .companions import check_module_weights, check_not_adapter, check_not_quantized
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RecipeLike = Recipe | str | Path | dict[str, Any]
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,31 @@ def _with_dtype(recipe: Recipe, dtype: Dtype | None) -> Recipe:
     return recipe.model_copy(update={"dtype": dtype})
 
 
+_TOKEN_WORDS = (
+    ("set HF_TOKEN or run `hf auth login`", "pass a token= that can read it"),
+    ("the token from HF_TOKEN or `hf auth login`", "the token passed as token="),
+    ("HF_TOKEN or `hf auth login`", "token="),
+)
+
+
+def _token_hints(fn: Callable[P, R]) -> Callable[P, R]:
+    """Errors from ``fn`` called with ``token=`` point at that token, not at HF_TOKEN, which was not read."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except HubmergeError as exc:
+            if kwargs.get("token") is not None and exc.hint:
+                for said, meant in _TOKEN_WORDS:
+                    exc.hint = exc.hint.replace(said, meant)
+            raise
+
+    return wrapper
+
+
 @spoken_to_python
+@_token_hints
 def plan(
     recipe: RecipeLike,
     *,
@@ -274,6 +301,7 @@ def check_space(target: Path, plan: MergePlan, *, resume: bool, delete_local: bo
 
 
 @spoken_to_python
+@_token_hints
 def merge(
     recipe: RecipeLike,
     out: str | Path | None = None,
@@ -444,7 +472,7 @@ def _writing(target: Path) -> Iterator[None]:
             f"writing the output {target} failed: {exc.strerror or exc}{where}",
             path=str(target),
             hint=("free some space, then " if full else "fix the cause, then ")
-            + "rerun with --resume (resume=True): the merged shards are kept",
+            + "rerun with --resume: the merged shards are kept",
         ) from None
 
 

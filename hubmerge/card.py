@@ -108,7 +108,18 @@ def common_license(plan: MergePlan, sources: list[TensorSource]) -> dict[str, st
             "s" if len(unknown) == 1 else "",
         )
         return None
-    return next(iter(found.values()))[1] if found else None
+    if not found:
+        return None
+    label, (_, entries) = next(iter(found.items()))
+    link = entries.get("license_link", "")
+    if link and "://" not in link:  # LICENSE, relative to the source's repository: not in the merge
+        source = next(s for s in sources if s.label == label)
+        entries = {k: v for k, v in entries.items() if k != "license_link"}
+        if source.ref.repo_id and source.commit:
+            entries["license_link"] = (
+                f"{_hub_url()}/{source.ref.repo_id}/blob/{source.commit}/{link.removeprefix('./')}"
+            )
+    return entries
 
 
 def pipeline_tag(config: dict[str, Any] | None) -> str | None:

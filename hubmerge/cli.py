@@ -69,7 +69,8 @@ class _DefaultToMerge(click.Group):
             args = ["--help"]
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             close = difflib.get_close_matches(args[0], list(self.commands), n=1, cutoff=0.7)
-            if close and not Path(args[0]).exists():  # `hubmerge methdos`: a command mistyped, not a recipe
+            word = re.fullmatch(r"[A-Za-z][\w-]*", args[0]) is not None  # not `merge.yml`, `r/plan`
+            if close and word and not Path(args[0]).exists():  # `hubmerge methdos`: a mistyped command
                 raise click.UsageError(
                     f"no command {args[0]!r}, and no recipe file of that name (did you mean `hubmerge "
                     f"{close[0]}`?)"

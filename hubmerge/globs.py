@@ -33,8 +33,34 @@ def unmatched_glob_hint(glob: str, names: Sequence[str]) -> str:
             f"`[...]` in a glob matches one of the characters inside: to match the brackets of a name, write "
             f"{escaped!r} (a `[` as `[[]`) or {either!r}"
         )
+    missing = _missing_number(glob, names)
+    if missing:  # a layer past the last: no other layer's glob is what was meant
+        return f"{missing}; fix the glob, or remove the rule"
     meant = _meant(glob, names)
     return (f"did you mean {meant!r}? " if meant else "") + names_said + "; fix the glob, or remove the rule"
+
+
+def _missing_number(glob: str, names: Sequence[str]) -> str | None:
+    """Where ``glob`` names a number (a layer) the models do not have but would match with another: that
+    number's range (``model.layers.12.*`` in a 12-layer model: 0 to 11)."""
+    parts = glob.split(".")
+    for i, part in enumerate(parts):
+        if not part.isdigit():
+            continue
+        wild = ".".join([*parts[:i], "*", *parts[i + 1 :]])
+        numbers = sorted(
+            {
+                int(name.split(".")[i])
+                for name in names
+                if fnmatch.fnmatchcase(name, wild) and name.count(".") >= i and name.split(".")[i].isdigit()
+            }
+        )
+        if numbers and int(part) not in numbers:
+            where = ".".join(parts[:i])
+            return (
+                f"the models have no {where}.{part}: their {where} are numbered {numbers[0]} to {numbers[-1]}"
+            )
+    return None
 
 
 def _meant(glob: str, names: Sequence[str]) -> str | None:

@@ -187,9 +187,10 @@ def build_plan(
                     f"{list(fits.shape)}: the merged model would not load as merged",
                     tensor=name,
                     hint=f"list {src.label}'s model first in `models:`, so that its config and tokenizer "
-                    "come with it"
+                    "come with it (`take:` numbers follow the new order; for linear, t becomes 1 - t)"
                     if base is None
-                    else f"they come from the base: take '{name}' from a model of the base's shape",
+                    else "they come from the base: give the base the same shape first (transformers' "
+                    "resize_token_embeddings, then save_pretrained), and merge with that",
                 )
             dtype = out_code if out_code and info.dtype in FLOAT_DTYPES else info.dtype
             specs.append(

@@ -24,6 +24,7 @@ import json
 import logging
 import re
 import threading
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -109,6 +110,7 @@ class HubUploader:
         self._reading: DirectReader | None = None  # the shard being uploaded, if read by a DirectReader
         self._closing = False
         self._failed: str | None = None  # the first upload that failed: later ones are not tried
+        self._error: PublishError | None = None  # its error
         self._committing = False  # commit() waits for the uploads: the merge is done
 
     def _call(self, fn: Any, what: str, *, merged: bool = True, attempts: int | None = None) -> Any:
@@ -131,8 +133,16 @@ class HubUploader:
                     repo_id=self.target.repo_id,
                     hint=f"set HF_HUB_DISABLE_XET=1 to upload through LFS; {keep}",
                 ) from None
-            if exc.hint and "--resume" in exc.hint and merged:  # one "rerun with --resume" is enough
-                keep = "the merged files are kept"
+            if exc.hint and "--resume" in exc.hint:
+                if merged:  # one "rerun with --resume" is enough
+                    keep = "the merged files are kept"
+                else:  # nothing to resume: the rerun is a plain one
+                    exc.hint = re.sub(
+                        r",? then rerun with --resume to continue where it stopped"
+                        r"| with --resume to continue",
+                        "",
+                        exc.hint,
+                    )
             raise PublishError(
                 f"push to {self.target.repo_id} failed: {exc.message}",
                 repo_id=self.target.repo_id,
@@ -228,6 +238,10 @@ class HubUploader:
         pass
 
     def shard_done(self, shard: int) -> None:
+        if self._error is not None and self.target.delete_local:
+            # The disk was sized for a shard or two on their way (--delete-local), and no shard is uploaded
+            # (and deleted) any more: stop here, with what is written kept for --resume.
+            raise self._error
         assert self._plan is not None
         digest = self._digests.pop(shard, None)
         sha256 = digest.result() if digest is not None else None
@@ -302,8 +316,8 @@ class HubUploader:
             # attempts=1: the shard's reader is used up; huggingface_hub retries the requests themselves
             self._call(fn, f"upload of {filename}", attempts=1)
         except PublishError as exc:
-            self._failed = filename
-            if not (self._closing or self._committing):  # the merge is still going: say so now
+            self._failed, self._error = filename, exc
+            if not (self._closing or self._committing or self.target.delete_local):  # still merging: say so
                 log.warning(
                     "%s; the merge goes on without uploading, and `--resume` finishes the push",
                     exc.message,
@@ -376,7 +390,8 @@ class HubUploader:
         existing = self._call(
             lambda: self.api.list_repo_files(target.repo_id, revision=target.branch), "file list"
         )
-        stale = sorted(name for name in existing if name not in files and _is_model_file(name))
+        folders = self._module_dirs(existing) if "modules.json" in existing else []
+        stale = sorted(name for name in existing if name not in files and _is_model_file(name, folders))
         if stale:
             log.warning(
                 "%s: the commit deletes %d file(s) of the model it replaces: %s",
@@ -385,6 +400,26 @@ class HubUploader:
                 ", ".join(stale),
             )
         return stale
+
+    def _module_dirs(self, existing: list[str]) -> list[str]:
+        """The module folders the earlier model's ``modules.json`` names (``1_Pooling``), whose files are the
+        model's; none where it cannot be read."""
+        target = self.target
+        path = self._call(
+            lambda: self.api.hf_hub_download(target.repo_id, "modules.json", revision=target.branch),
+            "modules.json",
+        )
+        try:
+            modules = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return []
+        if not isinstance(modules, list):
+            return []
+        return [
+            str(m["path"]).strip("/")
+            for m in modules
+            if isinstance(m, dict) and isinstance(m.get("path"), str) and m["path"].strip("/")
+        ]
 
     def _validate_card(self, path: Path) -> None:
         from huggingface_hub import ModelCard
@@ -503,16 +538,41 @@ def _is_weights(name: str) -> bool:
     return "/" not in name and any(fnmatch.fnmatchcase(name, pattern) for pattern in _WEIGHTS)
 
 
-def _is_model_file(name: str) -> bool:
-    """Whether a repository file is part of a model as hubmerge writes one: weights, or a file a merge copies
-    (config, tokenizer, chat template, sentence-transformers modules: companions.COMPANION_GLOBS). A file
-    of another kind (a LICENSE, an image the card shows) is the repository owner's."""
-    from .companions import COMPANION_GLOBS
+# The files transformers, tokenizers and sentence-transformers read beside the weights, by name: a push over
+# an earlier model deletes those the merge does not write. Files of other names are the repository owner's.
+_MODEL_FILES = frozenset(
+    {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "tokenizer.model",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.json",
+        "vocab.txt",
+        "merges.txt",
+        "spiece.model",
+        "sentencepiece.bpe.model",
+        "chat_template.jinja",
+        "chat_template.json",
+        "preprocessor_config.json",
+        "processor_config.json",
+        "modules.json",
+        "sentence_bert_config.json",
+        "config_sentence_transformers.json",
+    }
+)
 
-    if re.match(r"\d+_[A-Za-z]\w*/", name):  # a sentence-transformers module's folder: 1_Pooling/config.json
-        return True
-    return _is_weights(name) or (
-        "/" not in name and any(fnmatch.fnmatchcase(name, pattern) for pattern in COMPANION_GLOBS)
+
+def _is_model_file(name: str, module_dirs: Iterable[str] = ()) -> bool:
+    """Whether a repository file is part of a model as hubmerge writes one: weights, a file of
+    :data:`_MODEL_FILES`, or one in a sentence-transformers module folder the model's ``modules.json``
+    names (``module_dirs``)."""
+    return (
+        _is_weights(name)
+        or name in _MODEL_FILES
+        or any(name.startswith(f"{folder}/") for folder in module_dirs)
     )
 
 

@@ -56,14 +56,19 @@ def parse_size(value: int | float | str) -> int:
     if isinstance(value, int | float):
         if not math.isfinite(value):
             raise ValueError(f"{value!r} is not a size; write e.g. 5GB, 500MB or 2GiB")
-        size = int(value)
+        size, amount = int(value), float(value)
     else:
         match = _SIZE.match(value)
         if not match:
             raise ValueError(f"{value!r} is not a size; write e.g. 5GB, 500MB or 2GiB")
-        size = int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
+        amount = float(match.group(1))
+        size = int(amount * _UNITS[(match.group(2) or "B").upper()])
     if size <= 0:
-        raise ValueError(f"size must be positive, got {value!r}")
+        raise ValueError(
+            f"a shard holds at least 1 byte, got {value!r}"
+            if amount > 0
+            else f"size must be positive, got {value!r}"
+        )
     return size
 
 

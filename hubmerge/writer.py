@@ -249,10 +249,10 @@ def _remove_if_empty(folder: Path) -> bool:
 
 def _not_merged(out: Path) -> list[str]:
     """What in ``out``, an earlier merge, that merge did not write (a `.git` of a cloned push, an evaluation,
-    an export), top-level names, sorted; folders end in ``/``.
+    notes in a module folder), sorted; folders end in ``/``.
 
-    The manifest lists the merge's files; one written before it did is judged by name: its shards and the
-    files a merge writes or copies (companions.COMPANION_GLOBS, sentence-transformers module folders).
+    The manifest lists the merge's files; one written before it did is judged by top-level name: its shards
+    and the files a merge writes or copies (companions.COMPANION_GLOBS, sentence-transformers module folders).
     """
     from .companions import COMPANION_GLOBS
 
@@ -262,11 +262,22 @@ def _not_merged(out: Path) -> list[str]:
         manifest = {}
     listed = manifest.get("files") if isinstance(manifest, dict) else None
     added = []
+    if isinstance(listed, list):
+        names = {str(f) for f in listed}
+        folders = {name.rsplit("/", 1)[0] for name in names if "/" in name}
+        folders |= {"/".join(f.split("/")[:i]) for f in folders for i in range(1, f.count("/") + 1)}
+        for root, dirs, files in os.walk(out):
+            here = Path(root).relative_to(out).as_posix()
+            prefix = "" if here == "." else f"{here}/"
+            for name in sorted(dirs):
+                if f"{prefix}{name}" not in folders or (Path(root) / name).is_symlink():
+                    added.append(f"{prefix}{name}/")
+            dirs[:] = [d for d in dirs if f"{prefix}{d}" in folders and not (Path(root) / d).is_symlink()]
+            added += [f"{prefix}{name}" for name in files if f"{prefix}{name}" not in names]
+        return sorted(added)
     for entry in out.iterdir():
         name = entry.name
-        if isinstance(listed, list):
-            ours = name in listed or (entry.is_dir() and any(str(f).startswith(f"{name}/") for f in listed))
-        elif entry.is_dir():
+        if entry.is_dir():
             ours = re.fullmatch(r"\d+_[A-Za-z]\w*", name) is not None  # 1_Pooling, 2_Normalize
         else:
             ours = name in (MANIFEST, "README.md", "recipe.yaml", "model.safetensors.index.json") or any(
@@ -275,6 +286,27 @@ def _not_merged(out: Path) -> list[str]:
         if not ours:
             added.append(f"{name}/" if entry.is_dir() else name)
     return sorted(added)
+
+
+def _refuse_added(out: Path, added: list[str], *, finished: Path | None = None) -> None:
+    """Refuse to replace ``out`` while it holds what the earlier merge did not write (:func:`_not_merged`)."""
+    if not added:
+        return
+    shown = ", ".join(added[:4]) + (f" and {len(added) - 4} more" if len(added) > 4 else "")
+    if finished is None:
+        raise OutputError(
+            f"output directory {out} holds an earlier merge and what it did not write: {shown}; "
+            "--force would delete them with it",
+            path=str(out),
+            hint="move them out of that directory first, or choose another --out",
+        )
+    raise OutputError(
+        f"while merging, {shown} appeared in {out}, which the finished merge replaces; --force would delete "
+        "them with it",
+        path=str(out),
+        hint=f"move them out of that directory, then rerun with --resume --force (the finished merge is kept "
+        f"in {finished})",
+    )
 
 
 def _empty(path: Path) -> bool:
@@ -371,15 +403,7 @@ def check_output(out: Path, inputs: list[Path], *, force: bool, resume: bool) ->
                 path=str(out),
                 hint="choose another --out, or delete that directory yourself if nothing in it is needed",
             )
-        added = _not_merged(out)
-        if added:
-            shown = ", ".join(added[:4]) + (f" and {len(added) - 4} more" if len(added) > 4 else "")
-            raise OutputError(
-                f"output directory {out} holds an earlier merge and what it did not write: {shown}; "
-                "--force would delete them with it",
-                path=str(out),
-                hint="move them out of that directory first, or choose another --out",
-            )
+        _refuse_added(out, _not_merged(out))
     existing = next(p for p in out.parents if p.exists())  # where the partial folder is made
     if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):  # what --dry-run checks too
         raise OutputError(
@@ -580,6 +604,8 @@ class ShardWriter:
             The output directory.
         """
         self.close()
+        if force and (self.out / MANIFEST).is_file():  # checked as the run began: anything added since?
+            _refuse_added(self.out, _not_merged(self.out), finished=self.tmp)
         shutil.rmtree(self.tmp / PROGRESS_DIR)
         if _empty(self.out):
             self.out.rmdir()

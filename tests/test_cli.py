@@ -68,6 +68,17 @@ def test_errors_name_flags_in_the_command_and_arguments_in_python(
         hubmerge.merge(recipe, device="tpu")
     with pytest.raises(RecipeError, match=r"pass `out`"):
         hubmerge.merge({"method": "centroid", "models": [str(recipe.parent / "a")]})
+    named = recipe.parent / "runs--force"  # a flag's text inside a path is the path's
+    named.mkdir()
+    (named / "x").write_text("")
+    with pytest.raises(OutputError) as info:
+        hubmerge.merge(recipe, named)
+    assert f"{named} already exists" in info.value.message
+    from hubmerge.errors import python_words
+
+    assert python_words("e.g. --push my-org/my-merge (no revision: use --branch)") == (
+        'e.g. push="my-org/my-merge" (no revision: use PushTarget(branch=...))'
+    )
 
 
 def test_progress_in_a_log_is_plain_lines(recipe: Path) -> None:
@@ -513,7 +524,7 @@ def test_a_full_disk_anywhere_is_one_line_with_what_to_do(
     out = recipe.parent / "out"
     assert err == [
         f"error: writing the output {out} failed: No space left on device (/data/out/README.md) "
-        "(hint: free some space, then rerun with --resume (resume=True): the merged shards are kept)"
+        "(hint: free some space, then rerun with --resume: the merged shards are kept)"
     ]
     monkeypatch.undo()
     assert main([str(recipe), "-q", "--resume"]) == 0 and (out / "README.md").exists()
@@ -567,6 +578,11 @@ def test_a_mistyped_command_is_named_not_read_as_a_recipe(tmp_path: Path) -> Non
     assert typo.returncode == 2
     assert typo.stderr == (
         "error: no command 'methdos', and no recipe file of that name (did you mean `hubmerge methods`?)\n"
+    )
+    missing = _run("merge.yml")  # a recipe's name, not a command's: the file is missing
+    assert (
+        missing.returncode == 2
+        and missing.stderr == "error: recipe file merge.yml does not exist (hint: check the path)\n"
     )
     helped = _run("help")
     assert helped.returncode == 0 and "`hubmerge RECIPE` is `hubmerge merge RECIPE`" in helped.stdout

@@ -306,6 +306,35 @@ def test_force_keeps_what_the_earlier_merge_did_not_write(tmp_path: Path, three:
     hubmerge.merge(recipe, out, force=True)
 
 
+def test_force_keeps_files_in_the_merges_folders_and_those_added_while_it_ran(
+    tmp_path: Path, three: list[Path]
+) -> None:
+    """Notes put in a folder the merge wrote (a sentence-transformers module's) are the user's; so is a
+    file that appears while the merge runs: the finished merge waits beside the output for a resume."""
+    for model in three:
+        (model / "modules.json").write_text('[{"idx": 1, "name": "1", "path": "1_Pooling", "type": "p"}]')
+        (model / "1_Pooling").mkdir()
+        (model / "1_Pooling" / "config.json").write_text("{}")
+    recipe = {"method": "centroid", "models": [str(p) for p in three]}
+    out = tmp_path / "out"
+    hubmerge.merge(recipe, out)
+    (out / "1_Pooling" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match=r"did not write: 1_Pooling/notes\.txt;"):
+        hubmerge.merge(recipe, out, force=True)
+    (out / "1_Pooling" / "notes.txt").unlink()
+
+    def add_a_file(plan: object) -> None:  # the merge has checked the output: now someone writes there
+        (out / "eval.json").write_text("{}")
+
+    with pytest.raises(OutputError, match=r"while merging, eval\.json appeared in") as info:
+        hubmerge.merge(recipe, out, force=True, on_plan=add_a_file)
+    assert info.value.hint is not None and "rerun with resume=True, force=True" in info.value.hint
+    assert (out / "eval.json").is_file() and (tmp_path / ".out.hubmerge-partial").is_dir()
+    (out / "eval.json").unlink()
+    done = hubmerge.merge(recipe, out, force=True, resume=True)
+    assert done.resumed_tensors == len(done.plan.jobs) and (out / "1_Pooling" / "config.json").is_file()
+
+
 def test_resume_refuses_a_local_input_rewritten_since(tmp_path: Path) -> None:
     """The interrupted run's tensors came from the old checkpoint: mixing them with the new one's is wrong."""
     recipe, out = _two_model_recipe(tmp_path), tmp_path / "out"
@@ -381,6 +410,10 @@ def test_licenses_compare_as_the_hub_reads_them(tmp_path: Path, caplog: pytest.L
     out = hubmerge.merge({"method": "centroid", "models": [foo, foo]}, tmp_path / "foo2").out
     card = (out / "README.md").read_text()
     assert "license: other\nlicense_name: foo\nlicense_link: https://x.org/foo\n" in card
+    near = model("near", "---\nlicense: other\nlicense_name: foo\nlicense_link: LICENSE\n---\n")
+    out = hubmerge.merge({"method": "centroid", "models": [near, near]}, tmp_path / "near2").out
+    card = (out / "README.md").read_text()  # a link into the source's folder, which the merge does not copy
+    assert "license_name: foo\n" in card and "license_link" not in card
     listed = model("listed", "---\nlicense: [mit, apache-2.0]\n---\n")
     broken = model("broken", "---\nlicense: mit\n  bad: [\n---\n")
     hubmerge.merge({"method": "centroid", "models": [lower, listed, broken]}, tmp_path / "mixed")

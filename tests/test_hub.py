@@ -241,8 +241,10 @@ def test_a_token_passed_to_the_api_reads_and_pushes_without_hf_token(
     assert "HF_TOKEN" not in os.environ
     with pytest.raises(RepoNotFoundError):
         hubmerge.plan(recipe)
-    with pytest.raises(RepoNotFoundError):
+    with pytest.raises(RepoNotFoundError) as info:
         hubmerge.plan(recipe, token=other_token)
+    assert info.value.hint is not None and "pass a token= that can read it" in info.value.hint
+    assert "HF_TOKEN" not in info.value.hint  # not read: the token passed was
     assert hubmerge.plan(recipe, token=hub_token).jobs
     with pytest.raises(PublishError, match="bob"):
         hubmerge.merge(
@@ -305,12 +307,16 @@ def test_a_hub_host_that_does_not_resolve_fails_at_once(tmp_path: Path) -> None:
     assert f"no local folder {tmp_path / 'llama_zz' / 'foo'} either" in line and "HF_ENDPOINT" in line
 
 
-def test_a_name_resolution_failure_is_not_retried() -> None:
-    """As the resolver words it where it has no server to ask (EAI_AGAIN), inside httpx's error."""
+def test_a_name_resolution_failure_is_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the resolver words it where it has no server to ask (EAI_AGAIN), inside httpx's error, before the
+    Hub has answered any request of the process."""
     import httpx2
 
     from hubmerge.errors import HubConnectionError
+    from hubmerge.sources import hub as hub_module
     from hubmerge.sources.hub import hub_call
+
+    monkeypatch.setattr(hub_module, "_ANSWERED", threading.Event())
 
     calls = []
 
@@ -321,6 +327,26 @@ def test_a_name_resolution_failure_is_not_retried() -> None:
     with pytest.raises(HubConnectionError, match="does not resolve"):
         hub_call(lookup, repo_id="org/x", revision=None, what="repository info", attempts=5)
     assert len(calls) == 1
+
+
+def test_a_name_resolution_failure_after_the_hub_answered_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mid-merge, with the Hub reached before, a resolver's failure is a blip: retried as a lost link."""
+    import httpx2
+
+    from hubmerge.sources import hub as hub_module
+
+    monkeypatch.setattr(hub_module, "_ANSWERED", threading.Event())
+    hub_module.hub_call(lambda: None, repo_id="org/x", revision=None, what="repository info")
+    answers = iter([httpx2.ConnectError("[Errno -3] Temporary failure in name resolution"), None])
+
+    def flaky() -> str:
+        failure = next(answers)
+        if failure is not None:
+            raise failure
+        return "bytes"
+
+    monkeypatch.setattr(hub_module.time, "sleep", lambda _: None)
+    assert hub_module.hub_call(flaky, repo_id="org/x", revision=None, what="a tensor", attempts=3) == "bytes"
 
 
 def test_a_repo_the_hub_lacks_names_the_local_folder_of_that_name(
@@ -932,15 +958,26 @@ def test_a_push_over_an_earlier_model_deletes_its_model_files(
         "modules.json",
         "1_Pooling/config.json",
     )
-    for name in (*earlier, "notes.txt", "onnx/model.safetensors"):  # an earlier model's files; others'
-        api.upload_file(path_or_fileobj=b"{}", path_in_repo=name, repo_id=repo_name)
+    owners = (
+        "notes.txt",
+        "onnx/model.safetensors",
+        "2024_eval/results.json",
+        "tokenizer_notes.md",
+        "train.model",
+    )
+    modules = (
+        b'[{"idx": 0, "name": "0", "path": "", "type": "T"}, {"idx": 1, "name": "1", "path": "1_Pooling"}]'
+    )
+    for name in (*earlier, *owners):  # an earlier model's files; the repository owner's
+        content = modules if name == "modules.json" else b"{}"
+        api.upload_file(path_or_fileobj=content, path_in_repo=name, repo_id=repo_name)
     recipe |= {"parameters": {"t": 0.9}, "output": {"max_shard_size": "40KB"}}
     second = hubmerge.merge(recipe, tmp_path / "two", push=PushTarget(repo_name))
     files = set(api.list_repo_files(repo_name))
     shards = {f.name for f in second.out.glob("model-*.safetensors")}
     assert len(shards) > 1 and shards | {"model.safetensors.index.json"} <= files
     assert "model.safetensors" not in files and not set(earlier) & files
-    assert {"notes.txt", "onnx/model.safetensors"} <= files  # not a model's files as a merge writes them
+    assert set(owners) <= files  # not a model's files as a merge writes them
     merged = transformers.AutoModelForCausalLM.from_pretrained(repo_name, token=hub_token).state_dict()
     expected: dict[str, torch.Tensor] = {}
     for shard in shards:
@@ -1225,3 +1262,33 @@ def test_huggingface_hub_log_lines_lose_url_signatures() -> None:
         "'[Errno 111] Connection refused' thrown while requesting PUT http://127.0.0.1:9/api/lfs-upload/ab12?...\n"
     )
     assert all("signature" not in stream.getvalue() for stream in streams)
+
+
+def test_a_failed_upload_stops_a_merge_that_deletes_its_shards(tmp_path: Path) -> None:
+    """With --delete-local the disk holds a shard or two: once uploads have stopped (one failed), the next
+    finished shard ends the merge with that error instead of filling the disk with the rest. Without it, the
+    merge goes on (its files are kept for --resume)."""
+    from hubmerge.publish import HubUploader
+
+    failed = PublishError("push to alice/x failed: lost the connection", repo_id="alice/x")
+    deleting = HubUploader(PushTarget("alice/x", delete_local=True), tmp_path)
+    deleting._error = failed
+    with pytest.raises(PublishError, match="lost the connection"):
+        deleting.shard_done(0)
+    keeping = HubUploader(PushTarget("alice/x"), tmp_path)
+    keeping._error = failed
+    with pytest.raises(AssertionError):  # past the check: no plan was begun in this test
+        keeping.shard_done(0)
+
+
+def test_a_push_whose_host_does_not_resolve_says_nothing_was_merged(tmp_path: Path) -> None:
+    models = [str(save_model(tmp_path / f"m{i}", random_tensors(i))) for i in range(2)]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"method": "centroid", "models": models}))
+    done = _cli(
+        str(recipe), "--out", str(tmp_path / "out"), "--push", "alice/x",
+        endpoint="http://hubmerge-no-such-host.invalid", token="t",
+    )  # fmt: skip
+    assert done.returncode == 2 and "does not resolve" in done.stderr, done.stderr
+    assert "--resume" not in done.stderr and "nothing was merged yet" in done.stderr
+    assert not (tmp_path / "out").exists()

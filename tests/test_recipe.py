@@ -435,3 +435,22 @@ def test_paths_from_a_program_are_local_models(tmp_path: Path) -> None:
     for name, value in merged.items():
         if value.is_floating_point():
             torch.testing.assert_close(value, (first[name] + 3 * second[name]) / 4)
+
+
+@pytest.mark.parametrize("glob", ["model.layers.3.mlp.*", "model.layers.12.*"])
+def test_a_layer_past_the_last_says_the_range_not_another_layer(named: str, glob: str) -> None:
+    """`model.layers.3.*` in a 3-layer model once drew `model.layers.*.*` or another layer: a rule over
+    tensors it was not meant for."""
+    number = glob.split(".")[2]
+    assert _plan_hint(named, glob) == (
+        f"the models have no model.layers.{number}: their model.layers are numbered 0 to 2; fix the glob, or "
+        "remove the rule"
+    )
+
+
+def test_a_shard_size_under_one_byte_says_so() -> None:
+    for value in (0.5, "0.5B"):
+        with pytest.raises(ValueError, match="a shard holds at least 1 byte"):
+            parse_size(value)
+    with pytest.raises(ValueError, match="size must be positive, got 0"):
+        parse_size(0)

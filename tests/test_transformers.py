@@ -137,9 +137,9 @@ def test_a_taken_tensor_must_fit_the_config_the_output_keeps(tmp_path: Path) -> 
         PlanError, match=r"taken from models\.1 with shape \[130, 32\].* from models\.0"
     ) as info:
         hubmerge.plan(recipe)
-    assert (
-        info.value.hint
-        == "list models.1's model first in `models:`, so that its config and tokenizer come with it"
+    assert info.value.hint == (
+        "list models.1's model first in `models:`, so that its config and tokenizer come with it (`take:` "
+        "numbers follow the new order; for linear, t becomes 1 - t)"
     )
     recipe["models"] = recipe["models"][::-1]  # type: ignore[index]
     recipe["rules"] = [{"tensors": embed, "take": 0}]

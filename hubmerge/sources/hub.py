@@ -166,7 +166,9 @@ def hub_call(
     attempts = attempts or retries()
     for attempt in range(attempts):
         try:
-            return fn()
+            answer = fn()
+            _ANSWERED.set()
+            return answer
         except hf.GatedRepoError:
             raise GatedRepoError(
                 f"{where} is gated: access must be granted before it can be read",
@@ -224,9 +226,10 @@ def hub_call(
                     revision=revision,
                 ) from None
             said = _said(exc)
-            if status is None and _unresolved(exc):
-                # The Hub's host name does not resolve (no network, a mistyped HF_ENDPOINT): retries would
-                # only print warnings for seconds before this same end.
+            if status is None and not _ANSWERED.is_set() and _unresolved(exc):
+                # The Hub's host name is unknown (no network, a mistyped HF_ENDPOINT), and no request has
+                # reached it yet: retries would only print warnings for seconds before this same end. Once the
+                # Hub has answered, a resolver's failure is a blip, retried as any lost connection.
                 host = _host(exc)
                 raise HubConnectionError(
                     f"cannot reach the Hub for {what} on {where} ({said}): the host name "
@@ -262,7 +265,10 @@ def hub_call(
     raise AssertionError("unreachable")
 
 
+# How resolvers word a host name they cannot resolve: one that does not exist (EAI_NONAME), or any at all
+# without a server to ask (EAI_AGAIN, as on a machine off the network).
 _UNRESOLVED = ("Name or service not known", "Temporary failure in name resolution", "nodename nor servname")
+_ANSWERED = threading.Event()  # some Hub request of this process succeeded: the host name resolves
 
 
 def _unresolved(exc: BaseException) -> bool:
