@@ -274,8 +274,13 @@ def check_device(device: str) -> None:
             raise RecipeError(f"--device {device} but torch sees no CUDA device", hint="use --device cpu")
 
 
-def check_space(target: Path, plan: MergePlan, *, resume: bool, delete_local: bool) -> None:
-    """Refuse, before any read, a merge the output's disk has no room for (it would fail at the end)."""
+def check_space(
+    target: Path, plan: MergePlan, *, resume: bool, delete_local: bool, force: bool = False
+) -> None:
+    """Refuse, before any read, a merge the output's disk has no room for (it would fail at the end).
+
+    An interrupted run's shards count as room: a resume writes only the rest, and ``force`` deletes them.
+    """
     import shutil
 
     from .report import human_bytes
@@ -284,7 +289,7 @@ def check_space(target: Path, plan: MergePlan, *, resume: bool, delete_local: bo
     sizes = [s.size for s in plan.shards]
     # --delete-local deletes each shard once uploaded: about one shard at a time is on disk.
     needed = max(sizes, default=0) * 2 if delete_local else sum(sizes)
-    if resume and partial.is_dir():
+    if (resume or force) and partial.is_dir():
         # Blocks on disk, not sizes: the shards are created at full length, sparse until written.
         needed -= sum(f.stat().st_blocks * 512 for f in partial.glob("*.safetensors"))
     parent = partial.parent if partial.parent.exists() else target.parent
@@ -402,7 +407,13 @@ def _merge_locked(
                 path=str(target),
                 hint="resume with the same --push target (and --delete-local), or start over with --force",
             )
-        check_space(target, merge_plan, resume=resume, delete_local=push is not None and push.delete_local)
+        check_space(
+            target,
+            merge_plan,
+            resume=resume,
+            force=force,
+            delete_local=push is not None and push.delete_local,
+        )
         writer = ShardWriter(target, resume=resume, direct=direct)
         uploader = (
             HubUploader(push, writer.tmp, read_direct=direct, resume=resume, token=token)

@@ -105,9 +105,10 @@ class _LogProgress:
     """Progress for a log rather than a terminal (CI, ``2> file``): a plain line as each tenth of the bytes is
     read, at most one every ``every`` seconds, and none of a bar's carriage returns or cursor moves."""
 
-    def __init__(self, total: int, *, every: float = 5.0) -> None:
+    def __init__(self, total: int, *, every: float = 5.0, initial: int = 0) -> None:
         self.total, self.every = total, every
-        self.done, self.tenths = 0, 0
+        self.done, self.tenths = initial, min(10, 10 * initial // total) if total else 0
+        self.initial = initial  # an earlier run's bytes (--resume): not in the rate
         self.start = self.last = time.monotonic()
 
     def update(self, n: int) -> None:
@@ -120,7 +121,7 @@ class _LogProgress:
         now = time.monotonic()
         if tenths > self.tenths and (now - self.last >= self.every or tenths == 10):
             self.tenths, self.last = tenths, now
-            rate = self.done / max(now - self.start, 1e-9) / 1e9
+            rate = (self.done - self.initial) / max(now - self.start, 1e-9) / 1e9
             click.echo(
                 f"merging: {100 * self.done // max(self.total, 1)}% ({human_bytes(self.done)} of "
                 f"{human_bytes(self.total)}, {rate:.2f} GB/s, {now - self.start:.0f} s)",
@@ -149,17 +150,19 @@ def _no_hub_bars() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-def _progress_bar(total: int) -> Any:
-    """A tqdm bar on a terminal; plain lines (:class:`_LogProgress`) in a log."""
+def _progress_bar(total: int, initial: int = 0) -> Any:
+    """A tqdm bar on a terminal; plain lines (:class:`_LogProgress`) in a log. ``initial``: the bytes an
+    earlier run merged (``--resume``), shown as done but not counted in the rate."""
     if not sys.stderr.isatty():
-        return _LogProgress(total)
+        return _LogProgress(total, initial=initial)
     from tqdm import tqdm
 
     return tqdm(
         total=total,
+        initial=initial,
         unit="B",
         unit_scale=True,
-        unit_divisor=1024,
+        unit_divisor=1000,  # GB and GB/s as the plan's rates and the summary say them
         desc="merging",
         file=sys.stderr,
         dynamic_ncols=True,
@@ -246,18 +249,34 @@ def merge_command(
         target_dir = check_target(loaded, out, force=force, resume=resume)
         check_device(device)
         planned = plan(loaded, dtype=dtype)
-        check_space(target_dir, planned, resume=resume, delete_local=bool(target and target.delete_local))
+        check_space(
+            target_dir,
+            planned,
+            resume=resume,
+            force=force,
+            delete_local=bool(target and target.delete_local),
+        )
         if not quiet:  # -q: the exit status says whether the merge would start
             click.echo(plan_summary(planned))
             click.echo("dry run: nothing read, nothing written")
         return
     bar: Any = None
+    total = 0
 
     def on_plan(p: Any) -> None:
-        nonlocal bar
+        nonlocal bar, total
         if not quiet:
             click.echo(plan_summary(p), err=True)
-            bar = _progress_bar(p.bytes_read)
+            total = p.bytes_read
+            if not resume:
+                bar = _progress_bar(total)
+
+    def advance(n: int) -> None:
+        nonlocal bar
+        if bar is None:  # a resume: its first call holds the bytes an earlier run merged (run.execute)
+            bar = _progress_bar(total, initial=n)
+        else:
+            bar.update(n)
 
     # On a terminal, log lines go above the bar instead of onto it.
     redirect: Any = contextlib.nullcontext()
@@ -274,7 +293,7 @@ def merge_command(
                 device=device,
                 resume=resume,
                 force=force,
-                progress=(lambda n: bar.update(n)) if not quiet else None,
+                progress=advance if not quiet else None,
                 on_plan=on_plan,
                 push=target,
                 transfer=hub_transfer,

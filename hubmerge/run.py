@@ -105,14 +105,15 @@ def execute(
                     remaining == 0
                 ):  # finished by an earlier run: the sinks still hear of it (an upload may be due)
                     pending.append(writer.submit(_shard_done, sinks, shard))
+            resumed = sum(_input_bytes(job) for job in plan.jobs if job.name in done)
+            if progress and resumed:  # in one call, before merging: a bar's rate leaves them out (cli.py)
+                progress(resumed)
             first = next((job for job in plan.jobs if job.name not in done), None)
             if first is not None:  # later jobs are prefetched while the one before them merges
                 _prefetch(first, spec, sources, device)
             for index, job in enumerate(plan.jobs):
                 raise_if_stopped()
                 if job.name in done:
-                    if progress:
-                        progress(_input_bytes(job))
                     continue
                 # a skipped job's prefetch would never be read
                 if index + 1 < len(plan.jobs) and plan.jobs[index + 1].name not in done:
@@ -124,6 +125,7 @@ def execute(
                         pending.popleft().result()
                     if progress:
                         progress(consumed)
+                _release(job, sources)
                 left[job.shard] -= 1
                 pending.append(writer.submit(_finish, sinks, job, left[job.shard] == 0))
             while pending:
@@ -279,6 +281,14 @@ def _results(job: Job, ctx: _Context) -> Iterator[tuple[int, torch.Tensor, int]]
     finally:
         if repeated:
             _hold(job, ctx, keep=False)
+
+
+def _release(job: Job, sources: Sequence[TensorSource]) -> None:
+    """Tell the sources that can (``release``: mapped files) that ``job``'s inputs are merged."""
+    for src, info in job.reads():
+        release = getattr(sources[src], "release", None)
+        if release is not None:
+            release([info])
 
 
 def _hold(job: Job, ctx: _Context, *, keep: bool) -> None:

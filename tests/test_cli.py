@@ -595,3 +595,20 @@ def test_a_short_dtype_name_passed_to_the_api_suggests_the_long_one(recipe: Path
     with pytest.raises(RecipeError, match="dtype 'fp16' is not one of") as info:
         hubmerge.plan(recipe, dtype="fp16")  # type: ignore[arg-type]
     assert info.value.hint == "dtype='float16'"
+
+
+def test_force_counts_the_interrupted_runs_shards_as_room(recipe: Path, tmp_path: Path) -> None:
+    """--force deletes an interrupted run's partial output before writing: on a tight disk (a 70B merge), its
+    blocks are room, as they are for --resume."""
+    import shutil
+
+    out = tmp_path / "o"
+    partial = tmp_path / ".o.hubmerge-partial"
+    partial.mkdir()
+    (partial / "model-00001-of-00002.safetensors").write_bytes(os.urandom(32 << 20))  # real blocks
+    plan = hubmerge.plan(recipe)
+    tight = shutil.disk_usage(tmp_path).free + (16 << 20)  # fits only once the partial is gone
+    plan = dataclasses.replace(plan, shards=(dataclasses.replace(plan.shards[0], size=tight),))
+    with pytest.raises(OutputError, match="not enough free space"):
+        api.check_space(out, plan, resume=False, delete_local=False)
+    api.check_space(out, plan, resume=False, force=True, delete_local=False)

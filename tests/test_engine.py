@@ -928,3 +928,26 @@ def test_the_working_directory_is_no_output(
         assert info.value.hint == "give `out` the name of a new folder, or run from another directory"
     assert (here / "deeper").is_dir() and not list(tmp_path.glob(".here*"))
     assert (hubmerge.merge(recipe, "merged").out / "model.safetensors").is_file()  # relative to it: fine
+
+
+def test_a_resume_reports_the_earlier_runs_bytes_first_in_one_call(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """So that a progress bar shows them done without counting them in its rate (a resume once showed
+    13 GB/s); the calls still add up to the input bytes."""
+    from hubmerge.cli import _LogProgress
+
+    recipe, out = _two_model_recipe(tmp_path), tmp_path / "out"
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER, str(recipe), "3", str(out)], capture_output=True
+    )
+    assert killed.returncode == -signal.SIGKILL
+    calls: list[int] = []
+    done = hubmerge.merge(recipe, out, resume=True, progress=calls.append)
+    assert done.resumed_bytes > 0 and calls[0] == done.resumed_bytes
+    assert sum(calls) == done.plan.bytes_read
+    log = _LogProgress(10**10, every=0.0, initial=9 * 10**9)
+    log.start -= 1.0  # a second for the last GB: 1 GB/s, not 10
+    log.update(10**9)
+    said = capsys.readouterr().err
+    assert "merging: 100% (9.3 GiB of 9.3 GiB, 1.00 GB/s, 1 s)" in said, said

@@ -269,6 +269,17 @@ class LocalSource:
     def keep(self, infos: Sequence[TensorInfo]) -> None:
         pass  # mapped files: a second read costs no transfer
 
+    def release(self, infos: Sequence[TensorInfo]) -> None:
+        """Unmap the pages of tensors merged (those wholly theirs): they stay in the page cache, but leave the
+        process's resident size, which otherwise grew to the inputs' size (20 GB in `top` for three 8B
+        models, 200 MB of it the merge's own memory). A page read again is mapped again from the cache."""
+        if os.environ.get("HUBMERGE_RELEASE", "1") == "0":
+            return
+        for info in infos:
+            start, end = -(-info.start // PAGE) * PAGE, info.end // PAGE * PAGE
+            if end > start:
+                self._maps[info.file].madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def drop(self, infos: Sequence[TensorInfo]) -> None:
         pass
 
