@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import logging
 import os
 import time
@@ -12,11 +11,11 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from . import __version__
 from .companions import check_module_weights, check_not_adapter, check_not_quantized
-from .errors import HubmergeError, OutputError, RecipeError, raise_if_stopped, spoken_to_python
+from .errors import HubmergeError, OutputError, RecipeError, raise_if_stopped, reworded, spoken_to_python
 from .plan import DEFAULT_MEMORY_BUDGET, MergePlan, build_plan
 from .publish import UPLOADED, PushTarget, uploads_read_direct
 from .recipe import Dtype, Recipe, load_recipe
@@ -42,8 +41,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RecipeLike = Recipe | str | Path | dict[str, Any]
-P = ParamSpec("P")
-R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -134,20 +131,14 @@ _TOKEN_WORDS = (
 )
 
 
-def _token_hints(fn: Callable[P, R]) -> Callable[P, R]:
-    """Errors from ``fn`` called with ``token=`` point at that token, not at HF_TOKEN, which was not read."""
+def _token_words(exc: HubmergeError, kwargs: dict[str, Any]) -> None:
+    """A call given ``token=``: its errors point at that token, not at HF_TOKEN, which was not read."""
+    if kwargs.get("token") is not None and exc.hint:
+        for said, meant in _TOKEN_WORDS:
+            exc.hint = exc.hint.replace(said, meant)
 
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return fn(*args, **kwargs)
-        except HubmergeError as exc:
-            if kwargs.get("token") is not None and exc.hint:
-                for said, meant in _TOKEN_WORDS:
-                    exc.hint = exc.hint.replace(said, meant)
-            raise
 
-    return wrapper
+_token_hints = reworded(_token_words)
 
 
 @spoken_to_python

@@ -34,7 +34,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 
 class Terminated(KeyboardInterrupt):
@@ -175,21 +175,35 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def spoken_to_python(fn: Callable[P, R]) -> Callable[P, R]:
-    """Errors from ``fn`` name arguments, not the command's flags, unless the command called it."""
+def reworded(
+    rewrite: Callable[[HubmergeError, dict[str, Any]], None],
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """A decorator: an error from the function is passed to ``rewrite`` (with the call's keyword arguments),
+    which may change its words, then raised."""
 
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return fn(*args, **kwargs)
-        except HubmergeError as exc:
-            if not CLI_WORDS.get():
-                exc.message = python_words(exc.message)
-                exc.hint = python_words(exc.hint) if exc.hint else exc.hint
+    def decorate(fn: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(fn)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return fn(*args, **kwargs)
+            except HubmergeError as exc:
+                rewrite(exc, kwargs)
                 exc.args = (exc.message, *exc.args[1:])
-            raise
+                raise
 
-    return wrapper
+        return wrapper
+
+    return decorate
+
+
+def _in_python_words(exc: HubmergeError, kwargs: dict[str, Any]) -> None:
+    if not CLI_WORDS.get():
+        exc.message = python_words(exc.message)
+        exc.hint = python_words(exc.hint) if exc.hint else exc.hint
+
+
+# Errors name arguments, not the command's flags, unless the command called the function.
+spoken_to_python = reworded(_in_python_words)
 
 
 class RecipeError(HubmergeError, ValueError):
