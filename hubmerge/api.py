@@ -439,6 +439,7 @@ def _merge_locked(
                 )
             if uploader is not None:
                 raise_if_stopped()  # before the commit, which cannot be taken back
+                writer.check_replace(force=force)  # so is a refusal of the output's files after it
                 commit_url = uploader.commit(files)
         finally:
             retain_freed_memory(False)  # execute resets it too; here for a failure between start_reads and it

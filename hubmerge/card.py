@@ -110,15 +110,21 @@ def common_license(plan: MergePlan, sources: list[TensorSource]) -> dict[str, st
         return None
     if not found:
         return None
-    label, (_, entries) = next(iter(found.items()))
-    link = entries.get("license_link", "")
-    if link and "://" not in link:  # LICENSE, relative to the source's repository: not in the merge
-        source = next(s for s in sources if s.label == label)
-        entries = {k: v for k, v in entries.items() if k != "license_link"}
+    entries = {k: v for k, v in next(iter(found.values()))[1].items() if k != "license_link"}
+    # The link, wherever a source gives one: as written if absolute; relative (LICENSE, in the source's
+    # repository, which the merge does not copy) made absolute on a Hub source, dropped on a local one.
+    by_label = {s.label: s for s in sources}
+    links = [(by_label[label], e["license_link"]) for label, (_, e) in found.items() if e.get("license_link")]
+    for _, link in links:
+        if "://" in link or link.startswith("www."):
+            entries["license_link"] = link if "://" in link else f"https://{link}"
+            return entries
+    for source, link in links:
         if source.ref.repo_id and source.commit:
             entries["license_link"] = (
                 f"{_hub_url()}/{source.ref.repo_id}/blob/{source.commit}/{link.removeprefix('./')}"
             )
+            break
     return entries
 
 

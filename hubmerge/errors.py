@@ -154,7 +154,7 @@ _PYTHON_WORDS = (
     (r"--device ([\w:]+)", r'device="\1"'),
     (r"--dtype", "`dtype`"),
     (r"--hub-transfer (\w+)", r'transfer="\1"'),
-    (r"--push ([\w.-]+/[\w.-]+|NAME)", r'push="\1"'),
+    (r"--push ([\w.-]+/[\w-]+(?:\.[\w-]+)*|NAME)", r'push="\1"'),
     (r"--push", "`push`"),
     (r"--delete-local", "PushTarget(delete_local=True)"),
     (r"--private", "PushTarget(private=True)"),
@@ -167,7 +167,7 @@ def python_words(text: str) -> str:
     """``text`` with the command's flags named as the Python API's arguments: a flag as a word of its own,
     not inside a path or a name (``runs--force``, ``/data/--out``)."""
     for flag, argument in _PYTHON_WORDS:
-        text = re.sub(r"(?<![\w/.~-])" + flag + r"(?![\w/.-])", argument, text)
+        text = re.sub(r"(?<![\w/.~-])" + flag + r"(?![\w/-]|\.\w)", argument, text)
     return text
 
 

@@ -41,8 +41,8 @@ def unmatched_glob_hint(glob: str, names: Sequence[str]) -> str:
 
 
 def _missing_number(glob: str, names: Sequence[str]) -> str | None:
-    """Where ``glob`` names a number (a layer) the models do not have but would match with another: that
-    number's range (``model.layers.12.*`` in a 12-layer model: 0 to 11)."""
+    """Where ``glob`` names a number (a layer) past the last one the models have where another number would
+    match: the last (``model.layers.12.*`` in a 12-layer model: ``model.layers.11``)."""
     parts = glob.split(".")
     for i, part in enumerate(parts):
         if not part.isdigit():
@@ -55,11 +55,9 @@ def _missing_number(glob: str, names: Sequence[str]) -> str | None:
                 if fnmatch.fnmatchcase(name, wild) and name.count(".") >= i and name.split(".")[i].isdigit()
             }
         )
-        if numbers and int(part) not in numbers:
-            where = ".".join(parts[:i])
-            return (
-                f"the models have no {where}.{part}: their {where} are numbered {numbers[0]} to {numbers[-1]}"
-            )
+        where = ".".join(parts[:i])
+        if where and numbers and int(part) > numbers[-1]:  # past the last: within, a gap may be the model's
+            return f"the models have no {where}.{part}: the last is {where}.{numbers[-1]}"
     return None
 
 

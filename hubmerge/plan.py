@@ -187,7 +187,8 @@ def build_plan(
                     f"{list(fits.shape)}: the merged model would not load as merged",
                     tensor=name,
                     hint=f"list {src.label}'s model first in `models:`, so that its config and tokenizer "
-                    "come with it (`take:` numbers follow the new order; for linear, t becomes 1 - t)"
+                    "come with it (and reorder what follows the models' order: `take:` numbers, per-model "
+                    "lists; linear's and slerp's t becomes 1 - t)"
                     if base is None
                     else "they come from the base: give the base the same shape first (transformers' "
                     "resize_token_embeddings, then save_pretrained), and merge with that",

@@ -403,16 +403,26 @@ class HubUploader:
 
     def _module_dirs(self, existing: list[str]) -> list[str]:
         """The module folders the earlier model's ``modules.json`` names (``1_Pooling``), whose files are the
-        model's; none where it cannot be read."""
+        model's; none (their files are left, with a warning) where it cannot be read."""
+        import tempfile
+
         target = self.target
-        path = self._call(
-            lambda: self.api.hf_hub_download(target.repo_id, "modules.json", revision=target.branch),
-            "modules.json",
-        )
-        try:
-            modules = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return []
+        with tempfile.TemporaryDirectory(prefix="hubmerge-modules-") as scratch:  # not the shared cache
+            try:
+                path = self._call(
+                    lambda: self.api.hf_hub_download(
+                        target.repo_id, "modules.json", revision=target.branch, local_dir=scratch
+                    ),
+                    "modules.json",
+                )
+                modules = json.loads(Path(path).read_text(encoding="utf-8"))
+            except (PublishError, OSError, ValueError) as exc:
+                log.warning(
+                    "%s: could not read the earlier model's modules.json (%s): its module folders are left",
+                    target.repo_id,
+                    exc.message if isinstance(exc, PublishError) else exc,
+                )
+                return []
         if not isinstance(modules, list):
             return []
         return [
@@ -565,13 +575,18 @@ _MODEL_FILES = frozenset(
 )
 
 
+# Tokenizer files known by their kind: mistral's tokenizer.model.v3, tiktoken ranks, sentencepiece models.
+_TOKENIZER_PATTERNS = ("tokenizer.model.*", "*.tiktoken", "spm.model", "vocab.model", "sentencepiece*.model")
+
+
 def _is_model_file(name: str, module_dirs: Iterable[str] = ()) -> bool:
     """Whether a repository file is part of a model as hubmerge writes one: weights, a file of
-    :data:`_MODEL_FILES`, or one in a sentence-transformers module folder the model's ``modules.json``
-    names (``module_dirs``)."""
+    :data:`_MODEL_FILES` or :data:`_TOKENIZER_PATTERNS`, or one in a sentence-transformers module folder the
+    model's ``modules.json`` names (``module_dirs``)."""
     return (
         _is_weights(name)
         or name in _MODEL_FILES
+        or ("/" not in name and any(fnmatch.fnmatchcase(name, p) for p in _TOKENIZER_PATTERNS))
         or any(name.startswith(f"{folder}/") for folder in module_dirs)
     )
 

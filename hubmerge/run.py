@@ -105,9 +105,8 @@ def execute(
                     remaining == 0
                 ):  # finished by an earlier run: the sinks still hear of it (an upload may be due)
                     pending.append(writer.submit(_shard_done, sinks, shard))
-            resumed = sum(_input_bytes(job) for job in plan.jobs if job.name in done)
-            if progress and resumed:  # in one call, before merging: a bar's rate leaves them out (cli.py)
-                progress(resumed)
+            if progress:  # first, in one call, what an earlier run merged (0 if none): a rate leaves it out
+                progress(sum(_input_bytes(job) for job in plan.jobs if job.name in done))
             first = next((job for job in plan.jobs if job.name not in done), None)
             if first is not None:  # later jobs are prefetched while the one before them merges
                 _prefetch(first, spec, sources, device)

@@ -597,6 +597,12 @@ class ShardWriter:
         if error is not None:
             raise error
 
+    def check_replace(self, *, force: bool) -> None:
+        """Refuse to replace an earlier merge that now holds what it did not write (checked as the run began
+        too): by :meth:`commit`, and before a push's commit, which cannot be taken back."""
+        if force and (self.out / MANIFEST).is_file():
+            _refuse_added(self.out, _not_merged(self.out), finished=self.tmp)
+
     def commit(self, *, force: bool) -> Path:
         """Close the shards, drop the journal and move the finished directory into place.
 
@@ -604,8 +610,7 @@ class ShardWriter:
             The output directory.
         """
         self.close()
-        if force and (self.out / MANIFEST).is_file():  # checked as the run began: anything added since?
-            _refuse_added(self.out, _not_merged(self.out), finished=self.tmp)
+        self.check_replace(force=force)
         shutil.rmtree(self.tmp / PROGRESS_DIR)
         if _empty(self.out):
             self.out.rmdir()

@@ -410,7 +410,14 @@ def test_licenses_compare_as_the_hub_reads_them(tmp_path: Path, caplog: pytest.L
     out = hubmerge.merge({"method": "centroid", "models": [foo, foo]}, tmp_path / "foo2").out
     card = (out / "README.md").read_text()
     assert "license: other\nlicense_name: foo\nlicense_link: https://x.org/foo\n" in card
+    far = model("far", "---\nlicense: other\nlicense_name: foo\nlicense_link: https://x.org/foo\n---\n")
     near = model("near", "---\nlicense: other\nlicense_name: foo\nlicense_link: LICENSE\n---\n")
+    for order in ([near, far], [far, near]):  # the absolute link, whichever source gives it
+        card = (
+            hubmerge.merge({"method": "centroid", "models": order}, tmp_path / "o", force=True).out
+            / "README.md"
+        )
+        assert "license_link: https://x.org/foo\n" in card.read_text()
     out = hubmerge.merge({"method": "centroid", "models": [near, near]}, tmp_path / "near2").out
     card = (out / "README.md").read_text()  # a link into the source's folder, which the merge does not copy
     assert "license_name: foo\n" in card and "license_link" not in card
@@ -946,6 +953,9 @@ def test_a_resume_reports_the_earlier_runs_bytes_first_in_one_call(
     done = hubmerge.merge(recipe, out, resume=True, progress=calls.append)
     assert done.resumed_bytes > 0 and calls[0] == done.resumed_bytes
     assert sum(calls) == done.plan.bytes_read
+    calls.clear()  # a fresh run's first call: nothing merged before
+    fresh = hubmerge.merge(recipe, tmp_path / "fresh", progress=calls.append)
+    assert calls[0] == 0 and len(calls) > 1 and sum(calls) == fresh.plan.bytes_read
     log = _LogProgress(10**10, every=0.0, initial=9 * 10**9)
     log.start -= 1.0  # a second for the last GB: 1 GB/s, not 10
     log.update(10**9)

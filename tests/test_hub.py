@@ -955,6 +955,7 @@ def test_a_push_over_an_earlier_model_deletes_its_model_files(
         "adapter_config.json",
         "special_tokens_map.json",
         "vocab.txt",
+        "tokenizer.model.v3",
         "modules.json",
         "1_Pooling/config.json",
     )
@@ -1292,3 +1293,67 @@ def test_a_push_whose_host_does_not_resolve_says_nothing_was_merged(tmp_path: Pa
     assert done.returncode == 2 and "does not resolve" in done.stderr, done.stderr
     assert "--resume" not in done.stderr and "nothing was merged yet" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unreadable_modules_json_leaves_module_folders_and_the_push_succeeds(
+    tmp_path: Path,
+    hub_token: str,
+    repo_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", hub_token)
+    api = HfApi(token=hub_token)
+    api.create_repo(repo_name)
+    for name, content in (("modules.json", b"not json"), ("1_Pooling/config.json", b"{}")):
+        api.upload_file(path_or_fileobj=content, path_in_repo=name, repo_id=repo_name)
+    models = [str(save_model(tmp_path / f"m{i}", random_tensors(i))) for i in range(2)]
+    with caplog.at_level("WARNING", logger="hubmerge"):
+        hubmerge.merge({"method": "centroid", "models": models}, tmp_path / "out", push=repo_name)
+    files = set(api.list_repo_files(repo_name))
+    assert "model.safetensors" in files and "1_Pooling/config.json" in files and "modules.json" not in files
+    assert "could not read the earlier model's modules.json" in caplog.text
+
+
+def test_files_added_while_merging_are_refused_before_the_push_commits(
+    tmp_path: Path, hub_token: str, repo_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The push's commit cannot be taken back: a refusal after it, followed by its hint, pushed twice."""
+    monkeypatch.setenv("HF_TOKEN", hub_token)
+    models = [str(save_model(tmp_path / f"m{i}", random_tensors(i))) for i in range(2)]
+    recipe = {"method": "centroid", "models": models}
+    out = tmp_path / "out"
+    hubmerge.merge(recipe, out)
+
+    def add_a_file(plan: object) -> None:
+        (out / "notes.txt").write_text("mine")
+
+    with pytest.raises(hubmerge.OutputError, match="while merging, notes.txt appeared"):
+        hubmerge.merge(recipe, out, force=True, push=repo_name, on_plan=add_a_file)
+    api = HfApi(token=hub_token)
+    assert not [f for f in api.list_repo_files(repo_name) if f.endswith(".safetensors")]  # nothing committed
+
+
+def test_a_model_read_from_the_local_cache_releases_its_pages_too(
+    tmp_path: Path, hub_token: str, repo_name: str
+) -> None:
+    from hubmerge.refs import ModelRef
+    from hubmerge.sources import open_source
+
+    from .test_inputs import _mapped_kib
+
+    api = HfApi(token=hub_token)
+    folder = save_model(tmp_path / "m", {"big": torch.randn(1024, 1024)})
+    _publish(api, repo_name, folder)
+    api.snapshot_download(repo_name)  # in the local cache: read there
+    source = open_source(ModelRef(repo_id=repo_name), label="models.0")
+    try:
+        assert source.cached  # type: ignore[attr-defined]
+        info = source.tensors["big"]
+        file = Path(try_to_load_from_cache(repo_name, "model.safetensors")).resolve()  # type: ignore[arg-type]
+        assert float(source.read(info).sum()) != 0.0
+        assert _mapped_kib(file) >= 4000
+        source.release([info])  # type: ignore[attr-defined]
+        assert _mapped_kib(file) <= 8
+    finally:
+        source.close()

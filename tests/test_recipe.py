@@ -443,9 +443,20 @@ def test_a_layer_past_the_last_says_the_range_not_another_layer(named: str, glob
     tensors it was not meant for."""
     number = glob.split(".")[2]
     assert _plan_hint(named, glob) == (
-        f"the models have no model.layers.{number}: their model.layers are numbered 0 to 2; fix the glob, or "
-        "remove the rule"
+        f"the models have no model.layers.{number}: the last is model.layers.2; "
+        "fix the glob, or remove the rule"
     )
+    from hubmerge.globs import unmatched_glob_hint
+
+    hybrid = [
+        "model.layers.0.attn.w",
+        "model.layers.1.ssm.w",
+        "model.layers.2.attn.w",
+        "0.weight",
+        "1.weight",
+    ]
+    for within in ("model.layers.1.attn.*", "5.weight"):  # a gap inside, or no prefix: no range claimed
+        assert "the last is" not in unmatched_glob_hint(within, hybrid)
 
 
 def test_a_shard_size_under_one_byte_says_so() -> None:

@@ -138,8 +138,9 @@ def test_a_taken_tensor_must_fit_the_config_the_output_keeps(tmp_path: Path) -> 
     ) as info:
         hubmerge.plan(recipe)
     assert info.value.hint == (
-        "list models.1's model first in `models:`, so that its config and tokenizer come with it (`take:` "
-        "numbers follow the new order; for linear, t becomes 1 - t)"
+        "list models.1's model first in `models:`, so that its config and tokenizer come with it "
+        "(and reorder what follows the models' order: `take:` numbers, per-model lists; "
+        "linear's and slerp's t becomes 1 - t)"
     )
     recipe["models"] = recipe["models"][::-1]  # type: ignore[index]
     recipe["rules"] = [{"tensors": embed, "take": 0}]

@@ -787,6 +787,11 @@ class HubSource:
                 for name in list(self._spans[0].unread):
                     self._done_with(name)
 
+    def release(self, infos: Sequence[TensorInfo]) -> None:
+        """A model read from the local Hugging Face cache unmaps merged tensors' pages as a local one does."""
+        if self._local is not None:
+            self._local.release(infos)
+
     def keep(self, infos: Sequence[TensorInfo]) -> None:
         """The run reads ``infos`` more than once (statistics passes, then the merge): keep their bytes.
 
