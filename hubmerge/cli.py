@@ -171,7 +171,7 @@ def _progress_bar(total: int, initial: int = 0) -> Any:
 
 
 @cli.command("merge")
-@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("recipe", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path))
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
@@ -219,7 +219,7 @@ def merge_command(
     verbose: bool,
     quiet: bool,
 ) -> None:
-    """Merge the models of RECIPE."""
+    """Merge the models of RECIPE (a file, or - for its text on stdin)."""
     from .api import check_device, check_space, check_target, merge, plan
     from .publish import PushTarget
     from .recipe import load_recipe
@@ -229,7 +229,7 @@ def merge_command(
     _setup_logging(verbose, quiet)
     if buffers.OWN_PROCESS:  # the command's own process (cli.run): a bus error is the merge's to report
         _catch_sigbus()
-    loaded = load_recipe(recipe)
+    loaded = load_recipe(_recipe_source(recipe))
     wanted: dict[str, Any] = loaded.push.model_dump() if loaded.push is not None else {}
     overrides = {
         "repo": push_repo,
@@ -327,7 +327,7 @@ def merge_command(
 
 
 @cli.command("plan")
-@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("recipe", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--dtype", type=DTYPES, help="Output dtype (overrides the recipe; default: the first model's).")
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging; tracebacks on errors.")
@@ -338,7 +338,7 @@ def plan_command(recipe: Path, as_json: bool, dtype: Any, verbose: bool, quiet: 
     from .report import plan_table
 
     _setup_logging(verbose, quiet, info=False)
-    merge_plan = plan(recipe, dtype=dtype)
+    merge_plan = plan(_recipe_source(recipe), dtype=dtype)
     click.echo(json.dumps(merge_plan.to_json(), indent=2) if as_json else plan_table(merge_plan))
 
 
@@ -449,6 +449,12 @@ def hub_serve(
             if exc.errno != errno.EADDRNOTAVAIL
             else "pass an address of this machine as --host",
         ) from None
+
+
+def _recipe_source(recipe: Path) -> Path | str:
+    """RECIPE as load_recipe takes it: ``-`` is the recipe's text on stdin (paths in it start at the working
+    directory), anything else a file."""
+    return sys.stdin.read() if str(recipe) == "-" else recipe
 
 
 def _one_line(text: str) -> str:

@@ -11,6 +11,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 import hubmerge
 from hubmerge import api
@@ -612,3 +614,21 @@ def test_force_counts_the_interrupted_runs_shards_as_room(recipe: Path, tmp_path
     with pytest.raises(OutputError, match="not enough free space"):
         api.check_space(out, plan, resume=False, delete_local=False)
     api.check_space(out, plan, resume=False, force=True, delete_local=False)
+
+
+def test_a_recipe_on_stdin_with_paths_from_the_working_directory(recipe: Path) -> None:
+    text = "method: linear\nmodels: [a, b]\nparameters: {t: 0.25}\n"
+    for args in (["plan", "-", "--json"], ["-", "--out", "piped", "-q"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "hubmerge.cli", *args],
+            input=text,
+            capture_output=True,
+            text=True,
+            cwd=recipe.parent,
+        )
+        assert done.returncode == 0, done.stderr
+    merged = load_file(recipe.parent / "piped" / "model.safetensors")
+    a, b = random_tensors(0), random_tensors(1)
+    for name, value in merged.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, 0.75 * a[name] + 0.25 * b[name])
