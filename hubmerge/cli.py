@@ -333,7 +333,7 @@ def merge_command(
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging; tracebacks on errors.")
 @click.option("--quiet", "-q", is_flag=True, help="Accepted as the merge takes it (plan prints no progress).")
 def plan_command(recipe: Path, as_json: bool, dtype: Any, verbose: bool, quiet: bool) -> None:
-    """Check RECIPE and show the output layout, reading headers only."""
+    """Check RECIPE (a file, or - for its text on stdin) and show the output layout, reading headers only."""
     from .api import plan
     from .report import plan_table
 

@@ -143,7 +143,7 @@ def check_not_quantized(source: TensorSource) -> None:
     Raises:
         PlanError: naming the model and one such tensor, before any weight is read.
     """
-    side = next((name for name in sorted(source.tensors) if _QUANT_SIDE.search(name)), None)
+    sides = [name for name in sorted(source.tensors) if _QUANT_SIDE.search(name)]
     packed = next(
         (
             i
@@ -152,8 +152,9 @@ def check_not_quantized(source: TensorSource) -> None:
         ),
         None,
     )
-    if side is None or packed is None:
+    if not sides or packed is None:
         return
+    side = next((name for name in sides if name != packed.name), sides[0])  # qweight is both: name another
     raise PlanError(
         f"{source.label} ({source.ref}) is a quantized checkpoint: {side} beside {packed.name} stored as "
         f"{packed.dtype}; merging codes and scales entry by entry does not merge the weights",

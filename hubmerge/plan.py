@@ -342,6 +342,8 @@ def _source_notices(recipe: Recipe, spec: MethodSpec, sources: Sequence[TensorSo
             )
         elif again is not None:
             notices.append(f"{again} is the base ({base.ref}): its task vector is zero")
+    if "seed" in recipe.parameters and not spec.random:  # accepted, as a recipe for several methods sets it
+        notices.append(f"method '{spec.name}' draws no random numbers: `seed` changes nothing")
     return notices
 
 

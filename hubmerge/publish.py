@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from . import directio
 from .directio import DirectReader
-from .errors import HubError, PublishError, RecipeError
+from .errors import HubError, PublishError, RecipeError, spoken_to_python
 from .refs import is_repo_id
 from .sources.hub import hub_call, unsigned
 from .writer import PROGRESS_DIR, batch_offset, tensor_bytes, write_json
@@ -61,6 +61,7 @@ class PushTarget:
     delete_local: bool = False
     commit_message: str | None = None
 
+    @spoken_to_python  # a program's PushTarget(...) is told of arguments, the command's of flags
     def __post_init__(self) -> None:
         if not is_repo_id(self.repo_id):
             raise RecipeError(

@@ -611,17 +611,26 @@ class ShardWriter:
         """
         self.close()
         self.check_replace(force=force)
+        if self.out.exists() and not _empty(self.out):  # refused before the journal goes: --resume finishes
+            if not (self.out / MANIFEST).is_file():
+                raise OutputError(
+                    f"output directory {self.out} was created or written to while merging, and is not the "
+                    f"output of a merge (it has no {MANIFEST})",
+                    path=str(self.out),
+                    hint=f"move it aside (or empty it), then rerun with --resume: the finished merge is kept "
+                    f"in {self.tmp}",
+                )
+            if not force:
+                raise OutputError(
+                    f"output directory {self.out} was created while merging: an earlier merge is there",
+                    path=str(self.out),
+                    hint=f"rerun with --resume --force to replace it (the finished merge is kept in "
+                    f"{self.tmp}), or move it aside and rerun with --resume",
+                )
         shutil.rmtree(self.tmp / PROGRESS_DIR)
         if _empty(self.out):
             self.out.rmdir()
         if self.out.exists():
-            if not force or not (self.out / MANIFEST).is_file():
-                raise OutputError(
-                    f"output directory {self.out} appeared while merging"
-                    + ("" if not force else f" (and holds no {MANIFEST}: it is not an earlier merge)"),
-                    path=str(self.out),
-                    hint=f"the finished merge is in {self.tmp}; move it by hand or rerun with --force",
-                )
             old = old_dir(self.out)
             if old.exists():
                 shutil.rmtree(old)

@@ -961,3 +961,24 @@ def test_a_resume_reports_the_earlier_runs_bytes_first_in_one_call(
     log.update(10**9)
     said = capsys.readouterr().err
     assert "merging: 100% (9.3 GiB of 9.3 GiB, 1.00 GB/s, 1 s)" in said, said
+
+
+def test_an_empty_output_written_to_while_merging_keeps_the_merge_for_a_resume(
+    tmp_path: Path, three: list[Path]
+) -> None:
+    """The folder was there, empty (it takes the output without force): written to meanwhile, the merge is
+    kept with its journal, and the hint is one that works (force would be refused: no earlier merge)."""
+    recipe = {"method": "centroid", "models": [str(p) for p in three]}
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def write_there(plan: object) -> None:
+        (out / "notes.txt").write_text("mine")
+
+    with pytest.raises(OutputError, match="was created or written to while merging") as info:
+        hubmerge.merge(recipe, out, on_plan=write_there)
+    assert info.value.hint is not None and "rerun with resume=True" in info.value.hint
+    assert "force" not in info.value.hint and (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    done = hubmerge.merge(recipe, out, resume=True)
+    assert done.resumed_tensors == len(done.plan.jobs) and (out / "model.safetensors").is_file()

@@ -245,6 +245,9 @@ def test_seed_is_offered_only_by_the_methods_that_draw_random_numbers(pair: list
     )
     # A recipe's seed where it changes nothing is still accepted (recipes set it); one per model is not.
     assert hubmerge.load_recipe({"method": "centroid", "models": pair, "parameters": {"seed": 3}})
+    said = hubmerge.plan({"method": "centroid", "models": pair, "parameters": {"seed": 3}}).notices
+    assert "method 'centroid' draws no random numbers: `seed` changes nothing" in said
+    assert not hubmerge.plan({"method": "dare_linear", "base": pair[0], "models": [pair[1]]}).notices
     per_model = {"method": "weighted", "models": [{"path": pair[0], "parameters": {"seed": 1}}, pair[1]]}
     assert _said(per_model) == (
         "models.0.parameters.seed",
