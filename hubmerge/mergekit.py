@@ -9,6 +9,7 @@ refused by name rather than silently dropped.
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, get_args
 
 from .errors import RecipeError
@@ -80,7 +81,14 @@ def translate_mergekit(doc: dict[str, Any]) -> dict[str, Any]:
             )
     unknown = sorted(set(doc) - KNOWN_KEYS)
     if unknown:
-        raise RecipeError(f"unknown mergekit key '{unknown[0]}'", path=unknown[0], hint="remove it")
+        close = difflib.get_close_matches(unknown[0], sorted(KNOWN_KEYS), 1, 0.75)
+        raise RecipeError(
+            f"unknown mergekit key '{unknown[0]}'",
+            path=unknown[0],
+            hint=f"did you mean `{close[0]}`?"
+            if close
+            else "remove it; a key that only holds a YAML anchor is named `x-...` (`x-common: &c {...}`)",
+        )
     for flag in IGNORED_FLAGS & set(doc):
         _ignored_flag(doc[flag], flag)
     mk_method = doc["merge_method"]
@@ -91,6 +99,12 @@ def translate_mergekit(doc: dict[str, Any]) -> dict[str, Any]:
             hint=f"supported: {', '.join(METHOD_NAMES)}",
         )
     source = doc.get("tokenizer_source")
+    if (
+        isinstance(source, str)
+        and isinstance(doc.get("base_model"), str)
+        and _same(source, doc["base_model"])
+    ):
+        source = "base"  # the base model named by its path: the same as `base`
     if source not in (None, "base"):
         raise RecipeError(
             f"mergekit tokenizer_source: {source} is not supported; "
@@ -106,8 +120,17 @@ def translate_mergekit(doc: dict[str, Any]) -> dict[str, Any]:
     for i, item in enumerate(doc.get("models") or []):
         if not isinstance(item, dict) or "model" not in item:
             raise RecipeError("each mergekit model is a mapping with `model:`", path=f"models.{i}")
+        extra = sorted(set(item) - {"model", "parameters"})
+        if extra:  # mergekit refuses them too; `weight:` here would otherwise be lost without a word
+            raise RecipeError(
+                f"unknown key '{extra[0]}' in a mergekit model entry",
+                path=f"models.{i}.{extra[0]}",
+                hint=f"mergekit takes it under `parameters:` (`parameters: {{{extra[0]}: ...}}`)"
+                if extra[0] in ("weight", "density", "t", "lambda", "epsilon")
+                else "a mergekit model entry has `model:` and `parameters:`",
+            )
         entry: dict[str, Any] = {"ref": _model_ref(item["model"], f"models.{i}.model")}
-        params = _params(item.get("parameters") or {}, f"models.{i}.parameters")
+        params = _params(item.get("parameters") or {}, f"models.{i}.parameters", mk_method)
         if params:
             entry["parameters"] = params
         models.append(entry)
@@ -119,11 +142,15 @@ def translate_mergekit(doc: dict[str, Any]) -> dict[str, Any]:
         others = [m for m in models if not _same(m["ref"], recipe["base"])]
         models = [{"ref": recipe.pop("base")}, *others]
     recipe["models"] = models
-    params = MERGEKIT_DEFAULTS.get(mk_method, {}) | _params(doc.get("parameters") or {}, "parameters")
+    params = MERGEKIT_DEFAULTS.get(mk_method, {}) | _params(
+        doc.get("parameters") or {}, "parameters", mk_method
+    )
     if params:
         recipe["parameters"] = params
     key = "out_dtype" if doc.get("out_dtype") else "dtype"
     out_dtype = doc.get(key)
+    if isinstance(out_dtype, str):
+        out_dtype = out_dtype.removeprefix("torch.")  # mergekit takes torch's names too
     if out_dtype is not None:
         if out_dtype not in get_args(Dtype):
             raise RecipeError(
@@ -163,7 +190,22 @@ def _model_ref(value: Any, where: str) -> str:
     return value
 
 
-def _params(params: Any, where: str) -> dict[str, Any]:
+# mergekit's `rescale` (the kept entries scaled back to the task vector's size) as hubmerge merges: DARE
+# always rescales (by 1/density), TIES never does, task_arithmetic keeps every entry (nothing to rescale).
+RESCALES = {"dare_ties": True, "dare_linear": True, "ties": False}
+# mergekit reads booleans loosely: 1 and 0, 'true' and 'false' as text.
+_BOOLS = {1: True, 0: False, "true": True, "false": False, "yes": True, "no": False}
+
+
+def _loose_bool(value: Any) -> Any:
+    """``value`` as mergekit reads a boolean (1, 'true', 'no'...); anything else as it is."""
+    key = value.lower() if isinstance(value, str) else value
+    if isinstance(key, bool) or not isinstance(key, int | str):
+        return value
+    return _BOOLS.get(key, value)
+
+
+def _params(params: Any, where: str, method: str) -> dict[str, Any]:
     if not isinstance(params, dict):
         raise RecipeError("parameters must be a mapping", path=where)
     out: dict[str, Any] = {}
@@ -171,10 +213,24 @@ def _params(params: Any, where: str) -> dict[str, Any]:
         if name in IGNORED_FLAGS:
             _ignored_flag(value, f"{where}.{name}")
             continue
-        if name == "rescale" and value is not True:
-            raise RecipeError("rescale: false is not supported; DARE always rescales", path=f"{where}.{name}")
         if name == "rescale":
+            value = _loose_bool(value)
+            merged = RESCALES.get(method)
+            if merged is not None and value is not merged:
+                raise RecipeError(
+                    f"rescale: {str(value).lower()} is not how hubmerge merges {method}: "
+                    + (
+                        "its DARE always rescales the kept entries by 1/density"
+                        if merged
+                        else "its TIES keeps the trimmed entries as they are"
+                    ),
+                    path=f"{where}.{name}",
+                    hint=f"remove rescale (hubmerge's {method} is rescale: {str(merged).lower()}), or keep "
+                    "using mergekit for this merge",
+                )
             continue
+        if name == "normalize":
+            value = _loose_bool(value)
         if name == "filter_wise":  # model_stock per row; mergekit's default is per tensor, as hubmerge's
             if value is not False:
                 raise RecipeError(

@@ -383,6 +383,18 @@ def load_recipe(
         from .mergekit import translate_mergekit
 
         doc = translate_mergekit(doc)
+    elif "method" not in doc and any(
+        isinstance(m, dict) and "model" in m for m in _listed(doc.get("models"))
+    ):
+        close = difflib.get_close_matches("merge_method", [str(k) for k in doc], 1, 0.6)
+        raise RecipeError(
+            "the models are written as in a mergekit config (`- model: ...`), and no `merge_method:` says "
+            "which merge it is",
+            path=close[0] if close else "merge_method",
+            hint=f"did you mean `merge_method` for `{close[0]}`?"
+            if close
+            else "add `merge_method:` (a mergekit config), or write hubmerge's `method:` and `- path: ...`",
+        )
     try:
         recipe = Recipe.model_validate(doc)
     except ValidationError as exc:
@@ -509,6 +521,10 @@ _INSTEAD = {
     "out_dtype": "`dtype:`",
     "revision_id": "`revision:`",
 }
+
+
+def _listed(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 def _unknown_key_hint(key: str, path: str = "") -> str:

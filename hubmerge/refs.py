@@ -101,6 +101,13 @@ def parse_ref(text: str, *, base_dir: Path, field: str, revision: str | None = N
                 hint="revisions apply to Hub repositories only; remove `revision`",
             )
         return ModelRef(path=local.resolve())
+    if not is_repo_id(text.partition("@")[0]):  # no Hub id either: say where the path was looked for
+        raise RecipeError(
+            f"{text!r} is neither an existing local path (there is no {local}) nor a Hub repository id",
+            path=field,
+            hint=f"relative paths start at the recipe's folder ({base_dir}); check the path, or use "
+            "org/name[@revision] for the Hub",
+        )
     return replace(_hub(text, field=field, revision=revision), local=local)
 
 

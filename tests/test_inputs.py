@@ -284,6 +284,41 @@ def test_mergekit_config_is_translated(pair: list[str]) -> None:
     _recipe_error(newer + "out_dtype: fp16\n", "got 'fp16'; expected one of float32", "out_dtype")
 
 
+def test_mergekit_configs_as_mergekit_reads_them(pair: list[str]) -> None:
+    """rescale as each method merges, a misplaced weight refused as mergekit refuses it, mergekit's loose
+    booleans and torch dtype names, the base as tokenizer source by its path, typos answered."""
+    ties = f"merge_method: ties\nbase_model: {pair[1]}\nmodels: [{{model: {pair[0]}}}]\n"
+    assert hubmerge.load_recipe(ties + "parameters: {rescale: false, normalize: 'true'}\n").parameters == {
+        "normalize": True,
+        "density": 1.0,
+    }
+    refused = _recipe_error(
+        ties + "parameters: {rescale: true}\n", "rescale: true is not how", "parameters.rescale"
+    )
+    assert refused.hint is not None and "rescale: false" in refused.hint
+    dare = ties.replace("ties", "dare_ties")
+    assert hubmerge.load_recipe(dare + "parameters: {rescale: 1}\n")
+    _recipe_error(dare + "parameters: {rescale: false}\n", "always rescales", "parameters.rescale")
+    arithmetic = ties.replace("ties", "task_arithmetic")
+    for value in ("true", "false"):  # nothing is trimmed: nothing to rescale
+        assert hubmerge.load_recipe(arithmetic + f"parameters: {{rescale: {value}, normalize: 0}}\n")
+    misplaced = _recipe_error(
+        f"merge_method: task_arithmetic\nbase_model: {pair[1]}\n"
+        f"models:\n  - model: {pair[0]}\n    weight: 0.2\n",
+        "unknown key 'weight' in a mergekit model entry",
+        "models.0.weight",
+    )
+    assert misplaced.hint == "mergekit takes it under `parameters:` (`parameters: {weight: ...}`)"
+    typed = hubmerge.load_recipe(ties + f"dtype: torch.bfloat16\ntokenizer_source: {pair[1]}/\n")
+    assert typed.dtype == "bfloat16"
+    typo = _recipe_error(ties + "dtpye: float32\n", "unknown mergekit key 'dtpye'", "dtpye")
+    assert typo.hint == "did you mean `dtype`?"
+    anchor = _recipe_error(ties + "common: {weight: 1}\n", "unknown mergekit key 'common'", "common")
+    assert anchor.hint is not None and "`x-common: &c {...}`" in anchor.hint
+    unnamed = _recipe_error(ties.replace("merge_method", "merge_methd"), "no `merge_method:`", "merge_methd")
+    assert unnamed.hint == "did you mean `merge_method` for `merge_methd`?"
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
 def test_shipped_recipes_validate(path: Path) -> None:
     recipe = hubmerge.load_recipe(path)
