@@ -160,9 +160,9 @@ def _progress_bar(total: int, initial: int = 0) -> Any:
     return tqdm(
         total=total,
         initial=initial,
-        unit="B",
+        unit="iB",  # with unit_scale: MiB, GiB and GiB/s, as the plan and the summary give sizes
         unit_scale=True,
-        unit_divisor=1024,  # sizes as the plan and the summary give them (MiB, GiB)
+        unit_divisor=1024,
         desc="merging",
         file=sys.stderr,
         dynamic_ncols=True,
@@ -454,7 +454,9 @@ def hub_serve(
 def _recipe_source(recipe: Path) -> Path | str:
     """RECIPE as load_recipe takes it: ``-`` is the recipe's text on stdin (paths in it start at the working
     directory), anything else a file."""
-    return sys.stdin.read() if str(recipe) == "-" else recipe
+    from .recipe import RecipeText
+
+    return RecipeText(sys.stdin.read()) if str(recipe) == "-" else recipe
 
 
 def _one_line(text: str) -> str:

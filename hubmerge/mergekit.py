@@ -10,6 +10,7 @@ refused by name rather than silently dropped.
 from __future__ import annotations
 
 import difflib
+import os
 from typing import Any, get_args
 
 from .errors import RecipeError
@@ -82,13 +83,16 @@ def translate_mergekit(doc: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(doc) - KNOWN_KEYS)
     if unknown:
         close = difflib.get_close_matches(unknown[0], sorted(KNOWN_KEYS), 1, 0.75)
-        raise RecipeError(
-            f"unknown mergekit key '{unknown[0]}'",
-            path=unknown[0],
-            hint=f"did you mean `{close[0]}`?"
-            if close
-            else "remove it; a key that only holds a YAML anchor is named `x-...` (`x-common: &c {...}`)",
-        )
+        if unknown[0] in ("method", "output", "push", "card", "rules", "base", "compute_dtype", "version"):
+            hint = (
+                f"`{unknown[0]}` is a key of hubmerge's own recipes, not of mergekit configs: write the "
+                "whole recipe in one format"
+            )
+        elif close:
+            hint = f"did you mean `{close[0]}`?"
+        else:
+            hint = "remove it; a key that only holds a YAML anchor is named `x-...` (`x-common: &c {...}`)"
+        raise RecipeError(f"unknown mergekit key '{unknown[0]}'", path=unknown[0], hint=hint)
     for flag in IGNORED_FLAGS & set(doc):
         _ignored_flag(doc[flag], flag)
     mk_method = doc["merge_method"]
@@ -121,7 +125,7 @@ def translate_mergekit(doc: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(item, dict) or "model" not in item:
             raise RecipeError("each mergekit model is a mapping with `model:`", path=f"models.{i}")
         extra = sorted(set(item) - {"model", "parameters"})
-        if extra:  # mergekit refuses them too; `weight:` here would otherwise be lost without a word
+        if extra:  # mergekit 0.1.5 drops them without a word: a `weight:` here would be lost
             raise RecipeError(
                 f"unknown key '{extra[0]}' in a mergekit model entry",
                 path=f"models.{i}.{extra[0]}",
@@ -148,13 +152,13 @@ def translate_mergekit(doc: dict[str, Any]) -> dict[str, Any]:
     if params:
         recipe["parameters"] = params
     key = "out_dtype" if doc.get("out_dtype") else "dtype"
-    out_dtype = doc.get(key)
+    written = out_dtype = doc.get(key)
     if isinstance(out_dtype, str):
         out_dtype = out_dtype.removeprefix("torch.")  # mergekit takes torch's names too
     if out_dtype is not None:
         if out_dtype not in get_args(Dtype):
             raise RecipeError(
-                f"got {out_dtype!r}; expected one of {', '.join(get_args(Dtype))}",
+                f"got {written!r}; expected one of {', '.join(get_args(Dtype))}",
                 path=key,
                 hint=dtype_hint(out_dtype),
             )
@@ -164,7 +168,7 @@ def translate_mergekit(doc: dict[str, Any]) -> dict[str, Any]:
 
 def _ignored_flag(value: Any, where: str) -> None:
     """A memory option such as ``int8_mask``: true or false, and either merges the same."""
-    if not isinstance(value, bool):
+    if not isinstance(_loose_bool(value), bool):
         raise RecipeError(
             f"'{where.rsplit('.', 1)[-1]}' is true or false, got {value!r}",
             path=where,
@@ -174,7 +178,7 @@ def _ignored_flag(value: Any, where: str) -> None:
 
 def _same(a: str, b: str) -> bool:
     """Whether two mergekit model references name the same model (``path`` and ``path/`` alike)."""
-    return a.strip().rstrip("/") == b.strip().rstrip("/")
+    return os.path.normpath(a.strip()) == os.path.normpath(b.strip())
 
 
 def _model_ref(value: Any, where: str) -> str:
@@ -193,16 +197,17 @@ def _model_ref(value: Any, where: str) -> str:
 # mergekit's `rescale` (the kept entries scaled back to the task vector's size) as hubmerge merges: DARE
 # always rescales (by 1/density), TIES never does, task_arithmetic keeps every entry (nothing to rescale).
 RESCALES = {"dare_ties": True, "dare_linear": True, "ties": False}
-# mergekit reads booleans loosely: 1 and 0, 'true' and 'false' as text.
-_BOOLS = {1: True, 0: False, "true": True, "false": False, "yes": True, "no": False}
 
 
 def _loose_bool(value: Any) -> Any:
-    """``value`` as mergekit reads a boolean (1, 'true', 'no'...); anything else as it is."""
-    key = value.lower() if isinstance(value, str) else value
-    if isinstance(key, bool) or not isinstance(key, int | str):
+    """``value`` as mergekit reads a boolean (pydantic's lax bool: 1, 1.0, 'true', 'on', 'y'...); anything
+    else as it is, for the caller to refuse."""
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        return TypeAdapter(bool).validate_python(value)
+    except ValidationError:
         return value
-    return _BOOLS.get(key, value)
 
 
 def _params(params: Any, where: str, method: str) -> dict[str, Any]:
@@ -215,6 +220,12 @@ def _params(params: Any, where: str, method: str) -> dict[str, Any]:
             continue
         if name == "rescale":
             value = _loose_bool(value)
+            if not isinstance(value, bool):
+                raise RecipeError(
+                    f"'rescale' is true or false, got {value!r}",
+                    path=f"{where}.{name}",
+                    hint="write true or false",
+                )
             merged = RESCALES.get(method)
             if merged is not None and value is not merged:
                 raise RecipeError(
@@ -232,7 +243,7 @@ def _params(params: Any, where: str, method: str) -> dict[str, Any]:
         if name == "normalize":
             value = _loose_bool(value)
         if name == "filter_wise":  # model_stock per row; mergekit's default is per tensor, as hubmerge's
-            if value is not False:
+            if _loose_bool(value) is not False:
                 raise RecipeError(
                     "filter_wise: true (model_stock per row) is not supported; hubmerge merges per tensor",
                     path=f"{where}.{name}",

@@ -418,10 +418,12 @@ class HubUploader:
                 )
                 modules = json.loads(Path(path).read_text(encoding="utf-8"))
             except (PublishError, OSError, ValueError) as exc:
+                reason = exc.message.split(" failed: ", 1)[-1] if isinstance(exc, PublishError) else exc
                 log.warning(
-                    "%s: could not read the earlier model's modules.json (%s): its module folders are left",
+                    "%s: could not read the earlier model's modules.json (%s); the push goes on, and leaves "
+                    "the folders of its modules",
                     target.repo_id,
-                    exc.message if isinstance(exc, PublishError) else exc,
+                    reason,
                 )
                 return []
         if not isinstance(modules, list):

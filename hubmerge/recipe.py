@@ -386,7 +386,8 @@ def load_recipe(
     elif "method" not in doc and any(
         isinstance(m, dict) and "model" in m for m in _listed(doc.get("models"))
     ):
-        close = difflib.get_close_matches("merge_method", [str(k) for k in doc], 1, 0.6)
+        near = [str(k) for k in doc if str(k).startswith("merge")]  # not `methods`: hubmerge's `method`
+        close = difflib.get_close_matches("merge_method", near, 1, 0.6)
         raise RecipeError(
             "the models are written as in a mergekit config (`- model: ...`), and no `merge_method:` says "
             "which merge it is",
@@ -434,12 +435,26 @@ def _check_finite(recipe: Recipe) -> None:
                 )
 
 
+class RecipeText(str):
+    """A recipe's YAML text that is never read as a path, whatever it holds (``hubmerge -``: stdin)."""
+
+
+def _is_file(name: str) -> bool:
+    try:
+        return Path(name).is_file()
+    except (OSError, ValueError):  # a name too long for the file system, or with a NUL: text
+        return False
+
+
 def _read_yaml(source: str | Path, base_dir: Path | None) -> tuple[Any, Path | None]:
     text: str
     # One line that names a file, or that no mapping could be (no ':'), is a path; anything else is YAML.
-    if isinstance(source, Path) or (
-        "\n" not in source
-        and (source.endswith((".yaml", ".yml", ".json")) or ":" not in source or Path(source).is_file())
+    if not isinstance(source, RecipeText) and (
+        isinstance(source, Path)
+        or (
+            "\n" not in source
+            and (source.endswith((".yaml", ".yml", ".json")) or ":" not in source or _is_file(source))
+        )
     ):
         path = Path(source)
         try:

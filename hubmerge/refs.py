@@ -105,8 +105,8 @@ def parse_ref(text: str, *, base_dir: Path, field: str, revision: str | None = N
         raise RecipeError(
             f"{text!r} is neither an existing local path (there is no {local}) nor a Hub repository id",
             path=field,
-            hint=f"relative paths start at the recipe's folder ({base_dir}); check the path, or use "
-            "org/name[@revision] for the Hub",
+            hint=f"relative paths start at {base_dir} (a recipe file's folder, else the working directory); "
+            "check the path, or use org/name[@revision] for the Hub",
         )
     return replace(_hub(text, field=field, revision=revision), local=local)
 

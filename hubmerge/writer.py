@@ -598,20 +598,13 @@ class ShardWriter:
             raise error
 
     def check_replace(self, *, force: bool) -> None:
-        """Refuse to replace an earlier merge that now holds what it did not write (checked as the run began
-        too): by :meth:`commit`, and before a push's commit, which cannot be taken back."""
+        """Refuse to take the output's name where that would lose something, as :meth:`commit` does and
+        before a push's commit, which cannot be taken back: an earlier merge that now holds what it did not
+        write (checked as the run began too), or an output created or written to while merging. The journal
+        is kept: ``--resume`` finishes once the cause is gone."""
         if force and (self.out / MANIFEST).is_file():
             _refuse_added(self.out, _not_merged(self.out), finished=self.tmp)
-
-    def commit(self, *, force: bool) -> Path:
-        """Close the shards, drop the journal and move the finished directory into place.
-
-        Returns:
-            The output directory.
-        """
-        self.close()
-        self.check_replace(force=force)
-        if self.out.exists() and not _empty(self.out):  # refused before the journal goes: --resume finishes
+        if self.out.exists() and not _empty(self.out):
             if not (self.out / MANIFEST).is_file():
                 raise OutputError(
                     f"output directory {self.out} was created or written to while merging, and is not the "
@@ -627,6 +620,15 @@ class ShardWriter:
                     hint=f"rerun with --resume --force to replace it (the finished merge is kept in "
                     f"{self.tmp}), or move it aside and rerun with --resume",
                 )
+
+    def commit(self, *, force: bool) -> Path:
+        """Close the shards, drop the journal and move the finished directory into place.
+
+        Returns:
+            The output directory.
+        """
+        self.close()
+        self.check_replace(force=force)
         shutil.rmtree(self.tmp / PROGRESS_DIR)
         if _empty(self.out):
             self.out.rmdir()

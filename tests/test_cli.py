@@ -627,6 +627,15 @@ def test_a_recipe_on_stdin_with_paths_from_the_working_directory(recipe: Path) -
             cwd=recipe.parent,
         )
         assert done.returncode == 0, done.stderr
+    for text, said in (("", "the recipe is empty"), ("r.yaml", "a recipe is a YAML mapping, got str")):
+        done = subprocess.run(  # stdin's text is the recipe, never a file's name
+            [sys.executable, "-m", "hubmerge.cli", "plan", "-"],
+            input=text,
+            capture_output=True,
+            text=True,
+            cwd=recipe.parent,
+        )
+        assert done.returncode == 2 and said in done.stderr, done.stderr
     merged = load_file(recipe.parent / "piped" / "model.safetensors")
     a, b = random_tensors(0), random_tensors(1)
     for name, value in merged.items():

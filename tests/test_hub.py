@@ -1357,3 +1357,24 @@ def test_a_model_read_from_the_local_cache_releases_its_pages_too(
         assert _mapped_kib(file) <= 8
     finally:
         source.close()
+
+
+def test_an_output_written_to_while_merging_is_refused_before_the_push_commits(
+    tmp_path: Path, hub_token: str, repo_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", hub_token)
+    models = [str(save_model(tmp_path / f"m{i}", random_tensors(i))) for i in range(2)]
+    out = tmp_path / "out"
+
+    def someone_writes_there(plan: object) -> None:
+        out.mkdir()
+        (out / "x.txt").write_text("mine")
+
+    target = PushTarget(repo_name, create_pr=True)
+    with pytest.raises(hubmerge.OutputError, match="was created or written to while merging"):
+        hubmerge.merge(
+            {"method": "centroid", "models": models}, out, push=target, on_plan=someone_writes_there
+        )
+    api = HfApi(token=hub_token)
+    assert api.list_repo_refs(repo_name, include_pull_requests=True).pull_requests == []
+    assert not [f for f in api.list_repo_files(repo_name) if f.endswith(".safetensors")]

@@ -317,6 +317,24 @@ def test_mergekit_configs_as_mergekit_reads_them(pair: list[str]) -> None:
     assert anchor.hint is not None and "`x-common: &c {...}`" in anchor.hint
     unnamed = _recipe_error(ties.replace("merge_method", "merge_methd"), "no `merge_method:`", "merge_methd")
     assert unnamed.hint == "did you mean `merge_method` for `merge_methd`?"
+    plural = _recipe_error(ties.replace("merge_method", "methods"), "no `merge_method:`", "merge_method")
+    assert plural.hint is not None and "did you mean" not in plural.hint
+    # pydantic's lax booleans, as mergekit 0.1.5 reads them
+    for value in ("1.0", "'on'", "'Y'"):
+        assert hubmerge.load_recipe(dare + f"parameters: {{rescale: {value}, int8_mask: 1}}\n")
+        assert (
+            hubmerge.load_recipe(ties + f"parameters: {{normalize: {value}}}\n").parameters["normalize"]
+            is True
+        )
+    assert hubmerge.load_recipe(ties + "parameters: {rescale: 0.0}\n")
+    stock = f"merge_method: model_stock\nbase_model: {pair[1]}\n"
+    stock += f"models: [{{model: {pair[0]}}}, {{model: {pair[0]}}}]\n"
+    assert hubmerge.load_recipe(stock + "parameters: {filter_wise: 0}\n")
+    _recipe_error(
+        arithmetic + "parameters: {rescale: banana}\n", "'rescale' is true or false", "parameters.rescale"
+    )
+    ours = _recipe_error(ties + "output: {dir: x}\n", "unknown mergekit key 'output'", "output")
+    assert ours.hint is not None and "a key of hubmerge's own recipes" in ours.hint
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
