@@ -124,7 +124,7 @@ def execute(
                         pending.popleft().result()
                     if progress:
                         progress(consumed)
-                _release(job, sources)
+                _tell(job, sources, "release")  # mapped files: out of the resident size
                 left[job.shard] -= 1
                 pending.append(writer.submit(_finish, sinks, job, left[job.shard] == 0))
             while pending:
@@ -274,27 +274,21 @@ def _results(job: Job, ctx: _Context) -> Iterator[tuple[int, torch.Tensor, int]]
     # Statistics passes read the inputs again: sources that would download them twice keep them instead.
     repeated = not spec.elementwise and any(p.active(kwargs) for p in spec.passes)
     if repeated:
-        _hold(job, ctx, keep=True)
+        _tell(job, ctx.sources, "keep")
     try:
         yield from _blocked(job, ctx, grid, kwargs)
     finally:
         if repeated:
-            _hold(job, ctx, keep=False)
+            _tell(job, ctx.sources, "drop")
 
 
-def _release(job: Job, sources: Sequence[TensorSource]) -> None:
-    """Tell the sources that can (``release``: mapped files) that ``job``'s inputs are merged."""
+def _tell(job: Job, sources: Sequence[TensorSource], what: str) -> None:
+    """Call ``what`` of each source of ``job``'s inputs with that input, where the source has it: ``keep``
+    their bytes across a method's passes, ``drop`` them after, ``release`` a merged tensor's mapped pages."""
     for src, info in job.reads():
-        release = getattr(sources[src], "release", None)
-        if release is not None:
-            release([info])
-
-
-def _hold(job: Job, ctx: _Context, *, keep: bool) -> None:
-    """Tell the sources of ``job``'s inputs to keep their bytes across reads, or that the job is done."""
-    for src, info in job.reads():
-        source = ctx.sources[src]
-        (source.keep if keep else source.drop)([info])
+        tell = getattr(sources[src], what, None)
+        if tell is not None:
+            tell([info])
 
 
 def _blocked(

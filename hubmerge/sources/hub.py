@@ -167,7 +167,8 @@ def hub_call(
     for attempt in range(attempts):
         try:
             answer = fn()
-            _ANSWERED.set()
+            if not _ANSWERED.is_set():  # once: set() takes a lock, and this runs for every ranged read
+                _ANSWERED.set()
             return answer
         except hf.GatedRepoError:
             raise GatedRepoError(
@@ -330,15 +331,21 @@ class _Unsigned(logging.Filter):
 _UNSIGNED = _Unsigned()
 
 
+_REDACTED = threading.Event()  # redact_hub_logs has run: hub_call, on every ranged read, returns at once
+
+
 def redact_hub_logs() -> None:
     """Put :class:`_Unsigned` on huggingface_hub's log handlers (once; its root logger prints by a handler of
     its own). A CI log is often public, and a signed upload URL is a credential until it expires."""
+    if _REDACTED.is_set():
+        return
     from huggingface_hub.utils import logging as hf_logging
 
     hf_logging.get_logger()  # configures the library's handler, if nothing has yet
     for handler in logging.getLogger("huggingface_hub").handlers:
         if _UNSIGNED not in handler.filters:
             handler.addFilter(_UNSIGNED)
+    _REDACTED.set()
 
 
 def _said(exc: BaseException) -> str:
